@@ -1,0 +1,14 @@
+"""jneox: rinna's Japanese GPT-NeoX instruction model, from tokenizer to server, in plain PyTorch."""
+from .chat import ChatSession, format_prompt, parse_answer
+from .checkpoint import CheckpointError, OFFICIAL_MODEL, load, load_model, load_tokenizer, save
+from .config import ModelConfig
+from .generate import Completion, SamplingParams, generate, stream
+from .model import GPTNeoX
+from .tokenizer import Tokenizer, train_tokenizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "ChatSession", "CheckpointError", "Completion", "GPTNeoX", "ModelConfig", "OFFICIAL_MODEL", "SamplingParams",
+    "Tokenizer", "format_prompt", "generate", "load", "load_model", "load_tokenizer", "parse_answer", "save",
+    "stream", "train_tokenizer",
+]

@@ -1,0 +1,320 @@
+"""Checkpoints in the Hugging Face layout: the only module that knows HF tensor names.
+
+A checkpoint folder holds ``config.json``, weights as ``model.safetensors`` (or sharded with
+``model.safetensors.index.json``, or ``pytorch_model.bin`` / sharded ``.bin``) and ``spiece.model``,
+exactly as rinna publishes the model, so what jneox writes transformers and vLLM read, and back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .model import GPTNeoX
+from .tokenizer import Tokenizer, TokenizerError
+
+OFFICIAL_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
+TOKENIZER_FILE = "spiece.model"
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+# jneox name pattern -> HF name pattern ({} is the layer number)
+_LAYER_NAMES = {
+    "norm_1": "input_layernorm",
+    "norm_2": "post_attention_layernorm",
+    "attn.qkv": "attention.query_key_value",
+    "attn.proj": "attention.dense",
+    "mlp.fc": "mlp.dense_h_to_4h",
+    "mlp.proj": "mlp.dense_4h_to_h",
+}
+_TOP_NAMES = {"embed": "gpt_neox.embed_in", "norm_f": "gpt_neox.final_layer_norm", "lm_head": "embed_out"}
+# transformers 5 calls the output head lm_head in memory (files keep embed_out): accept a raw state_dict too
+_HF_ALIASES = {"lm_head.weight": "embed_out.weight"}
+# buffers that older transformers versions stored in checkpoints; they hold nothing we need
+_IGNORED_HF = re.compile(r".*(attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def hf_name(name: str) -> str:
+    """HF tensor name of a jneox parameter name."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        return f"gpt_neox.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+    module, _, kind = name.rpartition(".")
+    return f"{_TOP_NAMES[module]}.{kind}"
+
+
+def jneox_name(name: str) -> str | None:
+    """jneox parameter name of an HF tensor name, or None if the tensor is not recognised."""
+    name = _HF_ALIASES.get(name, name)
+    m = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        for ours, theirs in _LAYER_NAMES.items():
+            if theirs == m[2]:
+                return f"blocks.{m[1]}.{ours}.{m[3]}"
+        return None
+    module, _, kind = name.rpartition(".")
+    for ours, theirs in _TOP_NAMES.items():
+        if theirs == module:
+            return f"{ours}.{kind}"
+    return None
+
+
+# ---- locating a checkpoint ----------------------------------------------------------------
+def default_model() -> Path | None:
+    """The small demo model shipped in the repository (``models/demo``), if it is there."""
+    for candidate in (Path(__file__).resolve().parents[2] / "models" / "demo",):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (or found in the cache) with huggingface_hub."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_id)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise CheckpointError(f"{s}: no such checkpoint folder (expected a folder with config.json, "
+                              f"model.safetensors and {TOKENIZER_FILE}, or a hub id such as {OFFICIAL_MODEL})")
+    return _download(s)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    hint = (f"could not get {repo_id!r} from the Hugging Face Hub ({{why}}). Download it where there is "
+            f"internet (e.g. `hf download {repo_id} --local-dir DIR`) and pass the folder: --model DIR")
+    base = ["config.json", "*.json", TOKENIZER_FILE]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=base + ["*.safetensors"], local_files_only=True))
+    except HFValidationError as e:
+        raise CheckpointError(f"{repo_id!r} is not a valid hub id: {e}") from None
+    except Exception:
+        pass  # not in the local cache
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise CheckpointError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the local cache"))
+    try:
+        files = HfApi().list_repo_files(repo_id)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        return Path(snapshot_download(repo_id, allow_patterns=base + weights))
+    except Exception as e:  # network down, repo missing, gated: all mean the same to the user
+        raise CheckpointError(hint.format(why=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
+
+
+# ---- reading weights ----------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, safetensors preferred."""
+    for index, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{folder / index}: not a valid shard index ({e})") from None
+            files = [folder / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{folder / index} lists shards that are missing: {', '.join(missing)}")
+            return files
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX})")
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file; safetensors are memory-mapped, .bin read without pickle code."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        return
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    yield from state.items()
+
+
+def load_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: config.json is missing")
+    try:
+        return ModelConfig.from_file(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device = "cpu") -> GPTNeoX:
+    """A :class:`GPTNeoX` with the checkpoint's weights, in ``dtype`` (None keeps the file's dtype).
+
+    Every tensor is checked: an unknown name, a wrong shape or a missing tensor is an error naming
+    the file and the tensor. The model is built without allocating random weights first.
+    """
+    folder = resolve(path_or_id)
+    config = load_config(folder)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        for name, tensor in read_tensors(file):
+            if _IGNORED_HF.fullmatch(name):
+                continue
+            ours = jneox_name(name)
+            if ours is None:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of a GPT-NeoX causal LM)")
+            if ours == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # the output head is the input embedding
+            if ours not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} (config.json describes no such parameter: "
+                                      f"{config.num_layers} layers, attention_bias={config.attention_bias})")
+            if tuple(tensor.shape) != tuple(expected[ours]):
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"config.json implies {tuple(expected[ours])}")
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+            state[ours] = tensor if dtype is None else tensor.to(dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(repr(hf_name(n)) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the weights: {shown}")
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True replaced the shared Parameter: share it again
+    return model.to(device).eval()
+
+
+def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
+    folder = resolve(path_or_id)
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: {TOKENIZER_FILE} is missing (the sentencepiece model that goes with the weights)")
+    try:
+        return Tokenizer(path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+         device: str | torch.device = "cpu") -> tuple[GPTNeoX, Tokenizer]:
+    """Model and tokenizer of a checkpoint folder or hub id, checked against each other."""
+    folder = resolve(path_or_id)
+    tokenizer = load_tokenizer(folder)
+    model = load_model(folder, dtype=dtype, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} pieces but the model's "
+                              f"vocab_size is {model.config.vocab_size}")
+    return model, tokenizer
+
+
+# ---- writing ------------------------------------------------------------------------------
+def hf_state_dict(model: GPTNeoX) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names (the tied head is stored once, as HF does)."""
+    return {hf_name(n): p.detach().contiguous() for n, p in model.named_parameters()}
+
+
+def save(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None,
+         dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write an HF-layout checkpoint atomically: into a temporary folder beside ``out_dir``, then renamed.
+
+    ``max_shard_bytes`` splits the weights into ``model-0000i-of-0000n.safetensors`` with an index.
+    An existing ``out_dir`` is replaced only once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = hf_state_dict(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: v.cpu() for k, v in state.items()}
+        shards = _shard(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            _write_json(tmp / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        hf = model.config.to_hf()
+        hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        _write_json(tmp / "config.json", hf)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            _write_tokenizer_config(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards, size = [{}], 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+def _write_tokenizer_config(folder: Path) -> None:
+    # the slow sentencepiece tokenizer class, with the card's use_fast=False, as rinna publishes it
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "T5Tokenizer", "use_fast": False, "do_lower_case": False, "extra_ids": 0,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "additional_special_tokens": [], "sp_model_kwargs": {},
+    })
+    _write_json(folder / "special_tokens_map.json",
+                {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

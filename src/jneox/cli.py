@@ -1,0 +1,153 @@
+"""The ``jneox`` command: a thin layer over the library (every command is a few calls into jneox.*)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="checkpoint folder (config.json, weights, spiece.model) or hub id, "
+                                         "e.g. rinna/japanese-gpt-neox-3.6b-instruction-sft")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default: float32)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default: 0.7, the card's)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128, the card's")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+
+
+def _params(args):
+    from .generate import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def _load(args):
+    import torch
+
+    from .checkpoint import CheckpointError, default_model, load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = args.model
+    if target is None:
+        target = default_model()
+        if target is None:
+            raise CheckpointError("no --model given. Pass a checkpoint folder or a hub id, e.g. "
+                                  "--model rinna/japanese-gpt-neox-3.6b-instruction-sft")
+    return load(target, dtype=getattr(torch, args.dtype))
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+
+    params = _params(args)
+    model, tokenizer = _load(args)
+    session = ChatSession(model, tokenizer, params)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("jneox chat: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("ユーザー: " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        before = session.dropped_turns
+        sys.stdout.write("システム: ")
+        sys.stdout.flush()
+        try:
+            for piece in session.ask(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # stop this answer, keep chatting
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if session.dropped_turns > before:
+            print(f"(the {session.dropped_turns - before} oldest turns no longer fit the context window "
+                  f"and were dropped)", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    from .chat import format_prompt
+    from .generate import stream
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    params = _params(args)
+    model, tokenizer = _load(args)
+    prompt = text if args.raw else format_prompt([{"speaker": "ユーザー", "text": text}])
+    if not args.raw:
+        from .chat import TURN_STOP
+        params = params.with_(stop=(*params.stop, TURN_STOP))
+    t0, n = time.perf_counter(), 0
+    for piece in stream(model, tokenizer, prompt, params):
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        print(f"({time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="interactive, streaming, multi-turn chat (reads stdin lines when piped)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="answer one question (or continue a raw prompt with --raw)")
+    p.add_argument("text", help="the question, or '-' to read it from stdin")
+    p.add_argument("--raw", action="store_true", help="feed the text verbatim as the prompt, no conversation format")
+    p.add_argument("--verbose", "-v", action="store_true")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .tokenizer import TokenizerError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+        print(f"jneox: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Token generation: sampling rules, the KV-cached decode loop, stop rules and text streaming."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import GPTNeoX
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. The defaults are the card's: sampling at temperature 0.7, 128 new tokens.
+
+    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off.
+    ``seed`` makes sampling reproducible; ``stop`` strings end the text (they are not returned).
+    """
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 128
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
+            problems.append(f"max_new_tokens must be an integer > 0, got {self.max_new_tokens!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append("stop must be a list of non-empty strings")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on every token already present: positive logits divided, negative multiplied."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V), in the order transformers applies the rules:
+    repetition penalty, temperature, top-k, top-p."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_prompt_fits(model: GPTNeoX, prompt_len: int) -> None:
+    window = model.config.max_position_embeddings
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_len >= window:
+        raise ValueError(f"the prompt has {prompt_len} tokens; the context window is {window} tokens "
+                         f"and at least one must be left for the answer")
+
+
+@torch.inference_mode()
+def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
+                    eos_id: int | None = None) -> Iterator[int]:
+    """Yield new token ids one by one (EOS included, then stop). Stops after ``max_new_tokens`` or
+    when the context window is full, whichever comes first."""
+    check_prompt_fits(model, len(prompt_ids))
+    device = model.embed.weight.device
+    total = min(len(prompt_ids) + params.max_new_tokens, model.config.max_position_embeddings)
+    model.setup_cache(1, total)
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    track_seen = params.repetition_penalty != 1.0
+    seen = ids if track_seen else None
+    logits = model(ids, input_pos=torch.arange(ids.shape[1], device=device), last_only=True)
+    pos = ids.shape[1]  # where the next sampled token goes
+    while True:
+        token = sample_next(logits[:, -1], params, generator, seen)
+        t = int(token)
+        yield t
+        if t == eos_id or pos + 1 >= total:
+            return
+        if track_seen:
+            seen = torch.cat((seen, token[:, None]), dim=1)
+        logits = model(token[:, None], input_pos=torch.tensor([pos], device=device))
+        pos += 1
+
+
+class StopMatcher:
+    """Withholds streamed text that might be the start of a stop string, and cuts at the first match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            cut = min(hits)[0]
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        keep = 0  # longest tail of pending that is a proper prefix of some stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
+           params: SamplingParams = SamplingParams(), result: Completion | None = None) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated; never half a character, never past a stop.
+
+    ``prompt`` is text (encoded with the tokenizer) or token ids. If ``result`` is given, it is
+    filled in with the full completion once the stream ends.
+    """
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    decoder = tokenizer.stream_decoder()
+    stopper = StopMatcher(params.stop)
+    tokens: list[int] = []
+    texts: list[str] = []
+    finish = "length"
+    for t in generate_tokens(model, prompt_ids, params, eos_id=tokenizer.eos_id):
+        if t == tokenizer.eos_id:
+            finish = "stop"
+            break
+        tokens.append(t)
+        piece = stopper.feed(decoder.push(t))
+        if piece:
+            texts.append(piece)
+            yield piece
+        if stopper.stopped:
+            finish = "stop"
+            break
+    if not stopper.stopped:
+        tail = stopper.feed(decoder.flush())
+        tail += "" if stopper.stopped else stopper.flush()
+        finish = "stop" if stopper.stopped else finish
+        if tail:
+            texts.append(tail)
+            yield tail
+    if result is not None:
+        result.text, result.token_ids, result.prompt_tokens, result.finish_reason = (
+            "".join(texts), tokens, len(prompt_ids), finish)
+
+
+def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
+             params: SamplingParams = SamplingParams()) -> Completion:
+    """The whole completion of ``prompt`` at once (see :func:`stream`)."""
+    result = Completion("", [], 0, "length")
+    for _ in stream(model, tokenizer, prompt, params, result):
+        pass
+    return result

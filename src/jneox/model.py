@@ -1,0 +1,193 @@
+"""GPT-NeoX in plain PyTorch: rotary attention, MLP, blocks, and a preallocated KV cache.
+
+The model knows nothing of files, prompts or HTTP. Weight layouts follow GPT-NeoX itself (the fused
+``qkv`` projection is per-head interleaved, ``[q_h, k_h, v_h]`` for each head h), so checkpoints map
+one-to-one without any copy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for ``batch`` rows; slot ``j`` holds absolute position ``j``.
+
+    Preallocated once, so decoding never reallocates; each row may be at its own position,
+    which is what continuous batching needs.
+    """
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, H, T, D) at positions ``pos`` and return the cache up to ``end``."""
+        if pos.dim() == 1:  # every row at the same positions: one slice copy
+            start = int(pos[0])
+            self.k[: k.shape[0], :, start : start + k.shape[2]] = k
+            self.v[: v.shape[0], :, start : start + v.shape[2]] = v
+        else:  # (B, T): each row at its own positions
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, pos] = k.transpose(1, 2)
+            self.v[rows, :, pos] = v.transpose(1, 2)
+        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+
+
+def rotary_cos_sin(positions: torch.Tensor, dims: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (…, T, dims) for the given absolute positions, in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32, device=positions.device) / dims))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of x (B, H, T, D) in GPT-NeoX's half-split layout."""
+    dims = cos.shape[-1]
+    rot, rest = x[..., :dims], x[..., dims:]
+    half = dims // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    rot = rot * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
+        B, T, C = x.shape
+        H, D = self.config.num_heads, self.config.head_dim
+        qkv = self.qkv(x).view(B, T, H, 3, D)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v, end)
+        if mask is None:
+            # no cache, or a prefill that starts at 0: plain causal; T == 1 decode attends to everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.norm_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.parallel = config.parallel_residual
+
+    def forward(self, x, cos, sin, pos=None, cache=None, end=0, mask=None):
+        a = self.attn(self.norm_1(x), cos, sin, pos, cache, end, mask)
+        if self.parallel:
+            return x + a + self.mlp(self.norm_2(x))
+        x = x + a
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.caches: list[KVCache] | None = None
+
+    # ---- KV cache --------------------------------------------------------------------------
+    def setup_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Preallocate the KV cache for ``batch`` rows of up to ``max_len`` positions."""
+        c = self.config
+        max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+        dtype = dtype or self.embed.weight.dtype
+        device = self.embed.weight.device
+        if (self.caches and self.caches[0].k.shape[0] >= batch and self.caches[0].max_len >= max_len
+                and self.caches[0].k.dtype == dtype):
+            return  # the existing one is big enough
+        self.caches = [KVCache(batch, c.num_heads, max_len, c.head_dim, dtype, device) for _ in range(c.num_layers)]
+
+    def clear_cache(self) -> None:
+        self.caches = None
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for token ids ``idx`` (B, T).
+
+        Without ``input_pos`` the call is a plain causal pass (training, scoring). With it, keys and
+        values go to the KV cache (``setup_cache`` first): ``input_pos`` is (T,) when every row is at
+        the same positions, or (B, T) when each row has its own. ``last_only`` returns only the
+        last position's logits, which is all a prefill needs.
+        """
+        B, T = idx.shape
+        c = self.config
+        mask, end, caches = None, 0, [None] * c.num_layers
+        if input_pos is None:
+            positions = torch.arange(T, device=idx.device)
+        else:
+            if self.caches is None:
+                raise RuntimeError("call setup_cache() before decoding with input_pos")
+            positions = input_pos
+            end = int(input_pos.max()) + 1
+            if end > self.caches[0].max_len or B > self.caches[0].k.shape[0]:
+                raise ValueError(f"KV cache holds {self.caches[0].k.shape[0]} rows x {self.caches[0].max_len} "
+                                 f"positions; asked for {B} rows up to position {end - 1}")
+            caches = self.caches
+            uniform_from_zero = input_pos.dim() == 1 and int(input_pos[0]) == 0
+            if not (uniform_from_zero or (T == 1 and input_pos.dim() == 1)):
+                keys = torch.arange(end, device=idx.device)
+                mask = keys <= positions[..., None]  # (T, end) or (B, T, end)
+                if mask.dim() == 3:
+                    mask = mask[:, None]  # broadcast over heads
+        cos, sin = rotary_cos_sin(positions, c.rotary_dims, c.rotary_base)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dims) for per-row positions
+        x = self.embed(idx)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cos, sin, input_pos, cache, end, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """GPT-NeoX style initialisation (normal std, scaled output projections) for training from scratch."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                (p.fill_(1.0) if "norm" in name and name.endswith("weight") else p.zero_())
+            else:
+                s = out_std if name.endswith("proj.weight") else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s).to(p.dtype))
