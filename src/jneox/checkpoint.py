@@ -106,12 +106,30 @@ def _download(repo_id: str) -> Path:
         pass  # not in the local cache
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise CheckpointError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the local cache"))
+    if not _hub_reachable():
+        raise CheckpointError(hint.format(why="the hub cannot be reached from this machine"))
     try:
         files = HfApi().list_repo_files(repo_id)
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
         return Path(snapshot_download(repo_id, allow_patterns=base + weights))
     except Exception as e:  # network down, repo missing, gated: all mean the same to the user
         raise CheckpointError(hint.format(why=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint, so that an offline machine fails at once rather than
+    after huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 # ---- reading weights ----------------------------------------------------------------------
@@ -225,6 +243,7 @@ def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float3
          device: str | torch.device = "cpu") -> tuple[GPTNeoX, Tokenizer]:
     """Model and tokenizer of a checkpoint folder or hub id, checked against each other."""
     folder = resolve(path_or_id)
+    load_config(folder)  # cheap checks first: a bad folder fails before gigabytes are read
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype=dtype, device=device)
     if tokenizer.vocab_size > model.config.vocab_size:

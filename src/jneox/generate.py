@@ -105,9 +105,10 @@ def check_prompt_fits(model: GPTNeoX, prompt_len: int) -> None:
 
 @torch.inference_mode()
 def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
-                    eos_id: int | None = None) -> Iterator[int]:
+                    eos_id: int | None = None, vocab_size: int | None = None) -> Iterator[int]:
     """Yield new token ids one by one (EOS included, then stop). Stops after ``max_new_tokens`` or
-    when the context window is full, whichever comes first."""
+    when the context window is full, whichever comes first. ``vocab_size`` keeps sampling to the
+    tokenizer's ids when the model's embedding is padded beyond them."""
     check_prompt_fits(model, len(prompt_ids))
     device = model.embed.weight.device
     total = min(len(prompt_ids) + params.max_new_tokens, model.config.max_position_embeddings)
@@ -121,7 +122,7 @@ def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingP
     logits = model(ids, input_pos=torch.arange(ids.shape[1], device=device), last_only=True)
     pos = ids.shape[1]  # where the next sampled token goes
     while True:
-        token = sample_next(logits[:, -1], params, generator, seen)
+        token = sample_next(logits[:, -1, :vocab_size], params, generator, seen)
         t = int(token)
         yield t
         if t == eos_id or pos + 1 >= total:
@@ -175,7 +176,7 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
     tokens: list[int] = []
     texts: list[str] = []
     finish = "length"
-    for t in generate_tokens(model, prompt_ids, params, eos_id=tokenizer.eos_id):
+    for t in generate_tokens(model, prompt_ids, params, tokenizer.eos_id, tokenizer.vocab_size):
         if t == tokenizer.eos_id:
             finish = "stop"
             break
