@@ -1,6 +1,7 @@
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,8 @@ def test_bad_sampling_option_is_a_clear_message(tiny_checkpoint, capsys):
 
 def test_jneox_command_end_to_end(tiny_checkpoint):
     """The installed console script, as a user types it, with a pipe on stdin."""
-    proc = subprocess.run(["jneox", "chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--seed", "1"],
+    script = Path(sys.executable).with_name("jneox")  # the console script installed beside this python
+    proc = subprocess.run([str(script), "chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--seed", "1"],
                           input="こんにちは\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("システム: ")
