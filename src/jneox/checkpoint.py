@@ -151,28 +151,31 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX})")
 
 
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one weight file; safetensors are memory-mapped, .bin read without pickle code."""
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, memory_mapped) of one weight file; safetensors are memory-mapped (no copy),
+    .bin files are read with ``weights_only=True`` (no pickle code), memory-mapped when their format allows."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_tensor(name), True
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
         return
+    mapped = True
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state, mapped = torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    yield from state.items()
+    for name, tensor in state.items():
+        yield name, tensor, mapped
 
 
 def load_config(folder: str | os.PathLike) -> ModelConfig:
@@ -185,21 +188,48 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
+def quantization_of(folder: Path) -> dict | None:
+    """The jneox quantization entry of a checkpoint's config.json (None for a float checkpoint)."""
+    q = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    if q is None:
+        return None
+    if q.get("quant_method") != "jneox":
+        raise CheckpointError(f"{folder / 'config.json'}: quantization method {q.get('quant_method')!r} is not "
+                              f"supported; use the float checkpoint and jneox's --dtype int8/int4")
+    return q
+
+
 def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-               device: str | torch.device = "cpu") -> GPTNeoX:
-    """A :class:`GPTNeoX` with the checkpoint's weights, in ``dtype`` (None keeps the file's dtype).
+               device: str | torch.device = "cpu", weights: str | None = None) -> GPTNeoX:
+    """A :class:`GPTNeoX` with the checkpoint's weights.
+
+    ``dtype`` gives plain PyTorch modules in that dtype (None keeps the file's), for training and
+    GPUs. ``weights`` ("float32", "bfloat16", "int8" or "int4") instead packs every linear layer
+    for the fast CPU kernels (see :mod:`jneox.quantize`), converting layer by layer. A checkpoint
+    saved by :func:`save_quantized` loads in its own format without conversion.
 
     Every tensor is checked: an unknown name, a wrong shape or a missing tensor is an error naming
     the file and the tensor. The model is built without allocating random weights first.
     """
+    from .quantize import FORMATS, quantize_model
+
     folder = resolve(path_or_id)
     config = load_config(folder)
+    if weights is not None and weights not in FORMATS:
+        raise CheckpointError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
+    quant = quantization_of(folder)
+    if quant is not None:
+        if weights not in (None, quant["format"]):
+            raise CheckpointError(f"{folder} is quantized to {quant['format']}; load it with that format or "
+                                  f"quantize the original checkpoint to {weights}")
+        return _load_quantized(folder, config, quant).to(device)
     with torch.device("meta"):
         model = GPTNeoX(config)
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
     state: dict[str, torch.Tensor] = {}
+    mapped: set[int] = set()
     for file in weight_files(folder):
-        for name, tensor in read_tensors(file):
+        for name, tensor, is_mapped in read_tensors(file):
             if _IGNORED_HF.fullmatch(name):
                 continue
             ours = jneox_name(name)
@@ -215,7 +245,11 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
                                       f"config.json implies {tuple(expected[ours])}")
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
-            state[ours] = tensor if dtype is None else tensor.to(dtype)
+            if weights is None and dtype is not None and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            elif is_mapped:
+                mapped.add(tensor.data_ptr())
+            state[ours] = tensor
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(repr(hf_name(n)) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -225,7 +259,48 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight  # assign=True replaced the shared Parameter: share it again
+    del state
+    if weights is not None:
+        quantize_model(model, weights, release=lambda t: _release_pages(t) if t.data_ptr() in mapped else None)
     return model.to(device).eval()
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Let the OS drop the resident pages behind a memory-mapped (read-only, file-backed) tensor
+    once it has been converted; it stays valid, since pages fault back in from the file. Keeps
+    peak memory near the converted model's size instead of file + converted copy."""
+    import ctypes
+    import mmap
+
+    start, size = t.data_ptr(), t.numel() * t.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and hasattr(mmap, "MADV_DONTNEED"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _load_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
+    from .quantize import quantize_model
+
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    quantize_model(model, quant["format"], quant.get("group_size", 64), pack=False)
+    expected = model.state_dict()
+    state = {}
+    for file in weight_files(folder):
+        for name, tensor, _ in read_tensors(file):
+            if name not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} in a {quant['format']} checkpoint")
+            if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+                raise CheckpointError(f"{file}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                                      f"{expected[name].dtype} {tuple(expected[name].shape)}")
+            state[name] = tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the weights: {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
@@ -240,12 +315,13 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
 
 
 def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-         device: str | torch.device = "cpu") -> tuple[GPTNeoX, Tokenizer]:
-    """Model and tokenizer of a checkpoint folder or hub id, checked against each other."""
+         device: str | torch.device = "cpu", weights: str | None = None) -> tuple[GPTNeoX, Tokenizer]:
+    """Model and tokenizer of a checkpoint folder or hub id, checked against each other.
+    ``dtype`` / ``weights`` as in :func:`load_model`."""
     folder = resolve(path_or_id)
     load_config(folder)  # cheap checks first: a bad folder fails before gigabytes are read
     tokenizer = load_tokenizer(folder)
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, weights=weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} pieces but the model's "
                               f"vocab_size is {model.config.vocab_size}")
@@ -288,6 +364,33 @@ def save(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.Pa
             _write_json(tmp / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         hf = model.config.to_hf()
         hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        _write_json(tmp / "config.json", hf)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            _write_tokenizer_config(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> Path:
+    """Write a model packed by :func:`jneox.quantize.quantize_model` so that it loads without
+    conversion (memory-mapped). Only jneox reads this format; config.json marks it as such."""
+    from safetensors.torch import save_file
+
+    fmt = getattr(model, "weight_format", None)
+    if fmt is None:
+        raise CheckpointError("the model is not quantized: use save() for float checkpoints")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / SAFETENSORS), metadata={"format": "pt", "jneox_format": fmt})
+        hf = model.config.to_hf()
+        hf["quantization_config"] = {"quant_method": "jneox", "format": fmt, "group_size": model.group_size}
         _write_json(tmp / "config.json", hf)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)

@@ -5,13 +5,16 @@ import argparse
 import sys
 import time
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="checkpoint folder (config.json, weights, spiece.model) or hub id, "
                                          "e.g. rinna/japanese-gpt-neox-3.6b-instruction-sft")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default: float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights: float32 (default), bfloat16, int8 or int4 run on jneox's CPU kernels; "
+                        "float16 (and every dtype on --device cuda) runs plain PyTorch")
+    p.add_argument("--device", default="cpu", help="cpu (default) or a torch device such as cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
 
 
@@ -46,7 +49,24 @@ def _load(args):
         if target is None:
             raise CheckpointError("no --model given. Pass a checkpoint folder or a hub id, e.g. "
                                   "--model rinna/japanese-gpt-neox-3.6b-instruction-sft")
-    return load(target, dtype=getattr(torch, args.dtype))
+    return load(target, **load_options(args.dtype, args.device))
+
+
+def load_options(dtype: str, device: str) -> dict:
+    """--dtype/--device as arguments of jneox.load: packed kernels on CPU, plain PyTorch elsewhere."""
+    from .checkpoint import CheckpointError
+
+    if torch_device_is_cpu(device) and dtype != "float16":
+        return {"weights": dtype, "device": device}
+    if dtype in ("int8", "int4"):
+        raise CheckpointError(f"--dtype {dtype} runs on jneox's CPU kernels only; use --device cpu")
+    import torch
+
+    return {"dtype": getattr(torch, dtype), "device": device}
+
+
+def torch_device_is_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
 
 
 def cmd_chat(args) -> int:
@@ -115,8 +135,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .checkpoint import load_model, load_tokenizer, resolve, save_quantized
+
+    folder = resolve(args.model)
+    tokenizer = load_tokenizer(folder)
+    t0 = time.perf_counter()
+    model = load_model(folder, weights=args.dtype)
+    out = save_quantized(model, args.out, tokenizer_file=tokenizer.path)
+    print(f"wrote {args.dtype} checkpoint to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate")
+    parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate, quantize")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="interactive, streaming, multi-turn chat (reads stdin lines when piped)")
@@ -131,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")
+    p.add_argument("--model", "-m", required=True, help="float checkpoint folder or hub id")
+    p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "int8", "int4"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

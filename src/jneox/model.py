@@ -131,8 +131,8 @@ class GPTNeoX(nn.Module):
         """Preallocate the KV cache for ``batch`` rows of up to ``max_len`` positions."""
         c = self.config
         max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
-        dtype = dtype or self.embed.weight.dtype
-        device = self.embed.weight.device
+        dtype = dtype or self.norm_f.weight.dtype  # the activations' dtype (weights may be packed)
+        device = self.norm_f.weight.device
         if (self.caches and self.caches[0].k.shape[0] >= batch and self.caches[0].max_len >= max_len
                 and self.caches[0].k.dtype == dtype):
             return  # the existing one is big enough

@@ -1,0 +1,195 @@
+"""Weight formats for fast CPU decoding: fp32, bf16, int8 and int4 weight-only linears.
+
+Every ``nn.Linear`` of the model becomes a :class:`PackedLinear` that stores its weight in the
+layout the native kernels stream at memory speed (tiles of 4 output rows, interleaved along K;
+see ``kernels/gemv.c``). Activations stay fp32: only weights are compressed.
+
+- int8: symmetric, one fp32 scale per output channel.
+- int4: symmetric, groups of ``group_size`` along the input dimension, one fp16 scale per group.
+
+For decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows) the native kernel runs; for a long
+prefill, the weight is widened to fp32 for one matrix multiply (compute-bound work that MKL does
+best). Without the native kernels everything runs through that PyTorch path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+MAX_KERNEL_ROWS = 16
+TILE = 4  # output rows per tile, as in gemv.c
+DEFAULT_GROUP = 64
+
+
+class QuantizationError(ValueError):
+    pass
+
+
+def _tile(w: torch.Tensor, inner: int) -> torch.Tensor:
+    """(Np, K) -> (Np/4, K/inner, 4, inner): the four rows of a tile interleaved in chunks of ``inner``."""
+    n, k = w.shape
+    return w.reshape(n // TILE, TILE, k // inner, inner).transpose(1, 2).contiguous()
+
+
+def _untile(t: torch.Tensor) -> torch.Tensor:
+    tiles, chunks, _, inner = t.shape
+    return t.transpose(1, 2).reshape(tiles * TILE, chunks * inner)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight is stored packed in one of :data:`FORMATS`."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = True,
+                 group_size: int = DEFAULT_GROUP, device=None):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise QuantizationError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        if in_features % 8:
+            raise QuantizationError(f"in_features must be a multiple of 8 for packed weights, got {in_features}")
+        if fmt == "int4" and (in_features % group_size or group_size % 16):
+            raise QuantizationError(f"int4 group_size {group_size} must be a multiple of 16 that divides "
+                                    f"in_features ({in_features})")
+        self.in_features, self.out_features, self.fmt, self.group_size = in_features, out_features, fmt, group_size
+        k, n_pad = in_features, -(-out_features // TILE) * TILE
+        if fmt == "int4":
+            groups = k // group_size
+            shape, dtype = (n_pad // TILE, groups, TILE, group_size // 2), torch.uint8
+            self.register_buffer("scale", torch.empty(n_pad // TILE, groups, TILE, dtype=torch.float16, device=device))
+        else:
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[fmt]
+            shape = (n_pad // TILE, k // 8, TILE, 8)
+            if fmt == "int8":
+                self.register_buffer("scale", torch.empty(n_pad, dtype=torch.float32, device=device))
+        self.register_buffer("weight", torch.empty(shape, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
+        self._xsum = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = DEFAULT_GROUP) -> "PackedLinear":
+        w = linear.weight.detach()
+        packed = cls(linear.in_features, linear.out_features, fmt, linear.bias is not None, group_size, w.device)
+        packed.pack_(w, None if linear.bias is None else linear.bias.detach())
+        return packed
+
+    @torch.no_grad()
+    def pack_(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Quantize and pack a float (out, in) weight into this module's buffers."""
+        n, k = weight.shape
+        w = weight.float()
+        pad = self.weight.shape[0] * TILE - n
+        if pad:
+            w = torch.cat((w, w.new_zeros(pad, k)))
+        if self.fmt in ("float32", "bfloat16"):
+            self.weight.copy_(_tile(w.to(self.weight.dtype), 8))
+        elif self.fmt == "int8":
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            self.scale.copy_(scale)
+            self.weight.copy_(_tile(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), 8))
+        else:
+            g = self.group_size
+            groups = w.reshape(w.shape[0], k // g, g)
+            scale = (groups.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / 7.0).to(torch.float16)
+            q = (torch.round(groups / scale.float()).clamp_(-8, 7) + 8).to(torch.uint8)
+            nibbles = q[..., : g // 2] | (q[..., g // 2:] << 4)  # byte j: element j low, j + g/2 high
+            self.weight.copy_(_tile(nibbles.reshape(w.shape[0], k // 2), g // 2))
+            self.scale.copy_(scale.reshape(-1, TILE, k // g).transpose(1, 2))
+        if bias is not None:
+            self.bias.copy_(bias.float())
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The weight as an fp32 (out, in) matrix, dequantized."""
+        n = self.out_features
+        if self.fmt in ("float32", "bfloat16"):
+            return _untile(self.weight)[:n].float()
+        if self.fmt == "int8":
+            return (_untile(self.weight).float() * self.scale[:, None])[:n]
+        g, k = self.group_size, self.in_features
+        b = _untile(self.weight).reshape(-1, k // g, g // 2)
+        q = torch.cat((b & 15, b >> 4), dim=-1).float() - 8.0
+        scale = self.scale.transpose(1, 2).reshape(-1, k // g, 1).float()
+        return (q * scale).reshape(-1, k)[:n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        lib = kernels.library() if x.device.type == "cpu" else None
+        if lib is None or x2.shape[0] > MAX_KERNEL_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+            y = F.linear(x2.float(), self.unpacked_weight(), self.bias)
+        else:
+            y = self._kernel(lib, x2.float().contiguous())
+        return y.reshape(*lead, self.out_features)
+
+    def _kernel(self, lib, x: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        n_pad = self.weight.shape[0] * TILE
+        y = torch.empty(m, n_pad, dtype=torch.float32)
+        bias = self.bias
+        if bias is not None and n_pad != self.out_features:
+            bias = torch.cat((bias, bias.new_zeros(n_pad - self.out_features)))
+        b = None if bias is None else bias.data_ptr()
+        threads = torch.get_num_threads()
+        if self.fmt == "float32":
+            lib.jneox_linear_f32(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
+        elif self.fmt == "bfloat16":
+            lib.jneox_linear_bf16(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
+        elif self.fmt == "int8":
+            lib.jneox_linear_int8(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
+                                  m, n_pad, k, threads)
+        else:
+            groups = m * (k // self.group_size)
+            if self._xsum is None or self._xsum.numel() < groups:
+                self._xsum = torch.empty(groups, dtype=torch.float32)
+            lib.jneox_linear_int4(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
+                                  m, n_pad, k, self.group_size, self._xsum.data_ptr(), threads)
+        return y if n_pad == self.out_features else y[:, : self.out_features]
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}"
+
+
+class Bf16Embedding(nn.Embedding):
+    """An embedding stored in bf16 (only one row per token is read) that returns fp32 activations."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx).float()
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, pack: bool = True,
+                   release=None) -> nn.Module:
+    """Replace every linear layer of ``model`` (in place) by a :class:`PackedLinear` in ``fmt``.
+
+    Layers are converted one at a time; ``release(tensor)`` is called with each source weight once
+    it is packed (the checkpoint loader uses it to hand memory-mapped pages back to the OS), so
+    peak memory stays near the packed size. With ``pack=False`` only the structure is made
+    (buffers uninitialised), ready to receive a saved quantized state dict. Norms run in fp32;
+    the input embedding is kept in bf16 (fp32 for ``float32``).
+    """
+    if fmt not in FORMATS:
+        raise QuantizationError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                if pack:
+                    setattr(parent, name, PackedLinear.from_linear(child, fmt, group_size))
+                    if release is not None:
+                        release(child.weight)
+                else:
+                    setattr(parent, name, PackedLinear(child.in_features, child.out_features, fmt,
+                                                       child.bias is not None, group_size, child.weight.device))
+                del child
+            elif isinstance(child, nn.LayerNorm):
+                child.float()
+    emb = model.embed
+    new = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim, device="meta")
+    new.weight = nn.Parameter(emb.weight.detach().to(torch.float32 if fmt == "float32" else torch.bfloat16),
+                              requires_grad=False)
+    model.embed = new
+    model.weight_format, model.group_size = fmt, group_size
+    model.clear_cache()
+    return model.eval()

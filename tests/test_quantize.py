@@ -1,0 +1,143 @@
+"""Packed/quantized linears agree with their float versions; checkpoints and CLI in every format."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_hf_model, save_hf
+from jneox import SamplingParams, generate, load
+from jneox.checkpoint import CheckpointError, load_model, save_quantized
+from jneox.cli import main
+from jneox.generate import generate_tokens
+from jneox.quantize import FORMATS, PackedLinear, QuantizationError, quantize_model
+
+# relative error of the layer output against the float layer, for Gaussian weights (the hardest case
+# for int4: no structure to exploit); the kernels must add nothing on top of the format's own rounding
+TOLERANCE = {"float32": 1e-6, "bfloat16": 8e-3, "int8": 2e-2, "int4": 0.15}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # up to 16 rows: native kernel; more: the prefill path
+def test_packed_linear_matches_float(fmt, rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 84)  # 84 output rows: not a multiple of the tile height
+    packed = PackedLinear.from_linear(lin, fmt, group_size=32)
+    x = torch.randn(rows, 128)
+    with torch.no_grad():
+        want, got = lin(x), packed(x)
+        exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
+    assert got.shape == (rows, 84)
+    assert _rel(got, want) < TOLERANCE[fmt]
+    assert _rel(got, exact) < 1e-6  # the kernel computes exactly the dequantized product
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantization_is_per_channel_and_per_group(fmt):
+    """A row or group with large weights must not wipe out the precision of the others."""
+    w = torch.randn(8, 64) * 0.01
+    w[0] *= 1000  # one row a thousand times larger
+    w[1, :32] *= 1000  # and one group
+    packed = PackedLinear(64, 8, fmt, bias=False, group_size=32)
+    packed.pack_(w)
+    back = packed.unpacked_weight()
+    small = slice(2, 8)
+    assert _rel(back[small], w[small]) < TOLERANCE[fmt]
+    if fmt == "int4":
+        assert _rel(back[1, 32:], w[1, 32:]) < TOLERANCE[fmt]
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(QuantizationError, match="group_size 64 must be a multiple of 16 that divides in_features"):
+        PackedLinear(96, 8, "int4", group_size=64)
+    with pytest.raises(QuantizationError, match="multiple of 8"):
+        PackedLinear(12, 8, "int8")
+    with pytest.raises(QuantizationError, match="unknown weight format"):
+        PackedLinear(64, 8, "int3")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, spiece_model):
+    # hidden 128 and intermediate 384 divide into int4 groups of 64
+    model = make_hf_model(hidden_size=128, intermediate_size=384, initializer_range=0.05)
+    return save_hf(model, tmp_path_factory.mktemp("q") / "ckpt", spiece=spiece_model)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_model_logits_and_greedy_tokens(folder, fmt):
+    ref = load_model(folder)
+    model = load_model(folder, weights=fmt)
+    ids = torch.randint(4, 1000, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rel = _rel(model(ids), ref(ids))
+    assert rel < {"float32": 1e-5, "bfloat16": 1e-2, "int8": 3e-2, "int4": 0.25}[fmt]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    want = list(generate_tokens(ref, ids[0].tolist(), params))
+    got = list(generate_tokens(model, ids[0].tolist(), params))
+    if fmt in ("float32", "bfloat16"):
+        assert got == want
+    else:  # lossy formats: the greedy path may part ways eventually, but not at once
+        assert got[:4] == want[:4]
+
+
+def test_loading_from_memory_map_equals_quantizing_in_memory(folder):
+    """Packing while loading (which hands the mapped file pages back) gives the same weights."""
+    direct = load_model(folder, weights="int4")
+    after = quantize_model(load_model(folder, dtype=torch.float32), "int4")
+    for (n, a), (_, b) in zip(direct.state_dict().items(), after.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_saved_quantized_checkpoint_loads_without_conversion(folder, tmp_path):
+    model, tok = load(folder, weights="int8")
+    out = save_quantized(model, tmp_path / "int8", tokenizer_file=tok.path)
+    again, tok2 = load(out)
+    assert again.weight_format == "int8"
+    ids = torch.randint(4, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    with pytest.raises(CheckpointError, match="is quantized to int8"):
+        load_model(out, weights="int4")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cli_generate_with_quantized_weights(folder, fmt, capsys):
+    rc = main(["generate", "--model", str(folder), "--dtype", fmt, "--temperature", "0", "--max-new-tokens", "10",
+               "日本の首都はどこですか?"])
+    assert rc == 0
+    model, tok = load(folder, weights=fmt)
+    from jneox.chat import TURN_STOP, format_prompt
+    want = generate(model, tok, format_prompt([("ユーザー", "日本の首都はどこですか?")]),
+                    SamplingParams(temperature=0, max_new_tokens=10, stop=(TURN_STOP,))).text
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_cli_quantize_then_chat(folder, tmp_path, capsys):
+    assert main(["quantize", "--model", str(folder), "--dtype", "int4", "--out", str(tmp_path / "q4")]) == 0
+    assert (tmp_path / "q4" / "spiece.model").exists()
+    assert main(["generate", "--model", str(tmp_path / "q4"), "--dtype", "int4", "--max-new-tokens", "4", "やあ"]) == 0
+
+
+def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
+    """No C compiler: a warning, and the same results through PyTorch's ops."""
+    code = ("import torch, warnings\n"
+            "from jneox.checkpoint import load_model\n"
+            "m = load_model(r'%s', weights='int8')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    with torch.no_grad(): y = m(torch.arange(4, 12)[None])\n"
+            "print(any('kernels unavailable' in str(x.message) for x in w))\n"
+            "torch.save(y, r'%s')\n") % (folder, tmp_path / "y.pt")
+    env = {**os.environ, "CC": "/bin/false", "JNEOX_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+    with torch.no_grad():
+        want = load_model(folder, weights="int8")(torch.arange(4, 12)[None])
+    assert _rel(torch.load(tmp_path / "y.pt"), want) < 1e-5
