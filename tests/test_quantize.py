@@ -23,19 +23,25 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+FORMAT_CASES = [(f, 64) for f in FORMATS] + [("int4", 32)]  # int4 with group 64 takes the integer kernel
+
+
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])  # up to 16 rows: native kernel; more: the prefill path
-def test_packed_linear_matches_float(fmt, rows):
+def test_packed_linear_matches_float(fmt, group, rows):
     torch.manual_seed(0)
     lin = nn.Linear(128, 84)  # 84 output rows: not a multiple of the tile height
-    packed = PackedLinear.from_linear(lin, fmt, group_size=32)
+    packed = PackedLinear.from_linear(lin, fmt, group_size=group)
     x = torch.randn(rows, 128)
     with torch.no_grad():
         want, got = lin(x), packed(x)
         exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
     assert got.shape == (rows, 84)
     assert _rel(got, want) < TOLERANCE[fmt]
-    assert _rel(got, exact) < 1e-6  # the kernel computes exactly the dequantized product
+    # the kernel computes the dequantized product: exactly, or, where int4 rounds activations to
+    # int8 per group of 64, with an error far below int4's own (TOLERANCE)
+    integer_kernel = fmt == "int4" and group == 64 and rows <= 16
+    assert _rel(got, exact) < (1e-2 if integer_kernel else 1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

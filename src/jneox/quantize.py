@@ -6,6 +6,8 @@ see ``kernels/gemv.c``). Activations stay fp32: only weights are compressed.
 
 - int8: symmetric, one fp32 scale per output channel.
 - int4: symmetric, groups of ``group_size`` along the input dimension, one fp16 scale per group.
+  With the default group of 64 the native kernel also rounds activations to int8 per group of 64
+  (integer dot products, as llama.cpp's Q4_0 x Q8_0): that is what makes int4 memory-bound.
 
 For decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows) the native kernel runs; for a long
 prefill, the weight is widened to fp32 for one matrix multiply (compute-bound work that MKL does
@@ -66,7 +68,7 @@ class PackedLinear(nn.Module):
                 self.register_buffer("scale", torch.empty(n_pad, dtype=torch.float32, device=device))
         self.register_buffer("weight", torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
-        self._xsum = None
+        self._scratch = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = DEFAULT_GROUP) -> "PackedLinear":
@@ -140,11 +142,11 @@ class PackedLinear(nn.Module):
             lib.jneox_linear_int8(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
                                   m, n_pad, k, threads)
         else:
-            groups = m * (k // self.group_size)
-            if self._xsum is None or self._xsum.numel() < groups:
-                self._xsum = torch.empty(groups, dtype=torch.float32)
+            need = m * k + 12 * m * (k // self.group_size)  # see jneox_linear_int4
+            if self._scratch is None or self._scratch.numel() < need:
+                self._scratch = torch.empty(need, dtype=torch.uint8)
             lib.jneox_linear_int4(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, self.group_size, self._xsum.data_ptr(), threads)
+                                  m, n_pad, k, self.group_size, self._scratch.data_ptr(), threads)
         return y if n_pad == self.out_features else y[:, : self.out_features]
 
     def extra_repr(self) -> str:

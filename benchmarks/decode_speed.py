@@ -1,0 +1,351 @@
+"""CPU decode speed at the published 3.6B shape: jneox in every weight format beside its peers.
+
+Builds a random-weight checkpoint of japanese-gpt-neox-3.6b's shape (``--layers`` shrinks the depth
+for quick runs; every other dimension stays the published one), then runs each row in a fresh
+process on the same 128-token prompt: load time, prefill time, batch-1 greedy decode speed, peak
+RSS, and the fraction of the memory-bandwidth bound (bandwidth measured here, by this script).
+Peers: transformers (bf16, fp32) and CTranslate2 (int8, int8_bfloat16) when installed; a missing
+peer is skipped with a note. CTranslate2's converter needs transformers < 5: give a folder with it
+via ``--tf4`` (``pip install --target DIR "transformers<5"``).
+
+Quantized rows also report accuracy against jneox fp32 on the same model: the relative error of
+the logits and the agreement of greedy tokens, both teacher-forced over the fp32 greedy sequence.
+
+    python benchmarks/decode_speed.py                 # full 36 layers (needs ~15 GB RAM, ~40 min)
+    python benchmarks/decode_speed.py --layers 4      # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
+        "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16"]
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, "int4": 0.5}
+
+
+# ---- the parent: set-up, one child per row, the table --------------------------------------
+def measure_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: best of a few sums over a large array, with this process's threads."""
+    a = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def make_tokenizer(out: Path, vocab_size: int) -> Path:
+    """A Unigram sentencepiece model with the card's options and exactly ``vocab_size`` pieces: trained
+    small on the test text, then extended with filler pieces (needs the protobuf package)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from jneox.tokenizer import Tokenizer, train_tokenizer
+
+    text = Path(__file__).resolve().parents[1] / "tests" / "data" / "ja_sample.txt"
+    path = train_tokenizer([text], out, 1000)
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    lowest = min(p.score for p in proto.pieces)
+    for i in range(vocab_size - len(proto.pieces)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = f"\u2581filler{i}", lowest - 1 - i * 1e-3, pb.ModelProto.SentencePiece.NORMAL
+    proto.trainer_spec.vocab_size = vocab_size
+    path.write_bytes(proto.SerializeToString())
+    assert Tokenizer(path).vocab_size == vocab_size
+    return path
+
+
+def make_checkpoint(folder: Path, layers: int) -> Path:
+    from jneox.checkpoint import save
+    from jneox.config import ModelConfig
+    from jneox.model import GPTNeoX
+
+    if (folder / "config.json").exists():
+        return folder
+    config = ModelConfig.from_name("japanese-gpt-neox-3.6b", num_layers=layers)
+    print(f"making a random {config.num_parameters / 1e9:.2f}B-parameter checkpoint in {folder} ...", flush=True)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in list(model.named_parameters()):
+        if p.dim() == 1:
+            value = torch.ones(p.shape) if "norm" in name and name.endswith("weight") else torch.zeros(p.shape)
+        else:
+            value = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02)
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, torch.nn.Parameter(value.to(torch.bfloat16), requires_grad=False))
+    spiece = make_tokenizer(folder.parent / f"{folder.name}-tokenizer", config.vocab_size)
+    save(model, folder, tokenizer_file=spiece, max_shard_bytes=2 * 2**30)
+    return folder
+
+
+def convert_ct2(ckpt: Path, out: Path, tf4: Path | None) -> str | None:
+    """Convert the checkpoint with CTranslate2's own converter; None, or why it could not be done."""
+    if (out / "model.bin").exists():
+        return None
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return "ctranslate2 is not installed"
+    if tf4 is None or not tf4.is_dir():
+        return "no transformers<5 folder for the converter (--tf4)"
+    env = {**os.environ, "PYTHONPATH": f"{tf4}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = "from ctranslate2.converters.transformers import main; main()"
+    cmd = [sys.executable, "-c", code, "--model", str(ckpt), "--output_dir", str(out), "--quantization", "int8",
+           "--low_cpu_mem_usage", "--force"]
+    print("converting for CTranslate2 ...", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        return "conversion failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def run_child(row: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", row, "--ckpt", str(args.ckpt), "--prompt-tokens",
+           str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--batch-sizes", args.batch_sizes,
+           "--batch-steps", str(args.batch_steps), *extra]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    print(f"running {row} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        return {"row": row, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def weight_bytes_per_token(row: str, config) -> float:
+    """Bytes one decode step must read: every linear weight (+ scales), not the input embedding."""
+    runtime, fmt = row.split(":")
+    linear = config.num_parameters - config.vocab_size * config.hidden_size  # minus embed_in
+    scales = 0.0
+    if fmt in ("int8", "int8_bfloat16"):
+        scales = 4 * (config.num_layers * (3 + 1 + 4 + 1) * config.hidden_size + config.vocab_size)
+    elif fmt == "int4":
+        scales = 2 * linear / 64
+    return linear * BYTES_PER_WEIGHT[fmt] + scales
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=36)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", default="1,4,16", help="batch sizes for jneox bf16/int8 aggregate decode")
+    p.add_argument("--batch-steps", type=int, default=16, help="decode steps per batch-size measurement")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--tf4", type=Path, help="folder with transformers<5 for CTranslate2's converter")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--save-reference", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ct2", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    from jneox.checkpoint import load_config
+
+    work = args.work.expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    bandwidth = measure_bandwidth()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+    args.ckpt = make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    config = load_config(args.ckpt)
+    rows = [r for r in args.rows.split(",") if r]
+    results, notes = [], []
+    reference = work / f"reference-L{args.layers}.pt"
+    ct2_dir = work / f"ct2-int8-L{args.layers}"
+    if any(r.startswith("ctranslate2") for r in rows):
+        why = convert_ct2(args.ckpt, ct2_dir, args.tf4)
+        if why:
+            notes.append(f"CTranslate2 rows skipped: {why}")
+            rows = [r for r in rows if not r.startswith("ctranslate2")]
+    if "jneox:float32" in rows:  # the reference runs first
+        rows.remove("jneox:float32")
+        rows.insert(0, "jneox:float32")
+    for row in rows:
+        runtime = row.split(":")[0]
+        extra = []
+        if row == "jneox:float32":
+            extra = ["--save-reference", str(reference)]
+        elif runtime == "jneox" and reference.exists():
+            extra = ["--reference", str(reference)]
+        elif runtime == "ctranslate2":
+            extra = ["--ct2", str(ct2_dir)]
+        res = run_child(row, args, extra)
+        if "error" in res:
+            notes.append(f"{row} skipped: {res['error']}")
+            continue
+        bound = bandwidth * 1e9 / weight_bytes_per_token(row, config)
+        res["bound_tps"], res["of_bound"] = bound, res["decode_tps"] / bound
+        results.append(res)
+    print_table(results, notes, args, bandwidth, config)
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "layers": args.layers, "rows": results,
+                                         "notes": notes}, indent=2))
+
+
+def print_table(results, notes, args, bandwidth, config) -> None:
+    print(f"\n{config.num_layers} layers, hidden {config.hidden_size} ({config.num_parameters / 1e9:.2f}B parameters), "
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
+          f"{args.threads or torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s\n")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    head = ["runtime", "weights", "load s", "prefill ms", "decode tok/s", "of bound", "peak RSS GB"]
+    head += [f"batch {b} tok/s" for b in batch_sizes] + ["logits rel err", "greedy agree"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in results:
+        runtime, fmt = r["row"].split(":")
+        cells = [runtime, fmt, f"{r['load_s']:.1f}", f"{r['prefill_ms']:.0f}", f"{r['decode_tps']:.2f}",
+                 f"{100 * r['of_bound']:.0f}%", f"{r['peak_rss_gb']:.1f}"]
+        cells += [f"{r['batch_tps'][str(b)]:.1f}" if str(b) in r.get("batch_tps", {}) else "" for b in batch_sizes]
+        cells += [f"{r['rel_err']:.3g}" if "rel_err" in r else "", f"{100 * r['agree']:.1f}%" if "agree" in r else ""]
+        print("| " + " | ".join(cells) + " |")
+    for n in notes:
+        print(f"\nnote: {n}")
+
+
+# ---- one row, in its own process -------------------------------------------------------------
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    return torch.randint(4, vocab, (n,), generator=torch.Generator().manual_seed(1234)).tolist()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry over the RSS of
+    the parent that forked us before exec)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def child(args) -> dict:
+    runtime, fmt = args.child.split(":")
+    fn = {"jneox": child_jneox, "transformers": child_transformers, "ctranslate2": child_ct2}[runtime]
+    res = fn(args, fmt)
+    res.update(row=args.child, peak_rss_gb=peak_rss_gb())
+    return res
+
+
+@torch.inference_mode()
+def child_jneox(args, fmt: str) -> dict:
+    from jneox.checkpoint import load_model
+
+    t = time.perf_counter()
+    model = load_model(args.ckpt, weights=fmt)
+    load_s = time.perf_counter() - t
+    P, N = args.prompt_tokens, args.new_tokens
+    ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
+    model.setup_cache(1, P + N)
+    model(ids[:, :8], input_pos=torch.arange(8), last_only=True)  # warm-up (kernel build and load)
+    t = time.perf_counter()
+    logits = model(ids, input_pos=torch.arange(P), last_only=True)
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    tokens = [int(logits[0, -1].argmax())]
+    t = time.perf_counter()
+    for pos in range(P, P + N - 1):
+        logits = model(torch.tensor([[tokens[-1]]]), input_pos=torch.tensor([pos]))
+        tokens.append(int(logits[0, -1].argmax()))
+    decode_tps = (N - 1) / (time.perf_counter() - t)
+    res = {"load_s": load_s, "prefill_ms": prefill_ms, "decode_tps": decode_tps}
+    if fmt in ("bfloat16", "int8"):
+        res["batch_tps"] = batch_decode(model, [int(b) for b in args.batch_sizes.split(",")], args.batch_steps)
+    seq = torch.tensor([prompt_ids(P, model.config.vocab_size) + tokens])
+    if args.save_reference:  # teacher-forced logits of the fp32 greedy sequence, for the other rows
+        torch.save({"seq": seq, "logits": model(seq)[0, P - 1: -1].float()}, args.save_reference)
+    elif args.reference:
+        ref = torch.load(args.reference)
+        got = model(ref["seq"])[0, P - 1: -1].float()
+        res["rel_err"] = float((got - ref["logits"]).norm() / ref["logits"].norm())
+        res["agree"] = float((got.argmax(-1) == ref["logits"].argmax(-1)).float().mean())
+    return res
+
+
+def batch_decode(model, batch_sizes: list[int], steps: int) -> dict:
+    """Aggregate tok/s of ``steps`` decode steps for B rows at once (8-token prompts: decode is measured)."""
+    out = {}
+    for b in batch_sizes:
+        model.setup_cache(b, 8 + steps + 1)
+        ids = torch.randint(4, 1000, (b, 8), generator=torch.Generator().manual_seed(b))
+        logits = model(ids, input_pos=torch.arange(8), last_only=True)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        t = time.perf_counter()
+        for pos in range(8, 8 + steps):
+            tok = model(tok, input_pos=torch.tensor([pos]))[:, -1].argmax(-1, keepdim=True)
+        out[str(b)] = b * steps / (time.perf_counter() - t)
+    model.clear_cache()
+    return out
+
+
+def child_transformers(args, fmt: str) -> dict:
+    from transformers import GPTNeoXForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    t = time.perf_counter()
+    model = GPTNeoXForCausalLM.from_pretrained(args.ckpt, dtype=getattr(torch, fmt)).eval()
+    load_s = time.perf_counter() - t
+    P, N = args.prompt_tokens, args.new_tokens
+    ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
+    with torch.inference_mode():
+        model(ids[:, :8])
+        t = time.perf_counter()
+        model(ids, use_cache=True)
+        prefill_ms = (time.perf_counter() - t) * 1e3
+        clock = Clock()
+        model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, streamer=clock, pad_token_id=0)
+    first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt itself
+    return {"load_s": load_s, "prefill_ms": prefill_ms, "decode_tps": (len(clock.times) - 2) / (last - first)}
+
+
+def child_ct2(args, fmt: str) -> dict:
+    import ctranslate2
+
+    from jneox.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(args.ckpt)
+    t = time.perf_counter()
+    gen = ctranslate2.Generator(str(args.ct2), device="cpu", compute_type=fmt,
+                                intra_threads=args.threads or torch.get_num_threads())
+    load_s = time.perf_counter() - t
+    P, N = args.prompt_tokens, args.new_tokens
+    prompt = [tok.id_to_piece(i) for i in prompt_ids(P, tok.vocab_size)]
+    gen.generate_batch([prompt[:8]], max_length=1, sampling_topk=1)  # warm-up
+    t = time.perf_counter()
+    gen.generate_batch([prompt], max_length=1, sampling_topk=1, include_prompt_in_result=False)
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    times = []
+    for _ in gen.generate_tokens(prompt, max_length=N, min_length=N, sampling_topk=1):
+        times.append(time.perf_counter())
+    return {"load_s": load_s, "prefill_ms": prefill_ms, "decode_tps": (len(times) - 1) / (times[-1] - times[0])}
+
+
+if __name__ == "__main__":
+    main()
