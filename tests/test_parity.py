@@ -82,3 +82,30 @@ def test_bf16_load_is_close(tmp_path):
         got, expected = model(ids).float(), ref(ids).logits
     rel = (got - expected).norm() / expected.norm()
     assert rel < 0.05
+
+
+@pytest.mark.parametrize("weights", [None, "int8"])
+def test_fused_decode_attention_equals_the_pytorch_path(tmp_path, monkeypatch, weights):
+    """The native single-token attention (rotary, cache write, softmax) against plain PyTorch ops,
+    with rows at different positions and partial rotary."""
+    import jneox.model as M
+
+    folder = save_hf(make_hf_model(seed=13, rotary_pct=0.25, use_parallel_residual=True), tmp_path / "c")
+
+    def decode(fused: bool):
+        if not fused:
+            monkeypatch.setattr(M, "_fused_decode_library", lambda x, cache: None)
+        model = load_model(folder, weights=weights)
+        a, b = _ids(9, seed=1), _ids(14, seed=2)
+        with torch.no_grad():
+            model.setup_cache(2, 32)
+            model(torch.cat([torch.cat([a[:, :8], a[:, :6]], 1), b[:, :14]]), input_pos=torch.stack(
+                [torch.arange(14), torch.arange(14)]))
+            steps = [model(torch.cat([a[:, 8:9], b[:, 13:14]]), input_pos=torch.tensor([[8], [14]]))]
+            for p in range(3):
+                steps.append(model(torch.tensor([[5 + p], [7 + p]]), input_pos=torch.tensor([[9 + p], [15 + p]])))
+        monkeypatch.undo()
+        return torch.cat(steps, 1)
+
+    assert M._fused_decode_library(torch.zeros(1), M.KVCache(1, 1, 1, 1, torch.float32)) is not None
+    torch.testing.assert_close(decode(True), decode(False), atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -63,6 +64,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
+def _fused_decode_library(x: torch.Tensor, cache: KVCache):
+    """The native library when the fused single-token attention applies (CPU, fp32 cache, no autograd)."""
+    if x.device.type != "cpu" or cache.k.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    return kernels.library()
+
+
+def _decode_attention(q, k, v, mask=None):
+    """One query per row against the cache: two small matmuls and a softmax. For a single query,
+    PyTorch's CPU SDPA kernels spend more time on set-up than on the arithmetic."""
+    scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -73,13 +90,22 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
         B, T, C = x.shape
         H, D = self.config.num_heads, self.config.head_dim
+        if T == 1 and cache is not None:
+            lib = _fused_decode_library(x, cache)
+            if lib is not None:
+                rows = pos.expand(B) if pos.dim() == 1 else pos[:, 0]
+                y = kernels.decode_attention(lib, self.qkv(x).reshape(B, 3 * C).float().contiguous(),
+                                             cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]),
+                                             cache.k, cache.v, rows.contiguous(), H, D)
+                return self.proj(y.view(B, 1, C))
         qkv = self.qkv(x).view(B, T, H, 3, D)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v, end)
-        if mask is None:
-            # no cache, or a prefill that starts at 0: plain causal; T == 1 decode attends to everything
+        if T == 1 and cache is not None:
+            y = _decode_attention(q, k, v, mask)
+        elif mask is None:  # no cache, or a prefill that starts at 0: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

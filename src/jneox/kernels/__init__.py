@@ -20,12 +20,14 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+LIBS = ["-lm"]
 P, I = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
     "jneox_linear_f32": [P, P, P, P, I, I, I, I],
     "jneox_linear_bf16": [P, P, P, P, I, I, I, I],
     "jneox_linear_int8": [P, P, P, P, P, I, I, I, I],
     "jneox_linear_int4": [P, P, P, P, P, I, I, I, I, P, I],
+    "jneox_decode_attention": [P, P, P, I, I, P, P, P, I, I, I, I, P, P, I],
     "jneox_kernels_simd": [],
 }
 
@@ -50,7 +52,7 @@ def build(compiler: str | None = None) -> Path:
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / f"gemv-{key}.so"
     if target.is_file():
         return target
@@ -58,7 +60,7 @@ def build(compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
@@ -85,3 +87,22 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes = args
         fn.restype = ctypes.c_int if name == "jneox_kernels_simd" else None
     return lib
+
+
+def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head_dim: int):
+    """Single-token attention for every row (see jneox_decode_attention in gemv.c); returns (B, H*D).
+
+    ``qkv`` (B, 3*H*D) fp32, ``cos``/``sin`` (B or 1, R), caches (B', H, S, D) fp32 contiguous,
+    ``pos`` (B,) int64: the position of each row's new token.
+    """
+    import torch
+
+    B = qkv.shape[0]
+    S = k_cache.shape[2]
+    out = torch.empty(B, heads * head_dim, dtype=torch.float32)
+    scratch = torch.empty(B * heads * (S + head_dim), dtype=torch.float32)
+    cs_stride = 0 if cos.shape[0] == 1 else cos.shape[-1]
+    lib.jneox_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[-1], cs_stride,
+                               k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(), B, heads, S, head_dim,
+                               out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out

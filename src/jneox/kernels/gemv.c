@@ -317,6 +317,74 @@ void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, 
 #undef CALL
 }
 
+/* ---- single-token decode attention --------------------------------------------------------- */
+static inline float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum8(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy_f32(float *y, float a, const float *x, int n) {
+    int i = 0;
+#ifdef __AVX2__
+    __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* GPT-NeoX rotary on the first R dims of x (half-split layout); cos/sin hold R values. */
+static inline void rotate(float *dst, const float *x, const float *cos, const float *sin, int R, int D) {
+    int half = R / 2;
+    for (int i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        dst[i] = x1 * cos[i] - x2 * sin[i];
+        dst[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+    for (int i = R; i < D; i++) dst[i] = x[i];
+}
+
+/* One new token per row: rotary on q and k, k and v written to the cache at the row's position,
+ * then softmax(q.K^T / sqrt(D)).V over positions 0..pos[b]. Replaces a dozen small PyTorch ops
+ * per layer.
+ *   qkv: [B][H][3][D] (the fused projection's output, per-head interleaved as in GPT-NeoX)
+ *   cos, sin: [B][R], row stride cs_stride (0 when every row is at the same position)
+ *   kc, vc: [B'][H][S][D] caches (B' >= B); pos: [B] int64; out: [B][H*D]
+ *   scratch: B*H*(S + D) floats */
+void jneox_decode_attention(const float *qkv, const float *cos, const float *sin, int R, int cs_stride,
+                            float *kc, float *vc, const int64_t *pos, int B, int H, int S, int D,
+                            float *out, float *scratch, int threads) {
+    const float scale = 1.f / sqrtf((float)D);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, h = bh % H;
+        long p = (long)pos[b];
+        const float *src = qkv + ((size_t)b * H + h) * 3 * D;
+        const float *c = cos + (size_t)b * cs_stride, *sn = sin + (size_t)b * cs_stride;
+        float *scores = scratch + (size_t)bh * (S + D), *q = scores + S;
+        float *K = kc + ((size_t)b * H + h) * S * D, *V = vc + ((size_t)b * H + h) * S * D;
+        rotate(q, src, c, sn, R, D);
+        rotate(K + p * D, src + D, c, sn, R, D);
+        memcpy(V + p * D, src + 2 * D, sizeof(float) * D);
+        float mx = -INFINITY;
+        for (long j = 0; j <= p; j++) {
+            scores[j] = dot_f32(q, K + j * D, D) * scale;
+            mx = scores[j] > mx ? scores[j] : mx;
+        }
+        float sum = 0.f;
+        for (long j = 0; j <= p; j++) sum += (scores[j] = expf(scores[j] - mx));
+        float *o = out + (size_t)b * H * D + (size_t)h * D;
+        memset(o, 0, sizeof(float) * D);
+        for (long j = 0; j <= p; j++) axpy_f32(o, scores[j] / sum, V + j * D, D);
+    }
+}
+
 /* 2 when built with AVX2/FMA, 0 for the portable loops */
 int jneox_kernels_simd(void) {
 #ifdef __AVX2__
