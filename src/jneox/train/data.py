@@ -205,6 +205,7 @@ def build_pretrain_data(paths, tokenizer, block_size: int, val_fraction: float =
     """
     from tqdm.auto import tqdm
 
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     stats = stats if stats is not None else DataStats()
     docs = []
     for text in tqdm(read_documents(paths, text_field, skip_bad_lines, stats), desc="tokenizing", unit=" docs"):
