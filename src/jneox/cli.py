@@ -246,6 +246,28 @@ def _add_train_parsers(sub) -> None:
     p.set_defaults(func=cmd_train_report)
 
 
+def cmd_train_tokenizer(args) -> int:
+    from .tokenizer import Tokenizer, train_tokenizer
+    from .train.data import DataStats, read_documents
+
+    stats = DataStats()
+    # one training sentence per line (sentencepiece skips overly long sentences); <NL> is a
+    # user-defined piece, so a newline always encodes as that one piece whatever the corpus
+    lines = (line for doc in read_documents(args.input, args.text_field, args.skip_bad_lines, stats)
+             for line in doc.replace("\r\n", "\n").split("\n"))
+    t0 = time.perf_counter()
+    path = train_tokenizer(None, args.out, args.vocab_size, sentences=lines,
+                           input_sentence_size=args.input_sentence_size, seed=args.seed)
+    if stats.summary():
+        print(f"jneox: {stats.summary()}", file=sys.stderr)
+    tokenizer = Tokenizer(path)
+    print(f"wrote {path} (vocab size {tokenizer.vocab_size}; {time.perf_counter() - t0:.1f} s)")
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"jneox: the text has too few distinct pieces for {args.vocab_size}: the vocabulary has "
+              f"{tokenizer.vocab_size}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate, quantize")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "int8", "int4"))
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer with the card's options")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="UTF-8 text files, or .jsonl files with one document per line")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder; spiece.model is written there")
+    p.add_argument("--input-sentence-size", type=int, default=0,
+                   help="train on a random sample of this many lines (0: all)")
+    p.add_argument("--seed", type=int, help="seed of that sample")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl lines (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines instead of stopping")
+    p.set_defaults(func=cmd_train_tokenizer)
 
     _add_train_parsers(sub)
     return parser

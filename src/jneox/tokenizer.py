@@ -115,6 +115,7 @@ def train_tokenizer(
     normalization: str = "identity",
     input_sentence_size: int = 0,
     num_threads: int | None = None,
+    seed: int | None = None,
 ) -> Path:
     """Train a sentencepiece model with the card's options and write ``out_dir/spiece.model``.
 
@@ -122,7 +123,8 @@ def train_tokenizer(
     a user-defined symbol (newlines in the input become ``<NL>``), and the special ids of rinna's
     published tokenizer: ``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2, ``</s>`` 3. ``normalization``
     defaults to ``identity`` so that every text round-trips exactly; ``nmt_nfkc`` folds full-width
-    ASCII and similar, at the price of exact round trips.
+    ASCII and similar, at the price of exact round trips. ``seed`` fixes sentencepiece's sampling
+    of the input sentences (with ``input_sentence_size``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,8 @@ def train_tokenizer(
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise TokenizerError("no training text: the input files and sentences are empty")
+    if seed is not None:
+        spm.set_random_generator_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
