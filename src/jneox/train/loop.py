@@ -87,11 +87,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return lr / cfg.lr if cfg.lr else 0.0
 
 
-def shift_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) from HF-style labels aligned with ``input_ids``: target ``t`` is label ``t + 1``."""
-    return input_ids[:, :-1], labels[:, 1:]
-
-
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the target tokens that are not ``-100``, in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .loop import Trainer, TrainConfig, shift_labels
+from .loop import Trainer, TrainConfig
 
 
 def sft(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data: list[str] | None = None,
@@ -41,7 +41,7 @@ def sft(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data
         apply_lora(net, lora_rank, lora_alpha)
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
-    def collate_examples(examples):
-        return shift_labels(*collate(examples, pad_id))
+    def collate_examples(examples):  # labels are already next-token targets, -100 outside システム turns
+        return collate(examples, pad_id)
 
     return trainer.fit(net, train, val, collate_examples, tokenizer_file=tokenizer.path)
