@@ -161,7 +161,7 @@ def test_tokenizer_pretrain_sft_generate_and_transformers_reads_the_result(tmp_p
 
     tok, pre, ft = tmp_path / "tok", tmp_path / "pretrained", tmp_path / "sft"
     opts = ["--device", "cpu", "--no-progress", "--log-every", "50", "--seed", "0"]
-    assert cli.main(["train-tokenizer", "--input", str(TESTS / "data" / "ja_sample.txt"), "--vocab-size", "600",
+    assert cli.main(["train-tokenizer", "--input", str(TESTS / "data" / "ja_sample.txt"), "--vocab-size", "1000",
                      "--out", str(tok)]) == 0
     assert cli.main(["pretrain", "--model-config", "tiny", "--tokenizer", str(tok), "--out", str(pre),
                      "--data", str(TESTS / "data" / "ja_sample.txt"), "--block-size", "32", "--batch-size", "4",

@@ -36,9 +36,11 @@ def sft(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data
     else:
         cfg.max_steps = max_steps
     if lora_rank:
-        from .lora import apply_lora
+        from .lora import apply_lora, cast_frozen
 
         apply_lora(net, lora_rank, lora_alpha)
+        if trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16 and not cfg.fsdp:
+            cast_frozen(net, torch.bfloat16)  # the base in bf16 under bf16 autocast: half the memory (FSDP wants one dtype)
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
     def collate_examples(examples):  # labels are already next-token targets, -100 outside システム turns
