@@ -141,14 +141,14 @@ def main() -> None:
     print(f"training step (forward + backward + AdamW), {best['jneox']['params_m']:.1f}M parameters "
           f"(hidden {c.hidden_size}, {c.num_layers} layers, vocab {c.vocab_size}), batch {args.batch_size} x "
           f"{args.seq_len} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds}")
-    print(f"| {'implementation':<24} | {'tokens/s':>9} | {'step (s)':>8} | {'peak RSS (MB)':>13} | {'first loss':>10} | {'vs transformers':>15} |")
-    print(f"|{'-' * 26}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 12}|{'-' * 17}|")
+    print(f"| {'implementation':<26} | {'tokens/s':>9} | {'step (s)':>8} | {'peak RSS (MB)':>13} | {'first loss':>10} | {'vs transformers':>15} |")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 12}|{'-' * 17}|")
     ref = best["transformers"]["tokens_per_s"]
     for row in rows:
         b = best[row]
         name = {"jneox": "jneox (fp32)", "transformers": "transformers (fp32, sdpa)",
                 "jneox:bf16": "jneox (bf16 autocast)"}[row]
-        print(f"| {name:<24} | {b['tokens_per_s']:>9.0f} | {b['step_s']:>8.2f} | {b['peak_rss_mb']:>13.0f} | "
+        print(f"| {name:<26} | {b['tokens_per_s']:>9.0f} | {b['step_s']:>8.2f} | {b['peak_rss_mb']:>13.0f} | "
               f"{b['first_loss']:>10.4f} | {b['tokens_per_s'] / ref:>14.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
