@@ -170,6 +170,8 @@ def test_tokenizer_pretrain_sft_generate_and_transformers_reads_the_result(tmp_p
     first, last = first_and_last_eval(pre)
     assert last < first - 1.0, (first, last)
     assert (pre / "loss.png").stat().st_size > 1000
+    assert cli.main(["train-report", str(pre / "train_log.jsonl"), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     data = write_conversations(tmp_path / "conversations.jsonl")
     assert cli.main(["sft", "--model", str(pre), "--data", str(data), "--out", str(ft), "--batch-size", "4",
                      "--max-steps", "40", "--lr", "1e-3", "--warmup-steps", "5", "--eval-every", "20",
@@ -224,3 +226,18 @@ def test_sft_with_lora_saves_a_plain_checkpoint_that_resumes(tmp_path, tiny_chec
         changed = not torch.equal(tuned[name], base[name])
         assert changed == (name.endswith("weight") and any(t in name for t in ("qkv", "attn.proj", "mlp."))), name
         torch.testing.assert_close(tuned_again[name], tuned[name], rtol=0, atol=1e-6)
+
+
+def test_a_bad_data_line_stops_sft_with_file_and_line_unless_skipped(tmp_path, tiny_checkpoint, capsys):
+    data = write_conversations(tmp_path / "conversations.jsonl")
+    lines = data.read_text(encoding="utf-8").splitlines()
+    lines.insert(2, '[{"speaker": "ロボット", "text": "?"}, {"speaker": "システム", "text": "!"}]')
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["sft", "--model", str(tiny_checkpoint), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3:" in err and "ロボット" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert cli.main([*argv, "--skip-bad-lines"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
