@@ -250,3 +250,35 @@ def test_collate_pads_on_the_right_without_loss():
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert labels.tolist() == [[IGNORE_INDEX, 7, 3], [3, IGNORE_INDEX, IGNORE_INDEX]]
 
+
+
+# ---- jneox train-tokenizer -------------------------------------------------------------------
+def test_train_tokenizer_cli_has_the_card_options(tmp_path, capsys):
+    from jneox.cli import main
+    from jneox.tokenizer import NL, Tokenizer
+    from tests.conftest import DATA
+
+    word = "ジェイネオックス"  # only in the JSONL file: it must be part of the training text
+    jsonl = write_jsonl(tmp_path / "extra.jsonl", [{"text": f"{word}は速い。\n{word}は小さい。"}] * 30)
+    out = tmp_path / "tok"
+    rc = main(["train-tokenizer", "--input", str(DATA / "ja_sample.txt"), jsonl, "--vocab-size", "1000",
+               "--out", str(out), "--seed", "0"])
+    assert rc == 0
+    tok = Tokenizer(out / "spiece.model")
+    printed = capsys.readouterr().out
+    assert str(out / "spiece.model") in printed and f"vocab size {tok.vocab_size}" in printed
+    assert [tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert not tok.tokenize("吾輩は猫")[0].startswith("\u2581")  # no dummy prefix
+    for text in ("吾輩は  猫\tである ", "𠮷野家 🍣", "一行目\n二行目"):
+        assert tok.decode(tok.encode(text)) == text  # extra whitespace kept, byte fallback, newlines
+        assert tok.unk_id not in tok.encode(text)
+    assert tok.tokenize(NL) == [NL] and tok.encode("a\nb").count(tok.nl_id) == 1
+    assert len(tok.tokenize(f"{word}は小さい")) < len(word)
+
+
+def test_train_tokenizer_cli_reports_bad_data_with_file_and_line(tmp_path, capsys):
+    from jneox.cli import main
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "よい行"}, "{broken"])
+    assert main(["train-tokenizer", "--input", bad, "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
