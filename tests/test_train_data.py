@@ -276,6 +276,22 @@ def test_train_tokenizer_cli_has_the_card_options(tmp_path, capsys):
     assert len(tok.tokenize(f"{word}は小さい")) < len(word)
 
 
+def test_train_tokenizer_cli_seed_makes_the_vocabulary_reproducible(tmp_path, capsys):
+    from jneox.cli import main
+    from jneox.tokenizer import Tokenizer
+    from tests.conftest import DATA
+
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": f"{i}番目の文です。\n{i * 7}個目の行。"} for i in range(40)])
+
+    def vocab(out, seed=3):
+        args = ["--input", str(DATA / "ja_sample.txt"), extra, "--vocab-size", "700", "--input-sentence-size", "101"]
+        assert main(["train-tokenizer", *args, "--out", str(out), "--seed", str(seed)]) == 0
+        sp = Tokenizer(out / "spiece.model").sp
+        return [(sp.IdToPiece(i), sp.GetScore(i)) for i in range(sp.GetPieceSize())]
+
+    assert vocab(tmp_path / "a") == vocab(tmp_path / "b") != vocab(tmp_path / "c", seed=4)
+
+
 def test_train_tokenizer_cli_reports_bad_data_with_file_and_line(tmp_path, capsys):
     from jneox.cli import main
 
