@@ -120,6 +120,14 @@ def test_bad_conversation_lines_name_file_and_line(tmp_path, line, problem):
     assert str(e.value).startswith(f"{path}:3: ") and problem in str(e.value)
 
 
+def test_empty_conversation_file_names_the_file(tmp_path):
+    (tmp_path / "c.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'c.jsonl'}:1: the file is empty"):
+        read_conversations([tmp_path / "c.jsonl"])
+    with pytest.raises(DataError, match="no conversations"):
+        read_conversations([tmp_path / "c.jsonl"], skip_bad_lines=True)
+
+
 def test_skip_bad_lines_counts_and_keeps_the_good_ones(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", ["{oops", THREE_TURNS, '[{"speaker": "先生", "text": "a"}]', THREE_TURNS])
     stats = DataStats()
@@ -162,8 +170,8 @@ def test_no_documents_at_all_is_an_error(tmp_path):
     (tmp_path / "e.txt").write_text("\n", encoding="utf-8")
     with pytest.raises(DataError, match="no documents"):
         list(read_documents([tmp_path / "e.txt"], skip_bad_lines=True))
-    with pytest.raises(DataError, match="no such file"):
-        list(read_documents([tmp_path / "missing.txt"]))
+    with pytest.raises(DataError, match="no such file"):  # a missing file is not a bad line: never skipped
+        list(read_documents([tmp_path / "e.txt", tmp_path / "missing.txt"], skip_bad_lines=True))
 
 
 # ---- packing and the held-out split ----------------------------------------------------------
