@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_bad_conversation_lines_name_file_and_line(tmp_path, line, problem):
 
 def test_empty_conversation_file_names_the_file(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(DataError, match=f"^{tmp_path / 'c.jsonl'}:1: the file is empty"):
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'c.jsonl'}:1: the file is empty")):
         read_conversations([tmp_path / "c.jsonl"])
     with pytest.raises(DataError, match="no conversations"):
         read_conversations([tmp_path / "c.jsonl"], skip_bad_lines=True)
