@@ -49,6 +49,13 @@ def test_loss_covers_exactly_the_system_utterances_and_their_eos(tokenizer):
     assert sum(y != IGNORE_INDEX for y in labels) == sum(len(tokenizer.encode(a)) + 1 for a in answers)
 
 
+def test_a_leading_system_greeting_is_a_target_too(tokenizer):
+    turns = [Utterance(SYSTEM, "いらっしゃいませ"), *[Utterance(t["speaker"], t["text"]) for t in THREE_TURNS[:2]]]
+    ids, labels, _ = encode_conversation(turns, tokenizer, max_len=512)
+    assert [tokenizer.decode(s[:-1]) for s in labelled_spans(labels)] == ["いらっしゃいませ", "富士山です。"]
+    assert ids == tokenizer.encode(format_prompt(turns, add_generation_prompt=False))
+
+
 def test_labels_are_the_next_tokens_and_eos_is_never_an_input(tokenizer):
     """Labels are already shifted (the same convention as the pretraining targets)."""
     ids, labels, _ = encode_conversation(THREE_TURNS, tokenizer, max_len=512)

@@ -325,6 +325,8 @@ def _segments(turns: Sequence[Utterance]) -> list[tuple[str, bool]]:
     Every answer is its own piece, so it is tokenized exactly as the model generates it after
     inference's prompt, which ends with ``"システム: "``; the rest is grouped into the same strings
     inference tokenizes (the cut points are ``<NL>`` symbols, which sentencepiece never merges).
+    With the card's options the space ending ``"システム: "`` is a piece of its own, so the cut before
+    an answer also gives the ids of the whole string (tests check against ``format_prompt``).
     """
     pieces: list[tuple[str, bool]] = []
     context = ""
@@ -346,10 +348,9 @@ def _encode_turns(turns: Sequence[Utterance], tokenizer, eos_id: int) -> tuple[l
     for text, is_answer in _segments(turns):
         piece = tokenizer.encode(text) if text else []
         if is_answer:
-            # the target of the token before the answer is its first token, ..., of its last token </s>
-            if labels:
-                labels[-1] = piece[0] if piece else eos_id
-            labels += piece[1:] + [eos_id] if piece else []  # (an answer at position 0: no first target)
+            # the target of the prompt's last token is the answer's first token, ..., of its last </s>
+            labels[-1] = piece[0] if piece else eos_id  # (a "システム: " piece always comes first)
+            labels += piece[1:] + [eos_id] if piece else []
         else:
             labels += [IGNORE_INDEX] * len(piece)
         ids += piece
