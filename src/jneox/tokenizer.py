@@ -171,5 +171,8 @@ def train_tokenizer(
         except RuntimeError as e:
             raise TokenizerError(f"sentencepiece training failed: {e}") from None
         target = out / "spiece.model"
-        os.replace(prefix.with_suffix(".model"), target)
+        # temp file next to the target, then rename: atomic, and no cross-device rename from /tmp
+        partial = out / ".spiece.model.partial"
+        partial.write_bytes(prefix.with_suffix(".model").read_bytes())
+        os.replace(partial, target)
     return target
