@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,13 @@ def test_loss_covers_exactly_the_system_utterances_and_their_eos(tokenizer):
     assert [tokenizer.decode(s[:-1]) for s in spans] == answers
     assert all(s[-1] == tokenizer.eos_id for s in spans)
     assert sum(y != IGNORE_INDEX for y in labels) == sum(len(tokenizer.encode(a)) + 1 for a in answers)
+
+
+def test_a_leading_system_greeting_is_a_target_too(tokenizer):
+    turns = [Utterance(SYSTEM, "いらっしゃいませ"), *[Utterance(t["speaker"], t["text"]) for t in THREE_TURNS[:2]]]
+    ids, labels, _ = encode_conversation(turns, tokenizer, max_len=512)
+    assert [tokenizer.decode(s[:-1]) for s in labelled_spans(labels)] == ["いらっしゃいませ", "富士山です。"]
+    assert ids == tokenizer.encode(format_prompt(turns, add_generation_prompt=False))
 
 
 def test_labels_are_the_next_tokens_and_eos_is_never_an_input(tokenizer):
@@ -120,6 +128,14 @@ def test_bad_conversation_lines_name_file_and_line(tmp_path, line, problem):
     assert str(e.value).startswith(f"{path}:3: ") and problem in str(e.value)
 
 
+def test_empty_conversation_file_names_the_file(tmp_path):
+    (tmp_path / "c.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'c.jsonl'}:1: the file is empty")):
+        read_conversations([tmp_path / "c.jsonl"])
+    with pytest.raises(DataError, match="no conversations"):
+        read_conversations([tmp_path / "c.jsonl"], skip_bad_lines=True)
+
+
 def test_skip_bad_lines_counts_and_keeps_the_good_ones(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", ["{oops", THREE_TURNS, '[{"speaker": "先生", "text": "a"}]', THREE_TURNS])
     stats = DataStats()
@@ -162,8 +178,8 @@ def test_no_documents_at_all_is_an_error(tmp_path):
     (tmp_path / "e.txt").write_text("\n", encoding="utf-8")
     with pytest.raises(DataError, match="no documents"):
         list(read_documents([tmp_path / "e.txt"], skip_bad_lines=True))
-    with pytest.raises(DataError, match="no such file"):
-        list(read_documents([tmp_path / "missing.txt"]))
+    with pytest.raises(DataError, match="no such file"):  # a missing file is not a bad line: never skipped
+        list(read_documents([tmp_path / "e.txt", tmp_path / "missing.txt"], skip_bad_lines=True))
 
 
 # ---- packing and the held-out split ----------------------------------------------------------
@@ -250,3 +266,51 @@ def test_collate_pads_on_the_right_without_loss():
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert labels.tolist() == [[IGNORE_INDEX, 7, 3], [3, IGNORE_INDEX, IGNORE_INDEX]]
 
+
+
+# ---- jneox train-tokenizer -------------------------------------------------------------------
+def test_train_tokenizer_cli_has_the_card_options(tmp_path, capsys):
+    from jneox.cli import main
+    from jneox.tokenizer import NL, Tokenizer
+    from tests.conftest import DATA
+
+    word = "ジェイネオックス"  # only in the JSONL file: it must be part of the training text
+    jsonl = write_jsonl(tmp_path / "extra.jsonl", [{"text": f"{word}は速い。\n{word}は小さい。"}] * 30)
+    out = tmp_path / "tok"
+    rc = main(["train-tokenizer", "--input", str(DATA / "ja_sample.txt"), jsonl, "--vocab-size", "1000",
+               "--out", str(out), "--seed", "0"])
+    assert rc == 0
+    tok = Tokenizer(out / "spiece.model")
+    printed = capsys.readouterr().out
+    assert str(out / "spiece.model") in printed and f"vocab size {tok.vocab_size}" in printed
+    assert [tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert not tok.tokenize("吾輩は猫")[0].startswith("\u2581")  # no dummy prefix
+    for text in ("吾輩は  猫\tである ", "𠮷野家 🍣", "一行目\n二行目"):
+        assert tok.decode(tok.encode(text)) == text  # extra whitespace kept, byte fallback, newlines
+        assert tok.unk_id not in tok.encode(text)
+    assert tok.tokenize(NL) == [NL] and tok.encode("a\nb").count(tok.nl_id) == 1
+    assert len(tok.tokenize(f"{word}は小さい")) < len(word)
+
+
+def test_train_tokenizer_cli_seed_makes_the_vocabulary_reproducible(tmp_path, capsys):
+    from jneox.cli import main
+    from jneox.tokenizer import Tokenizer
+    from tests.conftest import DATA
+
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": f"{i}番目の文です。\n{i * 7}個目の行。"} for i in range(40)])
+
+    def vocab(out, seed=3):
+        args = ["--input", str(DATA / "ja_sample.txt"), extra, "--vocab-size", "700", "--input-sentence-size", "101"]
+        assert main(["train-tokenizer", *args, "--out", str(out), "--seed", str(seed)]) == 0
+        sp = Tokenizer(out / "spiece.model").sp
+        return [(sp.IdToPiece(i), sp.GetScore(i)) for i in range(sp.GetPieceSize())]
+
+    assert vocab(tmp_path / "a") == vocab(tmp_path / "b") != vocab(tmp_path / "c", seed=4)
+
+
+def test_train_tokenizer_cli_reports_bad_data_with_file_and_line(tmp_path, capsys):
+    from jneox.cli import main
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "よい行"}, "{broken"])
+    assert main(["train-tokenizer", "--input", bad, "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err

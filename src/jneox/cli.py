@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; spiece.model is written there")
     p.add_argument("--input-sentence-size", type=int, default=0,
                    help="train on a random sample of this many lines (0: all)")
-    p.add_argument("--seed", type=int, help="seed of that sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of that sample (default: 0)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl lines (default: text)")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines instead of stopping")
     p.set_defaults(func=cmd_train_tokenizer)

@@ -82,13 +82,18 @@ def _fail(error: DataError, skip_bad_lines: bool, stats: DataStats | None) -> No
         stats.skip(error)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _open(path: Path):
     try:
-        return path.read_bytes()
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(path, None, "no such file") from None
     except IsADirectoryError:
         raise DataError(path, None, "is a directory, expected a text or .jsonl file") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    with _open(path) as fh:
+        return fh.read()
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -103,22 +108,24 @@ def _decode(path: Path, data: bytes) -> str:
 
 
 def _jsonl_lines(path: Path, skip_bad_lines: bool, stats: DataStats | None) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) of every non-blank line of a JSONL file."""
-    data = _read_bytes(path)
+    """(line number, parsed JSON) of every non-blank line of a JSONL file, read as a stream."""
     found = False
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        found = True
-        try:
-            line = raw.decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError:
-            _fail(DataError(path, number, "invalid UTF-8; training data must be UTF-8"), skip_bad_lines, stats)
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-            _fail(DataError(path, number, f"not valid JSON: {e.msg} (column {e.colno})"), skip_bad_lines, stats)
+    with _open(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            found = True
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError:
+                _fail(DataError(path, number, "invalid UTF-8; training data must be UTF-8"), skip_bad_lines, stats)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(DataError(path, number, f"not valid JSON: {e.msg} (column {e.colno})"), skip_bad_lines, stats)
+                continue
+            yield number, obj
     if not found:
         _fail(DataError(path, 1, "the file is empty"), skip_bad_lines, stats)
 
@@ -150,8 +157,9 @@ def read_documents(paths: Iterable, text_field: str = "text", skip_bad_lines: bo
                     continue
                 _fail(DataError(path, number, problem), skip_bad_lines, stats)
         else:
+            data = _read_bytes(path)  # a missing file is never skipped
             try:
-                text = _decode(path, _read_bytes(path))
+                text = _decode(path, data)
             except DataError as e:
                 _fail(e, skip_bad_lines, stats)
                 continue
@@ -317,6 +325,8 @@ def _segments(turns: Sequence[Utterance]) -> list[tuple[str, bool]]:
     Every answer is its own piece, so it is tokenized exactly as the model generates it after
     inference's prompt, which ends with ``"システム: "``; the rest is grouped into the same strings
     inference tokenizes (the cut points are ``<NL>`` symbols, which sentencepiece never merges).
+    With the card's options the space ending ``"システム: "`` is a piece of its own, so the cut before
+    an answer also gives the ids of the whole string (tests check against ``format_prompt``).
     """
     pieces: list[tuple[str, bool]] = []
     context = ""
@@ -338,10 +348,9 @@ def _encode_turns(turns: Sequence[Utterance], tokenizer, eos_id: int) -> tuple[l
     for text, is_answer in _segments(turns):
         piece = tokenizer.encode(text) if text else []
         if is_answer:
-            # the target of the token before the answer is its first token, ..., of its last token </s>
-            if labels:
-                labels[-1] = piece[0] if piece else eos_id
-            labels += piece[1:] + [eos_id] if piece else []  # (an answer at position 0: no first target)
+            # the target of the prompt's last token is the answer's first token, ..., of its last </s>
+            labels[-1] = piece[0] if piece else eos_id  # (a "システム: " piece always comes first)
+            labels += piece[1:] + [eos_id] if piece else []
         else:
             labels += [IGNORE_INDEX] * len(piece)
         ids += piece
