@@ -248,7 +248,7 @@ class Trainer:
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc=self.kind, disable=not (self.is_main and cfg.progress),
                    dynamic_ncols=True, file=sys.stderr)
-        t_last, tokens_since, tokens_total = time.perf_counter(), 0, 0
+        t_last, tokens_since = time.perf_counter(), 0
         while step < cfg.max_steps:
             batches = []
             for a in range(cfg.grad_accum):
@@ -269,10 +269,8 @@ class Trainer:
                     (loss * (d.world_size / max(n_targets, 1.0))).backward()
                 loss_sum += loss.detach().double()
                 tokens_since += x.numel() * d.world_size
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip))
-            else:
-                grad_norm = None
+            # kept as a tensor until a log line needs it: no GPU sync on every step
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -284,12 +282,11 @@ class Trainer:
                 loss_value = distributed.all_reduce_sum([float(loss_sum)], d, device)[0] / max(n_targets, 1.0)
                 now = time.perf_counter()
                 tok_s = tokens_since / max(now - t_last, 1e-9)
-                tokens_total += tokens_since
                 t_last, tokens_since = now, 0
                 self.print(f"step {step} loss {loss_value:.4f} lr {lr:.3e} tok/s {tok_s:.0f}")
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 self.log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
-                          "grad_norm": grad_norm, "time": time.time()})
+                          "grad_norm": None if grad_norm is None else float(grad_norm), "time": time.time()})
             last = step == cfg.max_steps
             if len(val_items) and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
                 t0 = time.perf_counter()
