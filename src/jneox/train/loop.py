@@ -209,6 +209,9 @@ class Trainer:
         random.seed(cfg.seed)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for pattern in (f"*.{self.out.name}.staging-*", f".{self.out.name}.old-*"):  # left by a killed save
+                for stale in self.out.parent.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
         self.restore_model(model)
         model.to(device)
         if cfg.fsdp and not d.enabled:
