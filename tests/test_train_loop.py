@@ -83,11 +83,19 @@ def test_run_killed_with_sigkill_resumes_onto_the_same_loss_curve(tmp_path):
 # ---- torchrun ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, engine):
-    """gloo on CPU. Tolerance 1e-5: the ranks sum the same per-token losses in another order."""
+    """gloo on CPU. Tolerance 1e-5: the ranks sum the same per-token losses in another order.
+    The FSDP run is also killed (SIGKILL on both ranks) after its step-4 checkpoint and resumed, so
+    the sharded optimizer state goes through a full save and load."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--steps", 8, "--save-every", 0, "--grad-accum", 2]
     run_script(one, "--batch-size", 4, *common)
-    run_script(two, "--batch-size", 2, *common, *(["--fsdp"] if engine == "fsdp" else []), nproc=2)
+    if engine == "ddp":
+        run_script(two, "--batch-size", 2, *common, nproc=2)
+    else:
+        fsdp = ["--batch-size", 2, *common, "--fsdp", "--save-every", 4]
+        assert run_script(two, *fsdp, "--kill-at-step", 6, nproc=2, check=False).returncode != 0
+        assert torch.load(two / "trainer_state.pt", weights_only=False)["step"] == 4
+        run_script(two, *fsdp, "--resume", nproc=2)
     (train_1, eval_1), (train_2, eval_2) = read_log(one), read_log(two)
     assert sorted(train_2) == list(range(1, 9)) and train_1[8] < train_1[1]
     for step in train_1:
