@@ -147,6 +147,127 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# ---- training (issue 4) ----------------------------------------------------------------------
+def _add_train_args(p: argparse.ArgumentParser, lr: float, min_lr: float, warmup: int, weight_decay: float) -> None:
+    """The optimizer / eval / checkpoint / device flags shared by pretrain and sft."""
+    p.add_argument("--out", required=True, help="output folder: HF checkpoint + trainer_state.pt + train_log.jsonl")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per process and micro-step (default: 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    p.add_argument("--min-lr", type=float, default=min_lr, help=f"end of the cosine decay (default: {min_lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=warmup, help=f"linear warm-up steps (default: {warmup})")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay (default: {weight_decay:g})")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0: off (default: 1.0)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evals (default: 100)")
+    p.add_argument("--eval-batches", type=int, default=20, help="held-out batches per eval (default: 20)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints, which overwrite OUT (default: 500)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when available, default), cpu or cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="bf16: autocast to bfloat16, fp32 weights (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
+    p.add_argument("--report", action="store_true", help="draw the loss curves to OUT/loss.png at the end")
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed data lines instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines still print)")
+
+
+def _train_config(args):
+    from .train.loop import TrainConfig
+
+    return TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       min_lr=args.min_lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps or 1,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+                       eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
+                       seed=args.seed, device=args.device, precision=args.precision, save_dtype=args.save_dtype,
+                       compile=args.compile, resume=args.resume, fsdp=args.fsdp, report=args.report,
+                       progress=not args.no_progress)
+
+
+def cmd_pretrain(args) -> int:
+    from .train.pretrain import pretrain
+
+    pretrain(args.model_config, args.tokenizer, args.data, _train_config(args), init=args.init,
+             block_size=args.block_size, val_fraction=args.val_fraction, text_field=args.text_field,
+             skip_bad_lines=args.skip_bad_lines)
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from .train.sft import sft
+
+    sft(args.model, args.data, _train_config(args), val_data=args.val_data, val_fraction=args.val_fraction,
+        max_len=args.max_len, epochs=args.epochs, max_steps=args.max_steps, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, skip_bad_lines=args.skip_bad_lines)
+    return 0
+
+
+def cmd_train_report(args) -> int:
+    from .train.report import plot_log
+
+    print(plot_log(args.log, args.out))
+    return 0
+
+
+def _add_train_parsers(sub) -> None:
+    p = sub.add_parser("pretrain", help="causal-LM training on raw text (UTF-8 text or JSONL) into an HF checkpoint")
+    p.add_argument("--model-config", required=True, help="a preset (tiny, demo, japanese-gpt-neox-3.6b) or a config.json; "
+                                                         "the vocabulary size always comes from the tokenizer")
+    p.add_argument("--tokenizer", required=True, help="folder with spiece.model, or the file")
+    p.add_argument("--data", nargs="+", required=True, help="text files (one document each) or JSONL (one per line)")
+    p.add_argument("--init", help="start from this checkpoint's weights instead of a random initialisation")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per training sequence (default: 512)")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for eval (default: 0.01)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    _add_train_args(p, lr=6e-4, min_lr=6e-5, warmup=100, weight_decay=0.1)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on JSONL conversations (loss on システム turns only)")
+    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id to start from")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL conversations (card shape or messages)")
+    p.add_argument("--val-data", nargs="+", help="held-out conversations (default: --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation; longer ones lose their oldest turns")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default: 3)")
+    length.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, merged on save (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default: 16)")
+    _add_train_args(p, lr=1e-4, min_lr=1e-5, warmup=20, weight_decay=0.0)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("train-report", help="draw the loss curves of a train_log.jsonl to a PNG")
+    p.add_argument("log", help="train_log.jsonl")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_train_report)
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .tokenizer import Tokenizer, train_tokenizer
+    from .train.data import DataStats, read_documents
+
+    stats = DataStats()
+    # one training sentence per line (sentencepiece skips overly long sentences); <NL> is a
+    # user-defined piece, so a newline always encodes as that one piece whatever the corpus
+    lines = (line for doc in read_documents(args.input, args.text_field, args.skip_bad_lines, stats)
+             for line in doc.replace("\r\n", "\n").split("\n"))
+    t0 = time.perf_counter()
+    path = train_tokenizer(None, args.out, args.vocab_size, sentences=lines,
+                           input_sentence_size=args.input_sentence_size, seed=args.seed)
+    if stats.summary():
+        print(f"jneox: {stats.summary()}", file=sys.stderr)
+    tokenizer = Tokenizer(path)
+    print(f"wrote {path} (vocab size {tokenizer.vocab_size}; {time.perf_counter() - t0:.1f} s)")
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"jneox: the text has too few distinct pieces for {args.vocab_size}: the vocabulary has "
+              f"{tokenizer.vocab_size}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate, quantize")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "int8", "int4"))
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer with the card's options")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="UTF-8 text files, or .jsonl files with one document per line")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder; spiece.model is written there")
+    p.add_argument("--input-sentence-size", type=int, default=0,
+                   help="train on a random sample of this many lines (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that sample (default: 0)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl lines (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines instead of stopping")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    _add_train_parsers(sub)
     return parser
 
 

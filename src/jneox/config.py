@@ -156,4 +156,7 @@ PRESETS: dict[str, ModelConfig] = {
     # a few-MB model for tests and the shipped demo
     "tiny": ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
                         max_position_embeddings=256),
+    # the shipped demo: ~35M parameters with a 32k vocabulary, the 3.6B's shape otherwise (sequential residual)
+    "demo": ModelConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536,
+                        max_position_embeddings=1024, rotary_pct=1.0, parallel_residual=False),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import random
 import re
 import tempfile
 from pathlib import Path
@@ -115,6 +116,7 @@ def train_tokenizer(
     normalization: str = "identity",
     input_sentence_size: int = 0,
     num_threads: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """Train a sentencepiece model with the card's options and write ``out_dir/spiece.model``.
 
@@ -122,7 +124,9 @@ def train_tokenizer(
     a user-defined symbol (newlines in the input become ``<NL>``), and the special ids of rinna's
     published tokenizer: ``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2, ``</s>`` 3. ``normalization``
     defaults to ``identity`` so that every text round-trips exactly; ``nmt_nfkc`` folds full-width
-    ASCII and similar, at the price of exact round trips.
+    ASCII and similar, at the price of exact round trips. ``input_sentence_size`` trains on a random
+    sample of that many lines, drawn here with ``seed`` (sentencepiece's own sampling is not
+    reproducible).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,8 @@ def train_tokenizer(
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise TokenizerError("no training text: the input files and sentences are empty")
+    if 0 < input_sentence_size < len(lines):
+        lines = random.Random(seed).sample(lines, input_sentence_size)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -158,8 +164,6 @@ def train_tokenizer(
                 required_chars="\u2581",  # whitespace is always one piece, even if the corpus has few spaces
                 pad_id=0, unk_id=1, bos_id=2, eos_id=3,
                 pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
                 num_threads=num_threads or os.cpu_count() or 1,
                 hard_vocab_limit=False,
                 minloglevel=2,
@@ -167,5 +171,8 @@ def train_tokenizer(
         except RuntimeError as e:
             raise TokenizerError(f"sentencepiece training failed: {e}") from None
         target = out / "spiece.model"
-        os.replace(prefix.with_suffix(".model"), target)
+        # temp file next to the target, then rename: atomic, and no cross-device rename from /tmp
+        partial = out / ".spiece.model.partial"
+        partial.write_bytes(prefix.with_suffix(".model").read_bytes())
+        os.replace(partial, target)
     return target

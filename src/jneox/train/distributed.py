@@ -1,0 +1,119 @@
+"""torchrun set-up with PyTorch's own engine: process group, DDP / FSDP wrapping, full state dicts.
+
+The same script runs alone or under ``torchrun --nproc-per-node N``: torchrun sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``, and we pick NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return d
+
+
+def setup(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (if launched by torchrun) and return it with this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (loss sums, token counts), in float64."""
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def wrap(model: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Module:
+    """DDP (every rank holds the model) or FSDP2 ``fully_shard`` (each block's parameters sharded
+    over the ranks, gathered for its forward/backward) for a model that does not fit one device."""
+    if not d.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module behind DDP and torch.compile (FSDP2 shards in place: nothing to unwrap)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """Full (unsharded) model and optimizer state dicts on CPU, keyed by parameter names.
+
+    A collective under FSDP: every rank must call it; rank 0 gets the tensors, the others empty
+    dicts. Keying the optimizer by names (not positions) is what lets a run resume under a
+    different wrapping.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    m = unwrap(model)
+    model_state = get_model_state_dict(m, options=options)
+    optim_state = get_optimizer_state_dict(m, optimizer, options=options) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full, name-keyed optimizer state (from :func:`full_state_dicts`) on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,388 @@
+"""The training loop shared by ``pretrain`` and ``sft``: AdamW with warm-up and cosine decay,
+gradient accumulation and clipping, bf16 autocast, periodic eval, metrics, and checkpoints that
+resume exactly.
+
+Data order is a pure function of (seed, position): sample ``p`` of the stream is item
+``perm_e[p % n]`` of epoch ``e = p // n``, where ``perm_e`` is a seeded permutation. Each
+micro-batch takes the next ``batch_size * world_size`` samples and rank ``r`` its ``r``-th
+slice, so a run resumed at position ``p`` sees exactly the batches an uninterrupted run would,
+and a 2-process run sees the same global batches as a 1-process run with twice the batch size.
+The loss of a step is the mean over all its target tokens (all ranks, all micro-batches), so
+padding and uneven SFT examples weigh the same however the batch is split.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from .lora import lora_scales, lora_state, merge_lora_state
+
+IGNORE = -100
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+REPORT_FILE = "loss.png"
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Collate = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    batch_size: int = 8  # per process; the global batch is batch_size * world_size * grad_accum
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0: off
+    eval_every: int = 100  # 0: only at the start and the end
+    eval_batches: int = 20
+    save_every: int = 500  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: str | None = None  # "fp32" | "bf16"; None: bf16 on a CUDA device that supports it, else fp32
+    save_dtype: str = "float32"
+    compile: bool = False
+    resume: bool = False
+    fsdp: bool = False
+    report: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.precision not in (None, "fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min-lr ({self.min_lr}) is larger than lr ({self.lr})")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based): linear warm-up, cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        lr = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return lr / cfg.lr if cfg.lr else 0.0
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropy over the target tokens that are not ``-100``, in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+class SampleOrder:
+    """Sample ``p`` of an endless stream over ``n`` items, reshuffled every epoch from the seed."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        if n < 1:
+            raise ValueError("no training examples")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, p: int) -> int:
+        epoch, i = divmod(p, self.n)
+        if not self.shuffle:
+            return i
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
+        return self._perm[i]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases and norms), fused kernels on CUDA."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = device.type == "cuda" and not cfg.fsdp
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """One training run writing to ``cfg.out``. Build it first (it joins the torchrun group and picks
+    the device), then load the model and data, then :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, kind: str = "train"):
+        self.cfg, self.kind = cfg, kind
+        self.dist, self.device = distributed.setup(distributed.resolve_device(cfg.device))
+        self.out = Path(cfg.out)
+        self.log_path = self.out / LOG_FILE
+        precision = cfg.precision
+        if precision is None:
+            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.state: dict | None = None
+        if cfg.resume:
+            path = self.out / STATE_FILE
+            if path.is_file():
+                self.state = torch.load(path, map_location="cpu", weights_only=False)
+            else:
+                self.print(f"--resume: {path} does not exist, starting from scratch")
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    # ---- model restore -------------------------------------------------------------------
+    def restore_model(self, model: nn.Module) -> None:
+        """Load the weights of the checkpoint being resumed into ``model`` (before it is wrapped)."""
+        if self.state is None:
+            return
+        if "lora" in self.state:
+            missing = set(lora_state(model.state_dict())) ^ set(self.state["lora"])
+            if missing:
+                raise ValueError(f"{self.out / STATE_FILE}: LoRA layers differ from this run's ({len(missing)} names); "
+                                 f"resume with the same --lora-rank")
+            model.load_state_dict(self.state["lora"], strict=False)
+        elif "model" in self.state:
+            model.load_state_dict(self.state["model"])
+        else:
+            from ..checkpoint import load_model
+
+            model.load_state_dict(load_model(self.out, dtype=torch.float32).state_dict())
+
+    # ---- the run --------------------------------------------------------------------------
+    def fit(self, model: nn.Module, train_items: Sequence, val_items: Sequence, collate: Collate,
+            tokenizer_file: str | os.PathLike | None = None, shuffle: bool = True) -> dict:
+        """Train ``model`` (a :class:`jneox.model.GPTNeoX`, possibly with LoRA layers, on CPU in fp32)
+        and return the last eval metrics. ``collate(items) -> (inputs, targets)`` with targets
+        aligned to inputs and ``-100`` where no loss is wanted."""
+        cfg, d, device = self.cfg, self.dist, self.device
+        self.config = model.config
+        self.tokenizer_file = tokenizer_file
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for pattern in (f"*.{self.out.name}.staging-*", f".{self.out.name}.old-*"):  # left by a killed save
+                for stale in self.out.parent.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.restore_model(model)
+        model.to(device)
+        if cfg.fsdp and not d.enabled:
+            self.print("--fsdp: a single process holds the whole model; FSDP is used only under torchrun")
+        wrapped = distributed.wrap(model, d, device, cfg.fsdp)
+        forward = torch.compile(wrapped) if cfg.compile else wrapped
+        optimizer = build_optimizer(wrapped, cfg, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        step, position = 0, 0
+        if self.state is not None:
+            s = self.state
+            if s["global_batch"] != cfg.batch_size * d.world_size * cfg.grad_accum:
+                self.print(f"warning: resuming with a global batch of {cfg.batch_size * d.world_size * cfg.grad_accum} "
+                           f"samples, the checkpoint used {s['global_batch']}: the data order changes")
+            distributed.load_optimizer_state(wrapped, optimizer, s["optimizer"])
+            scheduler.load_state_dict(s["scheduler"])
+            set_rng_state(s["rng"], device)
+            step, position = s["step"], s["position"]
+            self._truncate_log(step)
+            self.print(f"resumed from {self.out} at step {step}")
+        elif self.is_main and self.log_path.exists():
+            self.log_path.unlink()
+        distributed.barrier(d)
+
+        order = SampleOrder(len(train_items), cfg.seed, shuffle)
+        micro = cfg.batch_size * d.world_size  # samples per micro-batch, all ranks together
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.print(f"{self.kind}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+                   f"{len(train_items)} train / {len(val_items)} val examples, device {device}, "
+                   f"{'bf16 autocast' if self.autocast_dtype else 'fp32'}, world size {d.world_size}, "
+                   f"global batch {micro * cfg.grad_accum}")
+        metrics = {}
+        if step == 0 and len(val_items):
+            metrics = self.evaluate(forward, val_items, collate, step)
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=self.kind, disable=not (self.is_main and cfg.progress),
+                   dynamic_ncols=True, file=sys.stderr)
+        t_last, tokens_since = time.perf_counter(), 0
+        while step < cfg.max_steps:
+            batches = []
+            for a in range(cfg.grad_accum):
+                start = position + a * micro + d.rank * cfg.batch_size
+                batches.append(collate([train_items[order(p)] for p in range(start, start + cfg.batch_size)]))
+            local_targets = sum(int((t != IGNORE).sum()) for _, t in batches)
+            n_targets = distributed.all_reduce_sum([float(local_targets)], d, device)[0]
+            wrapped.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for a, (x, y) in enumerate(batches):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = a == cfg.grad_accum - 1 or not (d.enabled and not cfg.fsdp)
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()):
+                    with self.autocast():
+                        logits = forward(x)
+                    loss = token_loss_sum(logits, y)
+                    # DDP and FSDP average gradients over ranks: scale so the result is the global token mean
+                    (loss * (d.world_size / max(n_targets, 1.0))).backward()
+                loss_sum += loss.detach().double()
+                tokens_since += x.numel() * d.world_size
+            # kept as a tensor until a log line needs it: no GPU sync on every step
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            position += micro * cfg.grad_accum
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss_value = distributed.all_reduce_sum([float(loss_sum)], d, device)[0] / max(n_targets, 1.0)
+                now = time.perf_counter()
+                tok_s = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                self.print(f"step {step} loss {loss_value:.4f} lr {lr:.3e} tok/s {tok_s:.0f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                self.log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
+                          "grad_norm": None if grad_norm is None else float(grad_norm), "time": time.time()})
+            last = step == cfg.max_steps
+            if len(val_items) and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                t0 = time.perf_counter()
+                metrics = self.evaluate(forward, val_items, collate, step)
+                t_last += time.perf_counter() - t0  # eval time is not training throughput
+            if last or (cfg.save_every and step % cfg.save_every == 0):
+                t0 = time.perf_counter()
+                self.save(wrapped, optimizer, scheduler, step, position, final=last)
+                t_last += time.perf_counter() - t0
+        bar.close()
+        distributed.barrier(d)
+        return metrics
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def evaluate(self, forward: nn.Module, val_items: Sequence, collate: Collate, step: int) -> dict:
+        """Mean loss over the target tokens of the first ``eval_batches`` micro-batches of the held-out
+        set (the same tokens at every eval), and its perplexity."""
+        cfg, d = self.cfg, self.dist
+        forward.eval()
+        micro = cfg.batch_size * d.world_size
+        n_batches = min(cfg.eval_batches, math.ceil(len(val_items) / micro))
+        loss_sum, n_targets = 0.0, 0.0
+        for b in range(n_batches):
+            idx = [b * micro + d.rank * cfg.batch_size + j for j in range(cfg.batch_size)]
+            # every rank runs every batch (FSDP gathers parameters collectively); rows past the end weigh 0
+            x, y = collate([val_items[i % len(val_items)] for i in idx])
+            y = y.clone()
+            y[torch.tensor([i >= len(val_items) for i in idx])] = IGNORE
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast():
+                logits = forward(x)
+            loss_sum += float(token_loss_sum(logits, y))
+            n_targets += float((y != IGNORE).sum())
+        loss_sum, n_targets = distributed.all_reduce_sum([loss_sum, n_targets], d, self.device)
+        loss = loss_sum / max(n_targets, 1.0)
+        ppl = math.exp(min(loss, 50.0))
+        self.print(f"eval step {step} loss {loss:.4f} ppl {ppl:.2f}")
+        self.log({"step": step, "eval_loss": loss, "eval_ppl": ppl, "time": time.time()})
+        return {"eval_loss": loss, "eval_ppl": ppl, "step": step}
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, model: nn.Module, optimizer, scheduler, step: int, position: int, final: bool = False) -> None:
+        """Write OUT atomically: model files (HF layout, LoRA merged) + trainer_state.pt + the log, in a
+        staging folder renamed over OUT, so a kill at any moment leaves a consistent checkpoint."""
+        from ..checkpoint import _replace_dir, save
+        from ..model import GPTNeoX
+
+        cfg = self.cfg
+        model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP
+        if self.is_main:
+            scales = lora_scales(distributed.unwrap(model))
+            plain = merge_lora_state(model_state, scales) if scales else model_state
+            with torch.device("meta"):
+                shell = GPTNeoX(self.config)
+            shell.load_state_dict(plain, assign=True)
+            if self.config.tie_word_embeddings:
+                shell.lm_head.weight = shell.embed.weight
+            staging = self.out.with_name(f".{self.out.name}.staging-{os.getpid()}")
+            try:
+                save(shell, staging, tokenizer_file=self.tokenizer_file, dtype=SAVE_DTYPES[cfg.save_dtype])
+                state = {"step": step, "position": position, "optimizer": optim_state,
+                         "scheduler": scheduler.state_dict(), "rng": rng_state(self.device),
+                         "global_batch": cfg.batch_size * self.dist.world_size * cfg.grad_accum,
+                         "world_size": self.dist.world_size, "config": asdict(cfg), "kind": self.kind}
+                if scales:
+                    state["lora"] = lora_state(model_state)  # the base comes from the original --model
+                elif cfg.save_dtype != "float32":
+                    state["model"] = model_state  # the fp32 weights, since the saved ones are rounded
+                torch.save(state, staging / STATE_FILE)
+                if self.log_path.exists():
+                    shutil.copyfile(self.log_path, staging / LOG_FILE)
+                if final and cfg.report:
+                    from .report import plot_log
+
+                    plot_log(staging / LOG_FILE, staging / REPORT_FILE)
+                _replace_dir(staging, self.out)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self.print(f"saved step {step} to {self.out}")
+        distributed.barrier(self.dist)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint being resumed (a killed run wrote some)."""
+        if not self.is_main or not self.log_path.exists():
+            return
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.log_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.log_path)

@@ -1,0 +1,64 @@
+"""Causal-LM pretraining on raw text: every token of every packed block is a target."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import GPTNeoX
+from ..tokenizer import Tokenizer
+from .loop import Trainer, TrainConfig
+
+
+def resolve_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a folder holding ``spiece.model`` or from the file itself."""
+    p = Path(path)
+    return Tokenizer(p / "spiece.model" if p.is_dir() else p)
+
+
+def model_config(name_or_file: str, tokenizer: Tokenizer) -> ModelConfig:
+    """A preset name or a config.json, with the vocabulary and special ids of ``tokenizer``."""
+    if name_or_file.endswith(".json") or Path(name_or_file).is_file():
+        base = ModelConfig.from_file(name_or_file)
+    else:
+        base = ModelConfig.from_name(name_or_file)
+    return replace(base, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None)
+
+
+def collate_blocks(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``block_size + 1`` tokens -> (inputs, next-token targets)."""
+    batch = torch.stack(rows)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: list[str], cfg: TrainConfig, *,
+             init: str | None = None, block_size: int = 512, val_fraction: float = 0.01, text_field: str = "text",
+             skip_bad_lines: bool = False) -> dict:
+    """Train a GPT-NeoX from scratch (or continue ``init``) on text files; writes ``cfg.out``.
+    Returns the last eval metrics."""
+    from .data import build_pretrain_data
+
+    trainer = Trainer(cfg, "pretrain")
+    tokenizer = resolve_tokenizer(tokenizer_path)
+    if init is not None:
+        from ..checkpoint import load_model
+
+        model = load_model(init, dtype=torch.float32)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"--init {init}: the model has {model.config.vocab_size} token embeddings, "
+                             f"the tokenizer {tokenizer.vocab_size} pieces")
+    else:
+        config = model_config(model_config_name, tokenizer)
+        with torch.device("meta"):
+            model = GPTNeoX(config)
+        model = model.to_empty(device="cpu")
+        model.init_weights(seed=cfg.seed)
+    if block_size > model.config.max_position_embeddings:
+        raise ValueError(f"--block-size {block_size} is longer than the model's {model.config.max_position_embeddings} positions")
+    train_blocks, val_blocks = build_pretrain_data(data, tokenizer, block_size, val_fraction=val_fraction, seed=cfg.seed,
+                                                   text_field=text_field, skip_bad_lines=skip_bad_lines)
+    return trainer.fit(model, train_blocks, val_blocks, collate_blocks, tokenizer_file=tokenizer.path)
