@@ -187,12 +187,15 @@ class HtmlTextExtractor(HTMLParser):
         "programlisting", "screen", "synopsis", "cmdsynopsis", "funcsynopsis", "literallayout", "listingblock",
         "highlight", "legalnotice", "copyright", "verbatim",
     }
+    HEADING_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
     VOID_TAGS = {"br", "img", "hr", "meta", "link", "input", "area", "base", "col", "embed", "param", "source", "track", "wbr"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.paragraphs: list[str] = []
+        self.headings: list[bool] = []  # for each paragraph: was it a heading (h1-h6)?
         self._lines: list[str] = []
+        self._heading_depth = 0
         self._stack: list[tuple[str, bool]] = []  # (tag, skipped)
 
     @property
@@ -203,6 +206,7 @@ class HtmlTextExtractor(HTMLParser):
         text = clean_paragraph(join_wrapped_lines(self._lines))
         if text:
             self.paragraphs.append(text)
+            self.headings.append(self._heading_depth > 0)
         self._lines = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -210,6 +214,8 @@ class HtmlTextExtractor(HTMLParser):
             self._break()
         if tag in self.VOID_TAGS:
             return
+        if tag in self.HEADING_TAGS:
+            self._heading_depth += 1
         attributes = dict(attrs)
         skipped = (
             tag in self.SKIPPED_TAGS
@@ -226,6 +232,8 @@ class HtmlTextExtractor(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag in self.BLOCK_TAGS:
             self._break()
+        if tag in self.HEADING_TAGS and self._heading_depth > 0:
+            self._heading_depth -= 1
         for index in range(len(self._stack) - 1, -1, -1):
             if self._stack[index][0] == tag:
                 del self._stack[index:]
@@ -240,15 +248,20 @@ class HtmlTextExtractor(HTMLParser):
         self._break()
 
 
-def html_paragraphs(data: bytes) -> list[str]:
-    """Paragraphs of prose in an HTML page given as raw bytes."""
+def parse_html(data: bytes) -> HtmlTextExtractor:
+    """Parse an HTML page given as raw bytes, decoding it with its declared charset."""
     head = data[:4096].decode("ascii", errors="ignore")
     match = re.search(r"charset=[\"']?([A-Za-z0-9_\-]+)", head)
     text = decode_bytes(data, match.group(1) if match else None)
     parser = HtmlTextExtractor()
     parser.feed(text)
     parser.close()
-    return parser.paragraphs
+    return parser
+
+
+def html_paragraphs(data: bytes) -> list[str]:
+    """Paragraphs of prose in an HTML page given as raw bytes."""
+    return parse_html(data).paragraphs
 
 
 # ---------------------------------------------------------------------------
@@ -446,6 +459,7 @@ def build_corpus(packages: list[str], root: Path, out: Path) -> CorpusStats:
                 stats.bytes += size
                 package_stats["documents"] += 1
                 package_stats["bytes"] += size
+        os.chmod(temp_name, 0o644)
         os.replace(temp_name, out)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
