@@ -81,7 +81,7 @@ SKIPPED_MAN_SECTIONS = {
 BOILERPLATE_PATTERNS = re.compile(
     r"^(copyright|©|\(c\)|this (program|document|manual) is free|permission is granted|"
     r"gnu (general|free|lesser)|著作権|この(文書|マニュアル|ページ)は.{0,40}(ライセンス|許諾|GPL|GNU)|"
-    r"(前へ|次へ|ホーム|上へ|目次)(\s|$))",
+    r"(前へ|次へ|ホーム|上へ|目次)(\s|$)|\[\s*[<>^]\s)",
     re.IGNORECASE,
 )
 
