@@ -51,14 +51,14 @@ PACKAGES: tuple[str, ...] = (
     "scilab-doc-ja",
     "debian-reference-ja",
     "debian-edu-doc-ja",
-    "debian-edu-doc-legacy-ja",
     "developers-reference-ja",
     "debian-policy-ja",
     "maint-guide-ja",
     "debian-faq-ja",
     "aptitude-doc-ja",
-    "libjlha-java-doc-ja",
 )
+# Also checked and left out: debian-edu-doc-legacy-ja and libjlha-java-doc-ja (API pages: nothing
+# survives the prose filters).
 
 DEFAULT_CACHE = Path.home() / ".cache" / "jneox" / "demo"
 

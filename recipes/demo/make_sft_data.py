@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from jneox.chat import SYSTEM, USER, ConversationError, Utterance, to_utterances
+from jneox.chat import SYSTEM, USER, ConversationError, Utterance, format_prompt, to_utterances
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faq_pairs import write_jsonl  # noqa: E402
@@ -124,6 +124,16 @@ def as_card_json(turns: list[Utterance]) -> list[dict[str, str]]:
     return [{"speaker": t.speaker, "text": t.text} for t in turns]
 
 
+def write_tokenizer_text(conversations: list[list[Utterance]], path: Path) -> None:
+    """The training conversations exactly as the model reads them (``<NL>`` joined, one per line), so the
+    tokenizer learns pieces for the speaker names and the conversational Japanese the corpus lacks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(format_prompt(turns, add_generation_prompt=False) + "\n" for turns in conversations)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    temp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=Path, nargs="+", default=[DEFAULT_CONVERSATIONS],
@@ -132,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, required=True, help="where train.jsonl and heldout.jsonl go")
     parser.add_argument("--heldout-percent", type=int, default=DEFAULT_HELDOUT_PERCENT,
                         help="share of hand-written conversations held out (by a hash of the first question)")
+    parser.add_argument("--tokenizer-text", type=Path,
+                        help="also write the training conversations as prompt text, for the tokenizer")
     args = parser.parse_args(argv)
     if not 0 <= args.heldout_percent < 100:
         parser.error("--heldout-percent must be in [0, 100)")
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     train, heldout = split_sft_data(handwritten, faq, args.heldout_percent)
     write_jsonl([as_card_json(c) for c in train], args.out_dir / "train.jsonl")
     write_jsonl([as_card_json(c) for c in heldout], args.out_dir / "heldout.jsonl")
+    if args.tokenizer_text:
+        write_tokenizer_text(train, args.tokenizer_text)
     print(
         f"{len(handwritten)} hand-written conversations from {len(files)} files, {len(faq)} FAQ pairs -> "
         f"{len(train)} train, {len(heldout)} held out ({args.out_dir})"
