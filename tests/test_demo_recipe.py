@@ -223,6 +223,13 @@ def test_heldout_split_is_stable_deduplicated_and_hand_written_only():
     assert leaked not in train3
 
 
+def test_tokenizer_text_is_the_conversations_as_the_model_reads_them(tmp_path):
+    turns = make_sft_data.parse_conversation(_conversation("一行目\n二行目", "はい。"))
+    path = tmp_path / "conversations.txt"
+    make_sft_data.write_tokenizer_text([turns, turns], path)
+    assert path.read_text(encoding="utf-8") == "ユーザー: 一行目<NL>二行目<NL>システム: はい。\n" * 2
+
+
 # ---------------------------------------------------------------------------
 # Evaluation on tiny checkpoints made here
 
