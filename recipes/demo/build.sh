@@ -23,13 +23,15 @@
 # interrupted pretraining or SFT resumes from its last checkpoint; `rm -rf "$OUT"` rebuilds
 # from nothing.  The corpus is never committed: it is made again in every new OUT.
 #
-# Time.  Measured on the 2-core development CPU (shared with other work, under nice):
+# Time.  Measured on the 2-core development CPU (shared with other work, under nice), with
+# PRETRAIN_STEPS=10 BATCH=4 SFT_EPOCHS=0.1:
 #   corpus ~4 min (+ ~110 MB of .deb downloads), FAQ pairs and SFT data a few seconds,
-#   tokenizer 158 s, pretraining ~30 s per step of 4 x 512 tokens (fp32), i.e. roughly 2 min per
-#   default step of 16 x 512: the default 2000 steps would take days on this CPU.  The corpus is
-#   2.76M tokens (5,387 blocks of 512 with the 8,000-piece tokenizer), so 2000 steps of 16 blocks
-#   are about 6 epochs.  Train on a GPU (DEVICE=cuda): the weights still load and run on CPU.
-#   TODO(lead): add the GPU timings and the full CPU estimate measured with the final CLI.
+#   tokenizer 158 s, pretraining ~8 s per step of 4 x 512 tokens (fp32, ~140 tokens/s), SFT
+#   ~4-8 s per step of 4 conversations.  At the defaults (2000 steps of 16 x 512 tokens, ~30 s
+#   each) pretraining alone would take about 17 hours on this CPU, so train on a GPU
+#   (DEVICE=cuda); the shipped bfloat16 weights (33 MB) load and run on CPU.  The corpus is
+#   2.76M tokens (5,387 blocks of 512 with the 8,000-piece tokenizer): 2000 steps of 16 blocks
+#   are about 6 epochs.  TODO(lead): add the GPU build's timings.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
