@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import math
 import sys
@@ -14,7 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo"
 sys.path.insert(0, str(RECIPE))
 
-import evaluate as demo_eval  # noqa: E402
+
+def _load_recipe_module(name: str):
+    """evaluate.py under a name of its own: a plain `import evaluate` could meet another package."""
+    spec = importlib.util.spec_from_file_location(f"demo_{name}", RECIPE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_eval = _load_recipe_module("evaluate")
 import faq_pairs  # noqa: E402
 import make_corpus  # noqa: E402
 import make_sft_data  # noqa: E402
