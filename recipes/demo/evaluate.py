@@ -152,16 +152,24 @@ def load_heldout(path: Path, limit: int | None = None) -> list[list[Utterance]]:
     return conversations[:limit] if limit else conversations
 
 
+def load_for_eval(path: str | os.PathLike, device: str):
+    """On CPU the packed float32 kernels `jneox chat` itself uses (about twice as fast as plain
+    PyTorch when decoding); elsewhere plain float32 modules."""
+    if device.split(":")[0] == "cpu":
+        return load(path, weights="float32", device=device)
+    return load(path, dtype=torch.float32, device=device)
+
+
 def evaluate(model_dir: str | os.PathLike, heldout: list[list[Utterance]], pretrained_dir: str | os.PathLike | None = None,
              device: str = "cpu", seed: int = 0) -> dict:
     """Perplexities and compliance figures, plus every generated answer, as one JSON-ready dict."""
     result: dict = {"model": str(model_dir), "heldout_conversations": len(heldout)}
     if pretrained_dir is not None:
-        pretrained, tokenizer = load(pretrained_dir, device=device)
+        pretrained, tokenizer = load_for_eval(pretrained_dir, device)
         result["pretrained"] = str(pretrained_dir)
         result["perplexity_pretrained"] = response_perplexity(pretrained, tokenizer, heldout)
         del pretrained
-    model, tokenizer = load(model_dir, device=device)
+    model, tokenizer = load_for_eval(model_dir, device)
     nll, tokens = response_nll(model, tokenizer, heldout)
     result["response_tokens"] = tokens
     result["perplexity_sft"] = math.exp(nll / tokens)
