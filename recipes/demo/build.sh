@@ -18,6 +18,8 @@
 #   MODEL_OUT       where the final model goes                          (default models/demo)
 #   PYTHON          interpreter that has jneox installed                (default python)
 #   CONVERSATIONS   hand-written conversation JSONL files or folder     (default recipes/demo/data/conversations)
+#   CORPUS, FAQ_PAIRS  an already made corpus.jsonl / faq_pairs.jsonl: copied into OUT instead of
+#                   fetching the Debian packages (for a GPU machine without network access)
 #
 # A step that finished is skipped when the build runs again with the same OUT, and an
 # interrupted pretraining or SFT resumes from its last checkpoint; `rm -rf "$OUT"` rebuilds
@@ -69,11 +71,16 @@ resume_flag() {  # --resume when an interrupted training run left its state in f
   [[ -f "$1/trainer_state.pt" ]] && echo --resume || true
 }
 
-step corpus \
-  "$PYTHON" "$RECIPE/make_corpus.py" --cache "$OUT/packages" --out "$OUT/corpus.jsonl"
-
-step faq \
-  "$PYTHON" "$RECIPE/faq_pairs.py" --cache "$OUT/packages" --out "$OUT/faq_pairs.jsonl"
+if [[ -n "${CORPUS:-}" ]]; then
+  step corpus cp "$CORPUS" "$OUT/corpus.jsonl"
+else
+  step corpus "$PYTHON" "$RECIPE/make_corpus.py" --cache "$OUT/packages" --out "$OUT/corpus.jsonl"
+fi
+if [[ -n "${FAQ_PAIRS:-}" ]]; then
+  step faq cp "$FAQ_PAIRS" "$OUT/faq_pairs.jsonl"
+else
+  step faq "$PYTHON" "$RECIPE/faq_pairs.py" --cache "$OUT/packages" --out "$OUT/faq_pairs.jsonl"
+fi
 
 step sft-data \
   "$PYTHON" "$RECIPE/make_sft_data.py" --conversations "$CONVERSATIONS" \
