@@ -49,6 +49,8 @@ def parse_json(raw: bytes) -> dict:
     except json.JSONDecodeError as e:
         raise bad(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                   code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+        raise bad(f"the request body cannot be read as JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -133,13 +135,14 @@ class GenerationRequest:
     include_usage: bool
 
 
-def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
+             prompt_param: str = "prompt") -> SamplingParams:
     """SamplingParams from the request's fields; ``max_tokens`` defaults to the rest of the window."""
     if prompt_len == 0:
-        raise bad("the prompt is empty", "prompt", "invalid_value")
+        raise bad("the prompt is empty", prompt_param, "invalid_value")
     if prompt_len >= window:
         raise bad(f"the prompt has {prompt_len} tokens; the context window is {window} tokens and at least one "
-                  f"must be left for the answer", "messages", "context_length_exceeded")
+                  f"must be left for the answer", prompt_param, "context_length_exceeded")
     temperature = _number(body, "temperature", SamplingParams.temperature, 0, 2)  # the card's 0.7
     top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
     top_k = _number(body, "top_k", 0, -1, integer=True)
@@ -231,7 +234,7 @@ def parse_chat(body: dict, tokenizer, window: int) -> GenerationRequest:
     prompt = format_prompt(chat_utterances(body.get("messages")))
     ids = tokenizer.encode(prompt)
     # the model sometimes writes the user's next turn itself: the answer ends there
-    params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,))
+    params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages")
     return GenerationRequest(ids, params, *_stream_options(body))
 
 
