@@ -159,7 +159,7 @@ def cmd_serve(args) -> int:
     model, tokenizer = _load(args)
     model_id = args.model_name or (args.model if args.model else Path(default_model() or "jneox").name)
     serve(model, tokenizer, model_id=str(model_id), host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue)
+          max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level)
     return 0
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (info logs every request)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")
