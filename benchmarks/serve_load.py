@@ -109,7 +109,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         from decode_speed import make_checkpoint
 
         work = args.work.expanduser()
-        model = str(make_checkpoint(work / f"jneox-3.6b-shape-{args.layers}l", args.layers))
+        model = str(make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers))  # shared with decode_speed.py
     port = free_port()
     cmd = [sys.executable, "-m", "jneox", "serve", "--model", model, "--dtype", args.dtype, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--model-name", "bench", "--log-level", "warning"]

@@ -157,8 +157,13 @@ def cmd_serve(args) -> int:
         print(f"jneox serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
     model, tokenizer = _load(args)
-    model_id = args.model_name or (args.model if args.model else Path(default_model() or "jneox").name)
-    serve(model, tokenizer, model_id=str(model_id), host=args.host, port=args.port, api_key=args.api_key,
+    if args.model_name:
+        model_id = args.model_name
+    elif args.model:  # a folder by its name, a hub id as it is
+        model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
+    else:
+        model_id = Path(default_model() or "jneox").name
+    serve(model, tokenizer, model_id=model_id, host=args.host, port=args.port, api_key=args.api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level)
     return 0
 

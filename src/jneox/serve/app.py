@@ -85,9 +85,9 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def run(request: Request, req: GenerationRequest, chunk, final):
-        """Submit ``req`` and answer: SSE chunks made by ``chunk(text, finish_reason)``, or one JSON body
-        made by ``final(text, finish_reason, usage)``."""
+    async def run(request: Request, req: GenerationRequest, chunk, final, opening: bool = False):
+        """Submit ``req`` and answer: SSE chunks made by ``chunk(id, text, finish_reason)`` (and first an
+        opening one if ``opening``), or one JSON body made by ``final(id, text, finish_reason, usage)``."""
         listener = Listener(asyncio.get_running_loop())
         seq = submit(req, listener)
         rid = uuid.uuid4().hex[:24]
@@ -107,7 +107,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
         async def sse():
             try:
-                yield _sse(chunk(rid, None, None, first=True))
+                if opening:
+                    yield _sse(chunk(rid, None, None, first=True))
                 async for event in listener.events():
                     if event.error:
                         yield _sse(APIError(500, event.error, type="server_error").body())
@@ -141,13 +142,13 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": None, "finish_reason": finish}], "usage": usage}
 
-        return await run(request, req, chunk, final)
+        return await run(request, req, chunk, final, opening=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_completion(await read_body(request), tokenizer, window)
 
-        def chunk(rid, text, finish, first=False):
+        def chunk(rid, text, finish):
             return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_id,
                     "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 

@@ -2,7 +2,9 @@
 
 The :class:`Engine` owns the model and a KV cache of ``max_batch`` rows (slots). It runs on its own
 thread. Each step it (1) drops requests whose client went away, (2) prefills waiting requests into
-free slots, one prompt at a time, and (3) runs one decode step for every running request at once:
+free slots, one prompt at a time (on the CPU in chunks of ``MAX_KERNEL_ROWS`` tokens, so the packed
+kernels run rather than a widened copy of every weight), and (3) runs one decode step for every
+running request at once:
 each row at its own position, then each row sampled with its own parameters and random generator.
 A request joins at the next step and leaves the step it finishes; nobody waits for the batch.
 
@@ -99,6 +101,9 @@ class Engine:
         self.window = model.config.max_position_embeddings
         self.device = model.embed.weight.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
+        # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
+        # linear layer widen its whole weight to fp32 for one matrix multiply, for each new request)
+        self.prefill_chunk = MAX_KERNEL_ROWS if self.device.type == "cpu" else self.window
         model.clear_cache()
         # zero-filled and touched only where written, so unused positions cost no memory
         model.setup_cache(max_batch, self.window)
@@ -214,7 +219,7 @@ class Engine:
         return [_RowsView(c, a, b) for c in self.caches]
 
     def _prefill(self, seq: Request) -> None:
-        """The prompt into the request's slot, and its first token: exactly what generate_tokens does."""
+        """The prompt into the request's slot (in chunks), and its first token, as generate_tokens does."""
         if seq.cancelled:
             self._free(seq)
             return
@@ -228,7 +233,9 @@ class Engine:
         if p.repetition_penalty != 1.0:
             seq.seen = ids
         self.model.caches = self._rows(seq.slot, seq.slot + 1)
-        logits = self.model(ids, input_pos=torch.arange(ids.shape[1], device=self.device), last_only=True)
+        for a in range(0, ids.shape[1], self.prefill_chunk):
+            b = min(a + self.prefill_chunk, ids.shape[1])
+            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True)
         seq.pos = ids.shape[1]
         self._take(seq, logits[:, -1])
 
