@@ -165,7 +165,9 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, **engine.stats()}
+        alive = engine.thread is not None and engine.thread.is_alive()
+        body = {"status": "ok" if alive else "engine stopped", "model": model_id, **engine.stats()}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/")
     async def page():
