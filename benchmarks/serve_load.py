@@ -1,7 +1,9 @@
 """Load test of `jneox serve`: N concurrent streaming chat clients for a bounded time, per N.
 
-Prints one table row per client count: aggregate decode tok/s (completion tokens of every request
-÷ wall time of the row), p50/p95 time to first token (queueing and prefill included), p50/p95
+Prints one table row per client count: aggregate tok/s (completion tokens of every request ÷ wall
+time of the row), decode tok/s (tokens made by decode steps ÷ the time the server spent in them,
+from its /health counters: what batching speeds up), the share of the row's time the server spent
+prefilling prompts, p50/p95 time to first token (queueing and prefill included), p50/p95
 per-token latency (a request's time from first to last token ÷ its tokens after the first), and
 errors (any non-200 answer, broken stream or missing usage). Errors must be 0 while the clients
 fit in --max-batch + --max-queue.
@@ -64,9 +66,19 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: i
     return {"tokens": n, "ttft": first - t0, "per_token": (last - first) / (n - 1) if n > 1 else None}
 
 
+def server_counters(url: str) -> dict | None:
+    """The engine's work counters from /health (tokens and seconds spent in prefill and decode)."""
+    try:
+        h = httpx.get(url + "/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return h if "decode_s" in h else None
+
+
 async def run_clients(url: str, clients: int, duration: float, max_tokens: int, headers: dict) -> dict:
     """``clients`` loops, each sending one request after another until ``duration`` has passed."""
     results: list[dict] = []
+    before = server_counters(url)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
         t0 = time.perf_counter()
@@ -79,6 +91,11 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
 
         await asyncio.gather(*(loop(c) for c in range(clients)))
         wall = time.perf_counter() - t0
+    after = server_counters(url)
+    decode = prefill = float("nan")
+    if before and after and after["decode_s"] > before["decode_s"]:
+        decode = (after["decode_tokens"] - before["decode_tokens"]) / (after["decode_s"] - before["decode_s"])
+        prefill = (after["prefill_s"] - before["prefill_s"]) / wall
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft = sorted(r["ttft"] for r in ok)
@@ -86,7 +103,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
     return {"clients": clients, "requests": len(ok), "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
             "tpot_p50": pct(per_token, 50), "tpot_p95": pct(per_token, 95), "errors": len(errors),
-            "first_error": errors[0] if errors else None}
+            "first_error": errors[0] if errors else None, "decode_tok_s": decode, "prefill_share": prefill}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -163,16 +180,19 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    base = rows[0]["tok_s"] if rows and rows[0]["clients"] == 1 else None
+    base = rows[0] if rows and rows[0]["clients"] == 1 else None
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
           f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request\n")
-    print("| clients | requests | aggregate tok/s | vs 1 client | TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | time in prefill | "
+          "TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = f"{r['tok_s'] / base:.1f}x" if base else "-"
-        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {ratio} | {r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | "
-              f"{r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | {r['errors']} |")
+        agg = f"{r['tok_s']:.1f}" + (f" ({r['tok_s'] / base['tok_s']:.1f}x)" if base else "")
+        dec = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base['decode_tok_s']:.1f}x)" if base else "")
+        print(f"| {r['clients']} | {r['requests']} | {agg} | {dec} | {r['prefill_share']:.0%} | "
+              f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
+              f"{r['errors']} |")
     for r in rows:
         if r["first_error"]:
             print(f"\n{r['clients']} clients, first error: {r['first_error']}")

@@ -116,6 +116,8 @@ class Engine:
         self.ids = itertools.count(1)
         self.steps = 0  # decode steps run (for tests and stats)
         self.max_rows_seen = 0  # the largest decode batch so far
+        # work done so far, for /health and the load benchmark: tokens and seconds of each phase
+        self.counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
     # ---- the caller's side (any thread) -------------------------------------------------------
     def start(self) -> "Engine":
@@ -160,7 +162,7 @@ class Engine:
     def stats(self) -> dict:
         with self.cond:
             return {"running": self.running_count(), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "decode_steps": self.steps}
+                    "max_queue": self.max_queue, "decode_steps": self.steps, **self.counters}
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -232,15 +234,19 @@ class Engine:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         if p.repetition_penalty != 1.0:
             seq.seen = ids
+        t0 = time.perf_counter()
         self.model.caches = self._rows(seq.slot, seq.slot + 1)
         for a in range(0, ids.shape[1], self.prefill_chunk):
             b = min(a + self.prefill_chunk, ids.shape[1])
             logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True)
         seq.pos = ids.shape[1]
         self._take(seq, logits[:, -1])
+        self.counters["prefill_tokens"] += ids.shape[1]
+        self.counters["prefill_s"] += time.perf_counter() - t0
 
     def _decode_step(self, running: list[Request]) -> None:
         """One new token for every running request, rows at their own positions."""
+        t0 = time.perf_counter()
         rows = max(s.slot for s in running) + 1  # free slots below it ride along as dummy rows
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, 1, dtype=torch.long)
@@ -258,6 +264,8 @@ class Engine:
         for s in running:
             s.pos += 1
             self._take(s, logits[s.slot : s.slot + 1])
+        self.counters["decode_tokens"] += len(running)
+        self.counters["decode_s"] += time.perf_counter() - t0
 
     def _take(self, seq: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
