@@ -132,6 +132,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--model-name", "bench", "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.device:
+        cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -156,6 +158,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="layers of the random 3.6B-shape model (default 2)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", help="the server's --device (default: cpu)")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
     p.add_argument("--clients", default="1,4,16,64", help="client counts, one row each")
     p.add_argument("--duration", type=float, default=30, help="seconds each row keeps sending new requests")
@@ -182,7 +185,7 @@ def main() -> None:
             proc.wait(30)
     base = rows[0] if rows and rows[0]["clients"] == 1 else None
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
-    print(f"\njneox serve ({what}, --dtype {args.dtype}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
+    print(f"\njneox serve ({what}, --dtype {args.dtype}, --device {args.device or 'cpu'}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
           f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request\n")
     print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | time in prefill | "
           "TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
