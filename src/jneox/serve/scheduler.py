@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -71,7 +71,6 @@ class Request:
     next_token: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class _RowsView(KVCache):
