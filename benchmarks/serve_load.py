@@ -2,7 +2,9 @@
 
 Prints one table row per client count: aggregate tok/s (completion tokens of every request ÷ wall
 time of the row), decode tok/s (tokens made by decode steps ÷ the time the server spent in them,
-from its /health counters: what batching speeds up), the share of the row's time the server spent
+from its /health counters: what batching speeds up), decode tokens per CPU-second of the server's
+engine thread (with ``--threads 1`` that is all of its work, and it does not count time lost to
+other processes on a shared machine), the share of the row's time the server spent
 prefilling prompts, p50/p95 time to first token (queueing and prefill included), p50/p95
 per-token latency (a request's time from first to last token ÷ its tokens after the first), and
 errors (any non-200 answer, broken stream or missing usage). Errors must be 0 while the clients
@@ -92,9 +94,11 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         await asyncio.gather(*(loop(c) for c in range(clients)))
         wall = time.perf_counter() - t0
     after = server_counters(url)
-    decode = prefill = float("nan")
+    decode = decode_cpu = prefill = float("nan")
     if before and after and after["decode_s"] > before["decode_s"]:
-        decode = (after["decode_tokens"] - before["decode_tokens"]) / (after["decode_s"] - before["decode_s"])
+        tokens = after["decode_tokens"] - before["decode_tokens"]
+        decode = tokens / (after["decode_s"] - before["decode_s"])
+        decode_cpu = tokens / max(after["decode_cpu_s"] - before["decode_cpu_s"], 1e-9)
         prefill = (after["prefill_s"] - before["prefill_s"]) / wall
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -103,7 +107,8 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
     return {"clients": clients, "requests": len(ok), "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
             "tpot_p50": pct(per_token, 50), "tpot_p95": pct(per_token, 95), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "decode_tok_s": decode, "prefill_share": prefill}
+            "first_error": errors[0] if errors else None, "decode_tok_s": decode,
+            "decode_tok_cpu_s": decode_cpu, "prefill_share": prefill}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -187,13 +192,14 @@ def main() -> None:
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --device {args.device or 'cpu'}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
           f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request\n")
-    print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | time in prefill | "
-          "TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | decode tok per CPU-s (vs 1) | "
+          "time in prefill | TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         agg = f"{r['tok_s']:.1f}" + (f" ({r['tok_s'] / base['tok_s']:.1f}x)" if base else "")
         dec = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base['decode_tok_s']:.1f}x)" if base else "")
-        print(f"| {r['clients']} | {r['requests']} | {agg} | {dec} | {r['prefill_share']:.0%} | "
+        cpu = f"{r['decode_tok_cpu_s']:.1f}" + (f" ({r['decode_tok_cpu_s'] / base['decode_tok_cpu_s']:.1f}x)" if base else "")
+        print(f"| {r['clients']} | {r['requests']} | {agg} | {dec} | {cpu} | {r['prefill_share']:.0%} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
               f"{r['errors']} |")
     for r in rows:

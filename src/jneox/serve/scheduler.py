@@ -116,7 +116,10 @@ class Engine:
         self.steps = 0  # decode steps run (for tests and stats)
         self.max_rows_seen = 0  # the largest decode batch so far
         # work done so far, for /health and the load benchmark: tokens and seconds of each phase
-        self.counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        # (*_cpu_s: CPU time of the engine thread, which is all of it with one thread, and does not
+        # count time lost to other processes on a shared machine)
+        self.counters = {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_cpu_s": 0.0,
+                         "decode_tokens": 0, "decode_s": 0.0, "decode_cpu_s": 0.0}
 
     # ---- the caller's side (any thread) -------------------------------------------------------
     def start(self) -> "Engine":
@@ -233,7 +236,7 @@ class Engine:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         if p.repetition_penalty != 1.0:
             seq.seen = ids
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.model.caches = self._rows(seq.slot, seq.slot + 1)
         for a in range(0, ids.shape[1], self.prefill_chunk):
             b = min(a + self.prefill_chunk, ids.shape[1])
@@ -242,10 +245,11 @@ class Engine:
         self._take(seq, logits[:, -1])
         self.counters["prefill_tokens"] += ids.shape[1]
         self.counters["prefill_s"] += time.perf_counter() - t0
+        self.counters["prefill_cpu_s"] += time.thread_time() - c0
 
     def _decode_step(self, running: list[Request]) -> None:
         """One new token for every running request, rows at their own positions."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         rows = max(s.slot for s in running) + 1  # free slots below it ride along as dummy rows
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, 1, dtype=torch.long)
@@ -265,6 +269,7 @@ class Engine:
             self._take(s, logits[s.slot : s.slot + 1])
         self.counters["decode_tokens"] += len(running)
         self.counters["decode_s"] += time.perf_counter() - t0
+        self.counters["decode_cpu_s"] += time.thread_time() - c0
 
     def _take(self, seq: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
