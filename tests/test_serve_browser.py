@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from serve_fixtures import live, reference, serve_checkpoint  # noqa: F401
+from serve_fixtures import WINDOW, live, reference, serve_checkpoint  # noqa: F401
 
 from jneox.chat import TURN_STOP, format_prompt
 from jneox.generate import SamplingParams, generate
@@ -96,3 +96,29 @@ def test_page_streams_an_answer_and_keeps_the_conversation(browser, live, refere
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     third = generate(model, tokenizer, format_prompt([{"role": "user", "content": "山"}]), params).text
     assert ask(browser, "山") == third  # a fresh conversation: no history sent
+
+
+def test_page_drops_the_oldest_exchange_when_the_window_is_full(browser, live, reference):
+    """A conversation longer than the context window goes on: the page forgets its oldest exchanges."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(live.url + "/")
+    browser.find_element(By.TAG_NAME, "summary").click()
+    browser.find_element(By.ID, "api_key").send_keys("test-key-123")
+    for field, value in (("temperature", "0"), ("max_tokens", "40")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    model, tokenizer = reference
+    params = SamplingParams(temperature=0, max_new_tokens=40, stop=(TURN_STOP,))
+    history: list[dict] = []
+    dropped = 0
+    for i in range(4):
+        question = f"{i}: " + "吾輩は猫である。名前はまだ無い。" * 8
+        history.append({"role": "user", "content": question})
+        while len(tokenizer.encode(format_prompt(history))) + 40 > WINDOW and len(history) > 2:
+            history, dropped = history[2:], dropped + 1  # what the page does on context_length_exceeded
+        want = generate(model, tokenizer, format_prompt(history), params).text
+        assert ask(browser, question) == want
+        history.append({"role": "assistant", "content": want})
+    assert dropped >= 1  # the window really overflowed, and the conversation went on
