@@ -252,3 +252,26 @@ def test_cli_serve_command(serve_checkpoint):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_failing_step_fails_only_its_requests(live, monkeypatch):
+    """An error inside generation (a bug, memory) answers that request with an error; the server goes on."""
+    real = live.engine._decode_step
+    calls = []
+
+    def broken(running):
+        calls.append(len(running))
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return real(running)
+
+    monkeypatch.setattr(live.engine, "_decode_step", broken)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "山", "max_tokens": 5}, headers=headers, timeout=30)
+    assert r.status_code == 500 and "simulated failure" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "server_error"
+    with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "山", "max_tokens": 5, "stream": True},
+                      headers=headers, timeout=30) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    assert live.engine.stats()["running"] == 0

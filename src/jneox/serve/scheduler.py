@@ -197,8 +197,8 @@ class Engine:
         except Exception as e:  # a bug or out of memory: the server must stay up
             traceback.print_exc()
             for seq in seqs:
-                self._send(seq, Event(error=f"generation failed: {type(e).__name__}: {e}"))
                 self._free(seq)
+                self._send(seq, Event(error=f"generation failed: {type(e).__name__}: {e}"))
 
     def _drop_cancelled(self) -> None:
         for seq in self.slots:
@@ -282,10 +282,10 @@ class Engine:
             piece += seq.text.finish("length")
         if piece:
             self._send(seq, Event(text=piece))
-        if seq.text.done:
+        if seq.text.done:  # the slot is free before the client hears that the answer is complete
+            self._free(seq)
             self._send(seq, Event(finish_reason=seq.text.finish_reason, prompt_tokens=len(seq.prompt_ids),
                                   completion_tokens=seq.completion_tokens))
-            self._free(seq)
             return
         seq.next_token = t
         if seq.seen is not None:
