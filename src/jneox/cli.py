@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -268,8 +269,29 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import default_model
+    from .serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"jneox serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
+              f"can use it", file=sys.stderr)
+    model, tokenizer = _load(args)
+    if args.model_name:
+        model_id = args.model_name
+    elif args.model:  # a folder by its name, a hub id as it is
+        model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
+    else:
+        model_id = Path(default_model() or "jneox").name
+    serve(model, tokenizer, model_id=model_id, host=args.host, port=args.port, api_key=args.api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate, quantize")
+    parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate, serve, quantize")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="interactive, streaming, multi-turn chat (reads stdin lines when piped)")
@@ -284,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with batched decoding and a chat page at /")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $JNEOX_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait for a slot; past that the server answers 429 (default 32)")
+    p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (info logs every request)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")
     p.add_argument("--model", "-m", required=True, help="float checkpoint folder or hub id")

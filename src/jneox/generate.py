@@ -163,6 +163,43 @@ class StopMatcher:
         return out
 
 
+class TextAssembler:
+    """Turns generated token ids into the answer's text, piece by piece: never half a UTF-8 character,
+    cut at EOS and at the first stop string. One per answer; :func:`stream` and the server's
+    scheduler both use it, so an answer's text does not depend on which of them produced it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.eos_id = tokenizer.eos_id
+        self.decoder = tokenizer.stream_decoder()
+        self.stopper = StopMatcher(stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" once done
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int) -> str:
+        """The text that ``token_id`` releases (often "", or more than one token's worth)."""
+        if token_id == self.eos_id:
+            return self.finish("stop")
+        self.token_ids.append(token_id)
+        piece = self.stopper.feed(self.decoder.push(token_id))
+        if self.stopper.stopped:
+            self.finish_reason = "stop"
+        return piece
+
+    def finish(self, reason: str = "length") -> str:
+        """Generation is over (``reason``: why): the text still held back. Idempotent."""
+        if self.done:
+            return ""
+        tail = self.stopper.feed(self.decoder.flush())
+        if not self.stopper.stopped:
+            tail += self.stopper.flush()
+        self.finish_reason = "stop" if self.stopper.stopped else reason
+        return tail
+
+
 def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
            params: SamplingParams = SamplingParams(), result: Completion | None = None) -> Iterator[str]:
     """Yield the answer's text piece by piece as it is generated; never half a character, never past a stop.
@@ -171,33 +208,22 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
     filled in with the full completion once the stream ends.
     """
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    decoder = tokenizer.stream_decoder()
-    stopper = StopMatcher(params.stop)
-    tokens: list[int] = []
+    text = TextAssembler(tokenizer, params.stop)
     texts: list[str] = []
-    finish = "length"
     for t in generate_tokens(model, prompt_ids, params, tokenizer.eos_id, tokenizer.vocab_size):
-        if t == tokenizer.eos_id:
-            finish = "stop"
-            break
-        tokens.append(t)
-        piece = stopper.feed(decoder.push(t))
+        piece = text.push(t)
         if piece:
             texts.append(piece)
             yield piece
-        if stopper.stopped:
-            finish = "stop"
+        if text.done:
             break
-    if not stopper.stopped:
-        tail = stopper.feed(decoder.flush())
-        tail += "" if stopper.stopped else stopper.flush()
-        finish = "stop" if stopper.stopped else finish
-        if tail:
-            texts.append(tail)
-            yield tail
+    tail = text.finish("length")
+    if tail:
+        texts.append(tail)
+        yield tail
     if result is not None:
         result.text, result.token_ids, result.prompt_tokens, result.finish_reason = (
-            "".join(texts), tokens, len(prompt_ids), finish)
+            "".join(texts), text.token_ids, len(prompt_ids), text.finish_reason)
 
 
 def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],

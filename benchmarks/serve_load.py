@@ -1,0 +1,221 @@
+"""Load test of `jneox serve`: N concurrent streaming chat clients for a bounded time, per N.
+
+Prints one table row per client count: aggregate tok/s (completion tokens of every request ÷ wall
+time of the row), decode tok/s (tokens made by decode steps ÷ the time the server spent in them,
+from its /health counters: what batching speeds up), decode tokens per CPU-second of the server's
+engine thread (with ``--threads 1`` that is all of its work, and it does not count time lost to
+other processes on a shared machine), the share of the row's time the server spent
+prefilling prompts, p50/p95 time to first token (queueing and prefill included), p50/p95
+per-token latency (a request's time from first to last token ÷ its tokens after the first), and
+errors (any non-200 answer, broken stream or missing usage). Errors must be 0 while the clients
+fit in --max-batch + --max-queue.
+
+The server is started here (``jneox serve`` in a subprocess on a free loopback port) over a model
+given with ``--model``, or over a random-weight checkpoint of the published 3.6B shape with
+``--layers`` layers (built once into ``--work`` by ``decode_speed.make_checkpoint``); ``--url``
+aims at a server that is already running instead. Traffic only ever goes to that one server.
+
+    python benchmarks/serve_load.py --layers 2                   # a quick run (the README table)
+    python benchmarks/serve_load.py --model DIR --dtype int8     # a real checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+QUESTIONS = ["日本のおすすめの観光地を教えてください。", "世界で一番高い山は何ですか?", "猫について説明してください。",
+             "おいしいカレーの作り方を教えてください。", "東京から大阪まではどのくらいかかりますか?", "春の季語を教えてください。"]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, headers: dict) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    usage = None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    return {"error": msg["error"]["message"]}
+                if msg.get("usage"):
+                    usage = msg["usage"]
+                elif msg["choices"] and msg["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    if usage is None or first is None:
+        return {"error": "the stream ended without text or usage"}
+    n = usage["completion_tokens"]
+    return {"tokens": n, "ttft": first - t0, "per_token": (last - first) / (n - 1) if n > 1 else None}
+
+
+def server_counters(url: str) -> dict | None:
+    """The engine's work counters from /health (tokens and seconds spent in prefill and decode)."""
+    try:
+        h = httpx.get(url + "/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return h if "decode_s" in h else None
+
+
+async def run_clients(url: str, clients: int, duration: float, max_tokens: int, headers: dict) -> dict:
+    """``clients`` loops, each sending one request after another until ``duration`` has passed."""
+    results: list[dict] = []
+    before = server_counters(url)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def loop(c: int):
+            k = 0
+            while time.perf_counter() - t0 < duration:
+                results.append(await one_request(client, url, c * 1000 + k, max_tokens, headers))
+                k += 1
+
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    after = server_counters(url)
+    decode = decode_cpu = prefill = float("nan")
+    if before and after and after["decode_s"] > before["decode_s"]:
+        tokens = after["decode_tokens"] - before["decode_tokens"]
+        decode = tokens / (after["decode_s"] - before["decode_s"])
+        decode_cpu = tokens / max(after["decode_cpu_s"] - before["decode_cpu_s"], 1e-9)
+        prefill = (after["prefill_s"] - before["prefill_s"]) / wall
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttft = sorted(r["ttft"] for r in ok)
+    per_token = sorted(r["per_token"] for r in ok if r["per_token"] is not None)
+    return {"clients": clients, "requests": len(ok), "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
+            "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
+            "tpot_p50": pct(per_token, 50), "tpot_p95": pct(per_token, 95), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "decode_tok_s": decode,
+            "decode_tok_cpu_s": decode_cpu, "prefill_share": prefill}
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    if args.model:
+        model = args.model
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from decode_speed import make_checkpoint
+
+        work = args.work.expanduser()
+        model = str(make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers))  # shared with decode_speed.py
+    port = free_port()
+    cmd = [sys.executable, "-m", "jneox", "serve", "--model", model, "--dtype", args.dtype, "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--model-name", "bench", "--log-level", "warning"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.device:
+        cmd += ["--device", args.device]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("the server did not come up within 10 minutes")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server (default: start one)")
+    p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY"))
+    p.add_argument("--model", help="checkpoint folder or hub id (default: random weights, --layers)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the random 3.6B-shape model (default 2)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", help="the server's --device (default: cpu)")
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--clients", default="1,4,16,64", help="client counts, one row each")
+    p.add_argument("--duration", type=float, default=30, help="seconds each row keeps sending new requests")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens asked for per request")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    rows = []
+    try:
+        asyncio.run(one_request_warmup(url, headers))
+        for n in counts:
+            rows.append(asyncio.run(run_clients(url, n, args.duration, args.max_tokens, headers)))
+            print(f"{n} clients: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors", file=sys.stderr, flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    base = rows[0] if rows and rows[0]["clients"] == 1 else None
+    what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
+    print(f"\njneox serve ({what}, --dtype {args.dtype}, --device {args.device or 'cpu'}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
+          f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request\n")
+    print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | decode tok per CPU-s (vs 1) | "
+          "time in prefill | TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        agg = f"{r['tok_s']:.1f}" + (f" ({r['tok_s'] / base['tok_s']:.1f}x)" if base else "")
+        dec = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base['decode_tok_s']:.1f}x)" if base else "")
+        cpu = f"{r['decode_tok_cpu_s']:.1f}" + (f" ({r['decode_tok_cpu_s'] / base['decode_tok_cpu_s']:.1f}x)" if base else "")
+        print(f"| {r['clients']} | {r['requests']} | {agg} | {dec} | {cpu} | {r['prefill_share']:.0%} | "
+              f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
+              f"{r['errors']} |")
+    for r in rows:
+        if r["first_error"]:
+            print(f"\n{r['clients']} clients, first error: {r['first_error']}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+async def one_request_warmup(url: str, headers: dict) -> None:
+    """One short request first, so that kernel compilation and first-touch costs stay out of the rows."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        r = await one_request(client, url, 0, 4, headers)
+        if "error" in r:
+            raise SystemExit(f"warm-up request failed: {r['error']}")
+
+
+if __name__ == "__main__":
+    main()

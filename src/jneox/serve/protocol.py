@@ -1,0 +1,261 @@
+"""The OpenAI request fields jneox understands, checked by hand so every mistake gets a 4xx that names it.
+
+OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. Unknown fields are
+ignored (clients send many); fields jneox cannot honour (``n`` > 1, ``logprobs``, non-zero
+frequency/presence penalties, ``echo``) are refused rather than silently ignored.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
+from ..generate import SamplingParams
+
+MAX_BODY_BYTES = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SYSTEM_ROLES = ("system", "developer")
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def parse_json(raw: bytes) -> dict:
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted",
+                       code="request_too_large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"the request body is not valid UTF-8 (byte {e.start}: {e.reason})", code="invalid_utf8") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                  code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+        raise bad(f"the request body cannot be read as JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+# ---- typed field readers ----------------------------------------------------------------------
+def _type_name(v) -> str:
+    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
+                                     list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _number(body: dict, name: str, default, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise bad(f"{name} must be {kind}, got {_type_name(v)} {v!r}"[:200], name, "invalid_type")
+    if not math.isfinite(v):
+        raise bad(f"{name} must be finite, got {v!r}", name, "invalid_value")
+    if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
+        hi_s = "" if hi is None else f"{hi}]"
+        where = f"in {lo_s}, {hi_s}" if lo is not None and hi is not None else (f">{'' if lo_open else '='} {lo}" if lo is not None else f"<= {hi}")
+        raise bad(f"{name} must be {where}, got {v!r}", name, "invalid_value")
+    return v
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"{name} must be a boolean, got {_type_name(v)}", name, "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise bad(f"stop must be a string or an array of strings, got {_type_name(v)}", "stop", "invalid_type")
+    if len(v) > MAX_STOP_STRINGS:
+        raise bad(f"stop has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop", "invalid_value")
+    for s in v:
+        if not isinstance(s, str) or not s:
+            raise bad(f"stop must hold non-empty strings, got {_type_name(s)} {str(s)[:40]!r}", "stop", "invalid_value")
+        if len(s) > MAX_STOP_CHARS:
+            raise bad(f"a stop string has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed", "stop",
+                      "invalid_value")
+    return tuple(dict.fromkeys(v))
+
+
+def _refuse_unsupported(body: dict) -> None:
+    n = _number(body, "n", 1, integer=True)
+    if n != 1:
+        raise bad(f"n must be 1 (one answer per request), got {n}", "n", "unsupported")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, 0) != 0:
+            raise bad(f"{name} is not supported; use repetition_penalty (> 1 penalizes repeats)", name, "unsupported")
+    lp = body.get("logprobs")
+    if lp not in (None, False, 0):
+        raise bad("logprobs are not supported", "logprobs", "unsupported")
+    if body.get("echo") not in (None, False):
+        raise bad("echo is not supported", "echo", "unsupported")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad(f"model must be a string, got {_type_name(model)}", "model", "invalid_type")
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request: the prompt's token ids, how to sample, how to answer."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
+             prompt_param: str = "prompt") -> SamplingParams:
+    """SamplingParams from the request's fields; ``max_tokens`` defaults to the rest of the window."""
+    if prompt_len == 0:
+        raise bad("the prompt is empty", prompt_param, "invalid_value")
+    if prompt_len >= window:
+        raise bad(f"the prompt has {prompt_len} tokens; the context window is {window} tokens and at least one "
+                  f"must be left for the answer", prompt_param, "context_length_exceeded")
+    temperature = _number(body, "temperature", SamplingParams.temperature, 0, 2)  # the card's 0.7
+    top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
+    top_k = _number(body, "top_k", 0, -1, integer=True)
+    penalty = _number(body, "repetition_penalty", 1.0, 0, lo_open=True)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, name, window - prompt_len, 1, integer=True)
+    if prompt_len + max_tokens > window:
+        raise bad(f"{name} is {max_tokens} but the prompt has {prompt_len} tokens and the context window is "
+                  f"{window}: at most {window - prompt_len} tokens can be generated", name, "context_length_exceeded")
+    seed = _number(body, "seed", None, integer=True)
+    stop = _stop(body)
+    stop = tuple(dict.fromkeys((*stop, *extra_stop)))
+    return SamplingParams(temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p),
+                          repetition_penalty=float(penalty), max_new_tokens=max_tokens,
+                          seed=None if seed is None else seed % (1 << 64), stop=stop)
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise bad(f"stream_options must be an object, got {_type_name(opts)}", "stream_options", "invalid_type")
+    return stream, _bool(opts, "include_usage")
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):  # content parts: only text
+        parts = []
+        for part in c:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are supported",
+                          f"messages[{i}].content", "invalid_value")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"messages[{i}].content must be a string or an array of text parts, got {_type_name(c)}",
+              f"messages[{i}].content", "invalid_type")
+
+
+def chat_utterances(messages) -> list[Utterance]:
+    """OpenAI messages as the card's utterances.
+
+    ``user`` is ユーザー, ``assistant`` is システム. The card has no system turn: leading ``system``
+    (or ``developer``) messages are joined and put before the first user message's text, separated
+    by a newline, so the instruction reaches the model as part of the user's request. A system message
+    after the conversation has started is refused. The last message must be the user's.
+    """
+    if not isinstance(messages, list):
+        raise bad(f"messages must be an array, got {_type_name(messages)}", "messages", "invalid_type")
+    if not messages:
+        raise bad("messages must not be empty", "messages", "invalid_value")
+    system: list[str] = []
+    utts: list[Utterance] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object, got {_type_name(m)}", f"messages[{i}]", "invalid_type")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise bad(f"messages[{i}].role must be a string, got {_type_name(role)}", f"messages[{i}].role", "invalid_type")
+        text = _content(m, i)
+        if role in SYSTEM_ROLES:
+            if utts:
+                raise bad(f"messages[{i}]: a {role} message must come before the conversation (the model has no "
+                          f"system turn; its text is put before the first user message)", f"messages[{i}].role",
+                          "invalid_value")
+            system.append(text)
+        elif role in ("user", "assistant"):
+            utts.append(Utterance(USER if role == "user" else SYSTEM, text))
+        else:
+            raise bad(f"messages[{i}].role {role[:40]!r} is not supported: expected 'system', 'user' or 'assistant'",
+                      f"messages[{i}].role", "invalid_value")
+    if not utts or utts[-1].speaker != USER:
+        raise bad("the last message must be from the user", "messages", "invalid_value")
+    if system:
+        first = next(j for j, u in enumerate(utts) if u.speaker == USER)
+        utts[first] = Utterance(USER, "\n".join([*system, utts[first].text]))
+    return utts
+
+
+def parse_chat(body: dict, tokenizer, window: int) -> GenerationRequest:
+    _refuse_unsupported(body)
+    prompt = format_prompt(chat_utterances(body.get("messages")))
+    ids = tokenizer.encode(prompt)
+    # the model sometimes writes the user's next turn itself: the answer ends there
+    params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages")
+    return GenerationRequest(ids, params, *_stream_options(body))
+
+
+def parse_completion(body: dict, tokenizer, window: int) -> GenerationRequest:
+    _refuse_unsupported(body)
+    if body.get("suffix") is not None:
+        raise bad("suffix is not supported", "suffix", "unsupported")
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+    if isinstance(p, str):
+        ids = tokenizer.encode(p)
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        bad_ids = [t for t in p if not 0 <= t < tokenizer.vocab_size]
+        if bad_ids:
+            raise bad(f"prompt token id {bad_ids[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                      "prompt", "invalid_value")
+        ids = list(p)
+    elif p is None:
+        raise bad("prompt is required", "prompt", "missing")
+    else:
+        raise bad("prompt must be a string, an array with one string, or an array of token ids "
+                  "(one prompt per request)", "prompt", "invalid_type")
+    return GenerationRequest(ids, sampling(body, len(ids), window), *_stream_options(body))

@@ -1,0 +1,292 @@
+"""Continuous batching: one model, one batched KV cache, many requests decoding together.
+
+The :class:`Engine` owns the model and a KV cache of ``max_batch`` rows (slots). It runs on its own
+thread. Each step it (1) drops requests whose client went away, (2) prefills waiting requests into
+free slots, one prompt at a time (on the CPU in chunks of ``MAX_KERNEL_ROWS`` tokens, so the packed
+kernels run rather than a widened copy of every weight), and (3) runs one decode step for every
+running request at once:
+each row at its own position, then each row sampled with its own parameters and random generator.
+A request joins at the next step and leaves the step it finishes; nobody waits for the batch.
+
+Batching changes nothing but speed: every per-row operation on the CPU path (packed linear kernels
+for up to ``MAX_KERNEL_ROWS`` rows, layer norm, fused single-token attention up to the row's own
+position) computes a row the same way whatever the other rows hold, so a request gives the same
+tokens alone or among others. Larger batches are split into chunks of ``MAX_KERNEL_ROWS`` rows for
+that reason (past it, the packed linears switch to one MKL matrix multiply).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import secrets
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..generate import SamplingParams, TextAssembler, check_prompt_fits, sample_next
+from ..model import GPTNeoX, KVCache
+from ..quantize import MAX_KERNEL_ROWS
+from ..tokenizer import Tokenizer
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is full: the caller should retry later."""
+
+
+@dataclass
+class Event:
+    """What a request hears from the engine: a text piece, then one final event (``finish_reason`` set,
+    or ``error`` set)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state inside the engine (what ``submit`` returns, to pass to ``cancel``)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = 0
+    text: TextAssembler | None = None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # prompt + generated ids, for the repetition penalty
+    slot: int = -1
+    pos: int = 0  # where the next input token goes
+    total: int = 0  # prompt + answer may not pass this many positions
+    next_token: int = 0
+    completion_tokens: int = 0
+    cancelled: bool = False
+
+
+class _RowsView(KVCache):
+    """Rows ``[a, b)`` of a batched KV cache, as a cache of its own (a view: writes go to the big one).
+    The model writes input row i to cache row i, so this is how a slot range is addressed."""
+
+    def __init__(self, cache: KVCache, a: int, b: int):
+        nn.Module.__init__(self)
+        self.register_buffer("k", cache.k[a:b], persistent=False)
+        self.register_buffer("v", cache.v[a:b], persistent=False)
+
+
+class Engine:
+    """Serves generation requests from many threads with one model (see the module docstring).
+
+    ``submit`` returns at once; the request's text arrives through its ``on_event`` callback, called
+    on the engine thread (keep it short: hand the event over to your own loop). ``cancel`` frees the
+    request's slot at the next step. At most ``max_batch`` requests run and ``max_queue`` wait; past
+    that ``submit`` raises :class:`QueueFull`.
+    """
+
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.window = model.config.max_position_embeddings
+        self.device = model.embed.weight.device
+        self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
+        # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
+        # linear layer widen its whole weight to fp32 for one matrix multiply, for each new request)
+        self.prefill_chunk = MAX_KERNEL_ROWS if self.device.type == "cpu" else self.window
+        model.clear_cache()
+        # zero-filled and touched only where written, so unused positions cost no memory
+        model.setup_cache(max_batch, self.window)
+        self.caches: list[KVCache] = model.caches
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.ids = itertools.count(1)
+        self.steps = 0  # decode steps run (for tests and stats)
+        self.max_rows_seen = 0  # the largest decode batch so far
+        # work done so far, for /health and the load benchmark: tokens and seconds of each phase
+        # (*_cpu_s: CPU time of the engine thread, which is all of it with one thread, and does not
+        # count time lost to other processes on a shared machine)
+        self.counters = {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_cpu_s": 0.0,
+                         "decode_tokens": 0, "decode_s": 0.0, "decode_cpu_s": 0.0}
+
+    # ---- the caller's side (any thread) -------------------------------------------------------
+    def start(self) -> "Engine":
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="jneox-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
+        """Queue a request; raises ValueError for a prompt that does not fit and QueueFull when full."""
+        check_prompt_fits(self.model, len(prompt_ids))
+        seq = Request(list(prompt_ids), params, on_event)
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if self.running_count() + len(self.waiting) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.max_batch} requests are running and {len(self.waiting)} waiting "
+                                f"(--max-queue {self.max_queue})")
+            seq.id = next(self.ids)
+            self.waiting.append(seq)
+            self.cond.notify_all()
+        return seq
+
+    def cancel(self, seq: Request) -> None:
+        """The client is gone: drop the request (its slot is freed before the next decode step)."""
+        with self.cond:
+            seq.cancelled = True
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.cond.notify_all()
+
+    def running_count(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"running": self.running_count(), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "decode_steps": self.steps, **self.counters}
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    self._drop_cancelled()
+                    while not self.stopping and not self.waiting and self.running_count() == 0:
+                        self.cond.wait()
+                    if self.stopping:
+                        break
+                    admitted = []
+                    while self.waiting and None in self.slots:
+                        seq = self.waiting.popleft()
+                        seq.slot = self.slots.index(None)
+                        self.slots[seq.slot] = seq
+                        admitted.append(seq)
+                for seq in admitted:
+                    self._guarded(lambda: self._prefill(seq), [seq])
+                running = [s for s in self.slots if s is not None and not s.cancelled]
+                if running:
+                    self._guarded(lambda: self._decode_step(running), running)
+            for seq in [*self.waiting, *(s for s in self.slots if s is not None)]:
+                self._send(seq, Event(error="the server is shutting down"))
+
+    def _guarded(self, fn, seqs: list[Request]) -> None:
+        """Run one step; if it fails, fail only the requests it touched and keep serving the rest."""
+        try:
+            fn()
+        except Exception as e:  # a bug or out of memory: the server must stay up
+            traceback.print_exc()
+            for seq in seqs:
+                self._free(seq)
+                self._send(seq, Event(error=f"generation failed: {type(e).__name__}: {e}"))
+
+    def _drop_cancelled(self) -> None:
+        for seq in self.slots:
+            if seq is not None and seq.cancelled:
+                self._free(seq)
+
+    def _free(self, seq: Request) -> None:
+        with self.cond:
+            if 0 <= seq.slot < self.max_batch and self.slots[seq.slot] is seq:
+                self.slots[seq.slot] = None
+            seq.slot = -1
+
+    def _send(self, seq: Request, event: Event) -> None:
+        if seq.cancelled:
+            return
+        try:
+            seq.on_event(event)
+        except Exception:  # the listener is gone; nothing to tell it
+            seq.cancelled = True
+
+    def _rows(self, a: int, b: int) -> list[KVCache]:
+        return [_RowsView(c, a, b) for c in self.caches]
+
+    def _prefill(self, seq: Request) -> None:
+        """The prompt into the request's slot (in chunks), and its first token, as generate_tokens does."""
+        if seq.cancelled:
+            self._free(seq)
+            return
+        p = seq.params
+        seq.text = TextAssembler(self.tokenizer, p.stop)
+        seq.total = min(len(seq.prompt_ids) + p.max_new_tokens, self.window)
+        if not p.greedy:
+            seed = p.seed if p.seed is not None else secrets.randbits(63)
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        if p.repetition_penalty != 1.0:
+            seq.seen = ids
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self.model.caches = self._rows(seq.slot, seq.slot + 1)
+        for a in range(0, ids.shape[1], self.prefill_chunk):
+            b = min(a + self.prefill_chunk, ids.shape[1])
+            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True)
+        seq.pos = ids.shape[1]
+        self._take(seq, logits[:, -1])
+        self.counters["prefill_tokens"] += ids.shape[1]
+        self.counters["prefill_s"] += time.perf_counter() - t0
+        self.counters["prefill_cpu_s"] += time.thread_time() - c0
+
+    def _decode_step(self, running: list[Request]) -> None:
+        """One new token for every running request, rows at their own positions."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        rows = max(s.slot for s in running) + 1  # free slots below it ride along as dummy rows
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        positions = torch.zeros(rows, 1, dtype=torch.long)
+        for s in running:
+            tokens[s.slot, 0], positions[s.slot, 0] = s.next_token, s.pos
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        logits = []
+        for a in range(0, rows, MAX_KERNEL_ROWS):
+            b = min(a + MAX_KERNEL_ROWS, rows)
+            self.model.caches = self._rows(a, b)
+            logits.append(self.model(tokens[a:b], input_pos=positions[a:b])[:, -1])
+        logits = torch.cat(logits)
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(running))
+        for s in running:
+            s.pos += 1
+            self._take(s, logits[s.slot : s.slot + 1])
+        self.counters["decode_tokens"] += len(running)
+        self.counters["decode_s"] += time.perf_counter() - t0
+        self.counters["decode_cpu_s"] += time.thread_time() - c0
+
+    def _take(self, seq: Request, logits: torch.Tensor) -> None:
+        """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
+        p = seq.params
+        token = sample_next(logits[:, : self.vocab_size], p, seq.generator, seq.seen)
+        t = int(token)
+        seq.completion_tokens += 1
+        piece = seq.text.push(t)
+        if not seq.text.done and seq.pos + 1 >= seq.total:
+            piece += seq.text.finish("length")
+        if piece:
+            self._send(seq, Event(text=piece))
+        if seq.text.done:  # the slot is free before the client hears that the answer is complete
+            self._free(seq)
+            self._send(seq, Event(finish_reason=seq.text.finish_reason, prompt_tokens=len(seq.prompt_ids),
+                                  completion_tokens=seq.completion_tokens))
+            return
+        seq.next_token = t
+        if seq.seen is not None:
+            seq.seen = torch.cat((seq.seen, token[:, None]), dim=1)
