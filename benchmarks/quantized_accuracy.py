@@ -2,14 +2,14 @@
 
 Random weights (decode_speed.py) give nearly flat logits, so their agreement figures are a lower
 bound; this script measures what a user sees with a trained model (by default the shipped demo
-model and its held-out conversations). Every conversation is scored teacher-forced, on the tokens
+model and the held-out conversations of its recipe). Every conversation is scored teacher-forced, on the tokens
 of its システム answers (and their ``</s>``), exactly as SFT masks them:
 
 - perplexity of those tokens in each format,
 - relative error of their logits against fp32,
 - agreement of the top-1 token with fp32.
 
-    python benchmarks/quantized_accuracy.py --heldout recipes/demo/data/heldout.jsonl
+    python benchmarks/quantized_accuracy.py --heldout OUT/sft-data/heldout.jsonl
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def score(model, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Ten
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "demo"))
-    ap.add_argument("--heldout", default=str(REPO / "recipes" / "demo" / "data" / "heldout.jsonl"))
+    ap.add_argument("--heldout", required=True, help="held-out conversations (recipes/demo/make_sft_data.py's heldout.jsonl)")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--formats", default=",".join(FORMATS))
     args = ap.parse_args(argv)

@@ -48,6 +48,18 @@ def test_missing_model_is_a_clear_message(capsys, monkeypatch):
     assert "no --model given" in capsys.readouterr().err
 
 
+def test_chat_without_a_model_uses_the_shipped_demo_model():
+    """A fresh checkout, no network, no --model: `echo 質問 | jneox chat` answers in Japanese and exits."""
+    jneox = Path(sys.executable).with_name("jneox")
+    proc = subprocess.run([str(jneox), "chat", "--temperature", "0"], input="日本の首都はどこですか?\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "small demo model" in proc.stderr and "rinna/japanese-gpt-neox-3.6b-instruction-sft" in proc.stderr
+    answer = proc.stdout.strip().removeprefix("システム: ")
+    assert proc.stdout.startswith("システム: ") and answer
+    assert sum("\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" for c in answer) >= 0.8 * len(answer.replace(" ", ""))
+
+
 def test_bad_model_folder_is_a_clear_message(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "質問"]) == 2
     assert "config.json is missing" in capsys.readouterr().err

@@ -29,13 +29,21 @@ demo_eval = _load_recipe_module("evaluate")
 import faq_pairs  # noqa: E402
 import make_corpus  # noqa: E402
 import make_sft_data  # noqa: E402
-from japanese import japanese_ratio  # noqa: E402
+from japanese import japanese_letter_ratio, japanese_ratio  # noqa: E402
 
 from jneox.chat import SYSTEM, USER, Utterance  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
 # What counts as Japanese, and the answer format rules
+
+
+def test_japanese_letter_ratio_ignores_digits_punctuation_and_symbols():
+    assert japanese_letter_ratio("1週間は168時間です。") == 1.0
+    assert japanese_letter_ratio("3 × 8 = 24") == 0.0  # no letters at all
+    assert japanese_letter_ratio("Pythonは言語です") == pytest.approx(5 / 11)
+    assert japanese_letter_ratio("佐々木さん、〇時です") == 1.0  # 々 and 〇 are Japanese letters
+    assert japanese_letter_ratio("안녕하세요 こんにちは") == pytest.approx(5 / 10)
 
 
 def test_japanese_ratio_counts_kana_kanji_punctuation_and_full_width():
@@ -56,7 +64,9 @@ def test_japanese_ratio_counts_kana_kanji_punctuation_and_full_width():
         ("東京です。\nユーザー: ありがとう", True, ["no_new_user_turn"]),
         ("ユーザー：次の質問です", True, ["no_new_user_turn"]),
         ("The capital of Japan is Tokyo.", True, ["japanese"]),
-        ("Pythonはプログラミング言語です。", True, ["japanese"]),  # 13 of 19 characters: below 80%
+        ("Pythonはプログラミング言語です。", True, ["japanese"]),  # 12 of 18 letters: below 80%
+        ("1週間は168時間です。24時間×7日で計算できます。", True, []),  # digits and symbols are neutral
+        ("「Australia」と書きます。", True, ["japanese"]),
         ("日本の首都は東京です。日本の首都は東京です。日本の", False, ["ends_with_eos"]),
     ],
 )
@@ -328,17 +338,15 @@ def test_evaluate_command_writes_json(tmp_path, spiece_model, heldout_file, toke
 
 
 # ---------------------------------------------------------------------------
-# The shipped model (skipped until models/demo exists)
+# The shipped model (committed: a missing model or conversation set is a failure, not a skip)
 
 
 def test_shipped_demo_model_answers_in_format(tmp_path):
     model_dir = ROOT / "models" / "demo"
     conversations_dir = RECIPE / "data" / "conversations"
-    if not (model_dir / "config.json").is_file():
-        pytest.skip("models/demo is not built yet")
-    files = make_sft_data.conversation_files([conversations_dir]) if conversations_dir.is_dir() else []
-    if not files:
-        pytest.skip("recipes/demo/data/conversations has no conversations")
+    assert (model_dir / "config.json").is_file(), "models/demo is missing"
+    files = make_sft_data.conversation_files([conversations_dir])
+    assert files, "recipes/demo/data/conversations has no conversations"
     handwritten = [c for f in files for c in make_sft_data.read_conversation_file(f)]
     _, heldout = make_sft_data.split_sft_data(handwritten, [])
     result = demo_eval.evaluate(model_dir, heldout[:5])

@@ -6,6 +6,8 @@ cleaned and when the model's answers are scored.
 
 from __future__ import annotations
 
+import unicodedata
+
 # Inclusive code point ranges of characters written in Japanese text.
 JAPANESE_RANGES: tuple[tuple[int, int], ...] = (
     (0x3000, 0x303F),  # CJK symbols and punctuation: 、。「」『』〜 々 〆 〇 and the ideographic space
@@ -34,6 +36,21 @@ def japanese_ratio(text: str) -> float:
     if not visible:
         return 0.0
     return sum(is_japanese_char(c) for c in visible) / len(visible)
+
+
+def japanese_letter_ratio(text: str) -> float:
+    """Share of Japanese characters among the characters that belong to a language: kana, kanji and
+    letters of other scripts (Latin, Cyrillic, Hangul, ...). Digits, punctuation, symbols and spaces
+    are written alike in every language and count for neither side, so 「1週間は168時間です。」 is
+    entirely Japanese while 「Australiaと書きます。」 is not (0.0 for text without letters)."""
+    japanese = foreign = 0
+    for c in text:
+        if is_japanese_char(c):
+            if unicodedata.category(c)[0] in "LN" and not c.isdigit():  # 々 and 〇 are letters too
+                japanese += 1
+        elif unicodedata.category(c).startswith("L"):
+            foreign += 1
+    return japanese / (japanese + foreign) if japanese + foreign else 0.0
 
 
 def count_japanese(text: str) -> int:

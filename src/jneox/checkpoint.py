@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from .config import ConfigError, ModelConfig
-from .model import GPTNeoX
+from .model import GPTNeoX, meta_model
 from .tokenizer import Tokenizer, TokenizerError
 
 OFFICIAL_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
@@ -223,8 +223,7 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
             raise CheckpointError(f"{folder} is quantized to {quant['format']}; load it with that format or "
                                   f"quantize the original checkpoint to {weights}")
         return _load_quantized(folder, config, quant).to(device)
-    with torch.device("meta"):
-        model = GPTNeoX(config)
+    model = meta_model(config)
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
     state: dict[str, torch.Tensor] = {}
     mapped: set[int] = set()
@@ -283,8 +282,7 @@ def _release_pages(t: torch.Tensor) -> None:
 def _load_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
     from .quantize import quantize_model
 
-    with torch.device("meta"):
-        model = GPTNeoX(config)
+    model = meta_model(config)
     quantize_model(model, quant["format"], quant.get("group_size", 64), pack=False)
     expected = model.state_dict()
     state = {}

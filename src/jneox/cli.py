@@ -37,6 +37,9 @@ def _params(args):
                           seed=args.seed, stop=tuple(args.stop))
 
 
+OFFICIAL_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
+
+
 def _load(args):
     import torch
 
@@ -48,8 +51,10 @@ def _load(args):
     if target is None:
         target = default_model()
         if target is None:
-            raise CheckpointError("no --model given. Pass a checkpoint folder or a hub id, e.g. "
-                                  "--model rinna/japanese-gpt-neox-3.6b-instruction-sft")
+            raise CheckpointError(f"no --model given. Pass a checkpoint folder or a hub id, e.g. "
+                                  f"--model {OFFICIAL_MODEL}")
+        print(f"jneox: no --model given: using the small demo model in {target} (a pipeline demo, not a useful "
+              f"assistant); for the real one: --model {OFFICIAL_MODEL}", file=sys.stderr)
     return load(target, **load_options(args.dtype, args.device))
 
 

@@ -140,6 +140,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+
+
+def meta_model(config: ModelConfig) -> "GPTNeoX":
+    """A :class:`GPTNeoX` whose parameters are meta tensors (no memory), to be filled from a checkpoint
+    or with ``to_empty`` + ``init_weights``. ``nn.Linear``/``nn.Embedding`` initialise their weights
+    in ``__init__``; on meta tensors that is wasted, and its first call imports ``torch._dynamo``
+    (about 1.4 s, most of ``jneox chat``'s start-up), so the ``nn.init`` functions are skipped here."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return GPTNeoX(config)
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 class GPTNeoX(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

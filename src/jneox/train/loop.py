@@ -340,15 +340,14 @@ class Trainer:
         """Write OUT atomically: model files (HF layout, LoRA merged) + trainer_state.pt + the log, in a
         staging folder renamed over OUT, so a kill at any moment leaves a consistent checkpoint."""
         from ..checkpoint import _replace_dir, save
-        from ..model import GPTNeoX
+        from ..model import meta_model
 
         cfg = self.cfg
         model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP
         if self.is_main:
             scales = lora_scales(distributed.unwrap(model))
             plain = merge_lora_state(model_state, scales) if scales else model_state
-            with torch.device("meta"):
-                shell = GPTNeoX(self.config)
+            shell = meta_model(self.config)
             shell.load_state_dict(plain, assign=True)
             if self.config.tie_word_embeddings:
                 shell.lm_head.weight = shell.embed.weight

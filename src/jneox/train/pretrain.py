@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..model import GPTNeoX
+from ..model import meta_model
 from ..tokenizer import Tokenizer
 from .loop import Trainer, TrainConfig
 
@@ -53,8 +53,7 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
                              f"the tokenizer {tokenizer.vocab_size} pieces")
     else:
         config = model_config(model_config_name, tokenizer)
-        with torch.device("meta"):
-            model = GPTNeoX(config)
+        model = meta_model(config)
         model = model.to_empty(device="cpu")
         model.init_weights(seed=cfg.seed)
     if block_size > model.config.max_position_embeddings:
