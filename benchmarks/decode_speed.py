@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from procstat import peak_rss_mb
 
 ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
         "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16"]
@@ -230,21 +230,11 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return torch.randint(4, vocab, (n,), generator=torch.Generator().manual_seed(1234)).tolist()
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set (VmHWM: unlike ru_maxrss it does not carry over the RSS of
-    the parent that forked us before exec)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def child(args) -> dict:
     runtime, fmt = args.child.split(":")
     fn = {"jneox": child_jneox, "transformers": child_transformers, "ctranslate2": child_ct2}[runtime]
     res = fn(args, fmt)
-    res.update(row=args.child, peak_rss_gb=peak_rss_gb())
+    res.update(row=args.child, peak_rss_gb=peak_rss_mb() / 1024)
     return res
 
 

@@ -12,36 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from procstat import peak_rss_mb, status_mb
 
 ROWS = ["jneox", "transformers"]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process (VmHWM), MB."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def config_of(args):
@@ -58,7 +37,8 @@ def child(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base_rss = rss_mb()
+    base_rss = status_mb("VmRSS")
+    base_rss = float("nan") if base_rss is None else base_rss
     config = config_of(args)
     model = GPTNeoX(config)
     model.init_weights(seed=0)
