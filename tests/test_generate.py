@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from jneox import SamplingParams, generate, load, stream
-from jneox.generate import StopMatcher, apply_repetition_penalty, generate_tokens, sample_next
+from jneox.generate import StopMatcher, apply_repetition_penalty, generate_tokens, sample_categorical, sample_next
 
 
 @pytest.fixture
@@ -51,6 +51,21 @@ def test_top_k_and_top_p_restrict_the_support():
     p = float(probs[0] + probs[1]) - 1e-3
     seen_p = {int(sample_next(logits, SamplingParams(temperature=1, top_p=p), gen)) for _ in range(300)}
     assert seen_p == {0, 1}
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.0, 0.2], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, gen) for _ in range(4000)])
+    counts = torch.bincount(draws[:, 0], minlength=5).float() / len(draws)
+    assert counts[1] == 0 and counts[3] == 0  # never a zero-probability token
+    assert torch.allclose(counts, probs[0], atol=0.03)  # 4000 draws: ~4 standard errors
+    assert (draws[:, 1] == 4).all()  # a one-hot row: always its token
+    # the same seed gives the same draws (unnormalised rows are fine); another seed does not
+    def draws_with(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [int(sample_categorical(probs[:1] * 3, gen)) for _ in range(50)]
+    assert draws_with(7) == draws_with(7) != draws_with(8)
 
 
 def test_repetition_penalty_matches_the_ctrl_rule():

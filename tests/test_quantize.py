@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_hf_model, save_hf
-from jneox import SamplingParams, generate, load
+from jneox import SamplingParams, generate, kernels, load
 from jneox.checkpoint import CheckpointError, load_model, save_quantized
 from jneox.cli import main
 from jneox.generate import generate_tokens
@@ -44,6 +44,24 @@ def test_packed_linear_matches_float(fmt, group, rows):
     integer_kernel = fmt == "int4" and group == 64 and rows <= 16
     bf16_prefill = fmt != "float32" and rows > 16 and native_bf16_matmul()
     assert _rel(got, exact) < (1e-2 if integer_kernel or bf16_prefill else 1e-6)
+
+
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
+def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
+    """The server's promise that batching changes nothing but speed rests on this: the kernel has
+    different paths for 1-2 rows and for batches (8 rows per pass with AVX-512), with the same
+    arithmetic per row, so a row's output may not depend on what else is in the batch."""
+    if kernels.library() is None:
+        pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 84)
+    packed = PackedLinear.from_linear(lin, fmt, group_size=group)
+    x = torch.randn(16, 256)
+    with torch.no_grad():
+        alone = torch.cat([packed(x[i : i + 1]) for i in range(16)])
+        for rows in (2, 3, 8, 9, 16):
+            assert torch.equal(packed(x[:rows]), alone[:rows]), rows
+            assert torch.equal(packed(x[16 - rows :]), alone[16 - rows :]), rows
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -1,9 +1,10 @@
 """Native weight-only linear kernels for CPU decoding, compiled once per machine on first use.
 
-``gemv.c`` is plain C with AVX2/FMA intrinsics (portable C where the CPU lacks them), built with the
-system C compiler (``cc -O3 -march=native -fopenmp``) into a cache folder and loaded with ctypes
-after torch, so it shares torch's OpenMP runtime. Without a compiler, or with ``JNEOX_KERNELS=0``,
-:func:`library` returns None and jneox uses PyTorch's own ops instead (correct, slower).
+``gemv.c`` is plain C with AVX2/FMA intrinsics, an AVX-512 path for decode batches, and portable C
+where the CPU lacks them, built with the system C compiler (``cc -O3 -march=native -fopenmp``) into
+a cache folder and loaded with ctypes after torch, so it shares torch's OpenMP runtime. Without a
+compiler, or with ``JNEOX_KERNELS=0``, :func:`library` returns None and jneox uses PyTorch's own ops
+instead (correct, slower).
 """
 from __future__ import annotations
 
