@@ -142,3 +142,21 @@ def test_generation_stops_at_the_window(loaded):
     model, tok = loaded
     out = list(generate_tokens(model, list(range(4, 124)), SamplingParams(temperature=0, max_new_tokens=100)))
     assert len(out) <= 128 - 120
+
+
+def test_kv_cache_takes_memory_only_where_written():
+    """A server preallocates full windows for every slot (27 GB for 16 slots of the 3.6B model in
+    fp32): only what the running requests write may become resident."""
+    from jneox.model import KVCache
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    before = rss_mb()
+    cache = KVCache(batch=16, heads=32, max_len=2048, head_dim=64, dtype=torch.float32)  # 2 x 512 MiB
+    assert rss_mb() - before < 64
+    assert cache.k[0, :, :16].abs().amax().item() == 0 and cache.v[15, :, -16:].abs().amax().item() == 0
+    cache.k[3, :, :10] = 1.0
+    assert cache.k[3, :, :10].sum().item() == 32 * 10 * 64 and cache.k[3, :, 10:12].abs().sum().item() == 0
+    assert rss_mb() - before < 64
