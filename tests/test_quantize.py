@@ -12,7 +12,8 @@ from jneox import SamplingParams, generate, kernels, load
 from jneox.checkpoint import CheckpointError, load_model, save_quantized
 from jneox.cli import main
 from jneox.generate import generate_tokens
-from jneox.quantize import FORMATS, PackedLinear, QuantizationError, native_bf16_matmul, quantize_model
+from jneox.quantize import (FORMATS, MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, QuantizationError,
+                             native_bf16_matmul, quantize_model)
 
 # relative error of the layer output against the float layer, for Gaussian weights (the hardest case
 # for int4: no structure to exploit); the kernels must add nothing on top of the format's own rounding
@@ -27,7 +28,7 @@ FORMAT_CASES = [(f, 64) for f in FORMATS] + [("int4", 32)]  # int4 with group 64
 
 
 @pytest.mark.parametrize("fmt, group", FORMAT_CASES)
-@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # up to 16 rows: native kernel; more: the prefill path
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 300])  # decode, short and long prompts (see quantize.py)
 def test_packed_linear_matches_float(fmt, group, rows):
     torch.manual_seed(0)
     lin = nn.Linear(128, 84)  # 84 output rows: not a multiple of the tile height
@@ -41,7 +42,7 @@ def test_packed_linear_matches_float(fmt, group, rows):
     # the kernel computes the dequantized product: exactly, or, where int4 rounds activations to
     # int8 per group of 64, or a prefill in bf16 on CPUs that multiply bf16 natively, with an error
     # far below int4's own (TOLERANCE)
-    integer_kernel = fmt == "int4" and group == 64 and rows <= 16
+    integer_kernel = fmt == "int4" and group == 64
     bf16_prefill = fmt != "float32" and rows > 16 and native_bf16_matmul()
     assert _rel(got, exact) < (1e-2 if integer_kernel or bf16_prefill else 1e-6)
 
@@ -53,15 +54,18 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
     arithmetic per row, so a row's output may not depend on what else is in the batch."""
     if kernels.library() is None:
         pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
+    lib = kernels.library()
     torch.manual_seed(1)
     lin = nn.Linear(256, 84)
     packed = PackedLinear.from_linear(lin, fmt, group_size=group)
-    x = torch.randn(16, 256)
+    # with the AVX-512 batch path prompts go through the kernel too, fp32 ones in chunks of 128 rows
+    longest = (300 if fmt == "float32" else PREFILL_CHUNK) if kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
+    x = torch.randn(longest, 256)
     with torch.no_grad():
-        alone = torch.cat([packed(x[i : i + 1]) for i in range(16)])
-        for rows in (2, 3, 8, 9, 16):
+        alone = torch.cat([packed(x[i : i + 1]) for i in range(longest)])
+        for rows in sorted({2, 3, 8, 9, 16, min(longest, 100), longest}):
             assert torch.equal(packed(x[:rows]), alone[:rows]), rows
-            assert torch.equal(packed(x[16 - rows :]), alone[16 - rows :]), rows
+            assert torch.equal(packed(x[longest - rows :]), alone[longest - rows :]), rows
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

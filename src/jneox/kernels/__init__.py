@@ -90,6 +90,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def has_batch_path(lib) -> bool:
+    """Whether the library was built with the AVX-512 path that takes 8 rows per pass (gemv.c)."""
+    return lib.jneox_kernels_simd() >= 3
+
+
 def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head_dim: int):
     """Single-token attention for every row (see jneox_decode_attention in gemv.c); returns (B, H*D).
 
