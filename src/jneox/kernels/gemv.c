@@ -280,9 +280,11 @@ ALWAYS_INLINE void int4x8_tile(const int8_t *xq, const float *xs, const int32_t 
 #define MR_FROM 3  /* 1-2 rows: the AVX2 tiles are as fast (memory-bound) */
 #define LO8(v) _mm512_castps512_ps256(v)
 #define HI8(v) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+/* 8 floats into both halves (vbroadcastf64x4: AVX-512F, where vbroadcastf32x8 would need DQ) */
+#define BCAST8(p) _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
 #define FMA_ROWS(NM, W01, W23, X, K, k, A)                                                  \
     for (int m_ = 0; m_ < NM; m_++) {                                                        \
-        __m512 xb_ = _mm512_broadcast_f32x8(_mm256_loadu_ps(X + (size_t)m_ * K + k));       \
+        __m512 xb_ = BCAST8(X + (size_t)m_ * K + k);                                      \
         A[2 * m_] = _mm512_fmadd_ps(W01, xb_, A[2 * m_]);                                    \
         A[2 * m_ + 1] = _mm512_fmadd_ps(W23, xb_, A[2 * m_ + 1]);                            \
     }
