@@ -172,7 +172,7 @@ class PackedLinear(nn.Module):
         if rows <= MAX_KERNEL_ROWS:
             return True
         if not kernels.has_batch_path(lib):
-            return False  # AVX2 kernels: 2 rows per pass, MKL/oneDNN are faster for prompts
+            return False  # AVX2 kernels (2 rows per pass): prompts keep the PyTorch path (not compared there)
         return self.fmt == "float32" or rows <= PREFILL_CHUNK or not native_bf16_matmul()
 
     def _kernel(self, lib, x: torch.Tensor) -> torch.Tensor:

@@ -273,9 +273,10 @@ ALWAYS_INLINE void int4x8_tile(const int8_t *xq, const float *xs, const int32_t 
  * times at 3 loads per 4 FMAs. Here a 512-bit register holds one chunk of two output rows (2 x 8 k),
  * x's 8 values are broadcast into both halves, and each widened weight chunk serves up to 8 rows of
  * x (16 accumulators): 2 passes, 5 loads per 8 FMAs. Measured on one Zen 4 core, 16 rows x a
- * 2816x11264 fp32 weight: 33 -> 18 ms (12 ms with PREFETCH_NEXT; ~9 ms is its FMA limit). Lane by lane this is the AVX2 tile's arithmetic (the same widening, the same FMAs
- * in the same order, the same final horizontal sums), so a row's result is bit-identical whichever
- * path ran and however many rows came with it: batching changes nothing but speed. */
+ * 2816x11264 fp32 weight: 33 -> 18 ms, 10-12 ms with PREFETCH_NEXT (~9 ms is the FMA limit).
+ * Lane by lane this is the AVX2 tile's arithmetic (the same widening, the same FMAs in the same
+ * order, the same final horizontal sums), so a row's result is bit-identical whichever path ran
+ * and however many rows came with it: batching changes nothing but speed. */
 #define MR 8
 #define MR_FROM 3  /* 1-2 rows: the AVX2 tiles are as fast (memory-bound) */
 #define LO8(v) _mm512_castps512_ps256(v)
