@@ -2,17 +2,17 @@
 
 The :class:`Engine` owns the model and a KV cache of ``max_batch`` rows (slots). It runs on its own
 thread. Each step it (1) drops requests whose client went away, (2) prefills waiting requests into
-free slots, one prompt at a time (on the CPU in chunks of ``MAX_KERNEL_ROWS`` tokens, so the packed
-kernels run rather than a widened copy of every weight), and (3) runs one decode step for every
-running request at once:
-each row at its own position, then each row sampled with its own parameters and random generator.
+free slots, one prompt at a time (on the CPU in chunks that the packed kernels take, so they run
+rather than a widened copy of every weight: ``PREFILL_CHUNK`` tokens with their AVX-512 batch path,
+else ``MAX_KERNEL_ROWS``), and (3) runs one decode step for every running request at once: each
+row at its own position, then each row sampled with its own parameters and random generator.
 A request joins at the next step and leaves the step it finishes; nobody waits for the batch.
 
 Batching changes nothing but speed: every per-row operation on the CPU path (packed linear kernels
 for up to ``MAX_KERNEL_ROWS`` rows, layer norm, fused single-token attention up to the row's own
 position) computes a row the same way whatever the other rows hold, so a request gives the same
 tokens alone or among others. Larger batches are split into chunks of ``MAX_KERNEL_ROWS`` rows for
-that reason (past it, the packed linears switch to one MKL matrix multiply).
+that reason (past it, the packed linears may switch to one PyTorch matrix multiply).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from torch import nn
 
 from ..generate import SamplingParams, TextAssembler, check_prompt_fits, sample_next
 from ..model import GPTNeoX, KVCache
-from ..quantize import MAX_KERNEL_ROWS
+from .. import kernels
+from ..quantize import MAX_KERNEL_ROWS, PREFILL_CHUNK
 from ..tokenizer import Tokenizer
 
 
@@ -101,8 +102,11 @@ class Engine:
         self.device = model.embed.weight.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
         # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
-        # linear layer widen its whole weight to fp32 for one matrix multiply, for each new request)
-        self.prefill_chunk = MAX_KERNEL_ROWS if self.device.type == "cpu" else self.window
+        # linear layer widen its whole weight for one matrix multiply, for each new request)
+        self.prefill_chunk = self.window
+        if self.device.type == "cpu":
+            lib = kernels.library()
+            self.prefill_chunk = PREFILL_CHUNK if lib is not None and kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
         model.clear_cache()
         # zero-filled and touched only where written, so unused positions cost no memory
         model.setup_cache(max_batch, self.window)
