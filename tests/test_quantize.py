@@ -51,21 +51,28 @@ def test_packed_linear_matches_float(fmt, group, rows):
 def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
     """The server's promise that batching changes nothing but speed rests on this: the kernel has
     different paths for 1-2 rows and for batches (8 rows per pass with AVX-512), with the same
-    arithmetic per row, so a row's output may not depend on what else is in the batch."""
-    if kernels.library() is None:
-        pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
+    arithmetic per row, so a decode row's output may not depend on what else is in the batch; and a
+    prompt gives the same bits whole or in the server's chunks."""
     lib = kernels.library()
+    if lib is None:
+        pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
     torch.manual_seed(1)
     lin = nn.Linear(256, 84)
     packed = PackedLinear.from_linear(lin, fmt, group_size=group)
-    # with the AVX-512 batch path prompts go through the kernel too, fp32 ones in chunks of 128 rows
-    longest = (300 if fmt == "float32" else PREFILL_CHUNK) if kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
-    x = torch.randn(longest, 256)
+    x = torch.randn(300, 256)
     with torch.no_grad():
-        alone = torch.cat([packed(x[i : i + 1]) for i in range(longest)])
-        for rows in sorted({2, 3, 8, 9, 16, min(longest, 100), longest}):
+        alone = torch.cat([packed(x[i : i + 1]) for i in range(MAX_KERNEL_ROWS)])
+        for rows in (2, 3, 8, 9, MAX_KERNEL_ROWS):  # decode batches
             assert torch.equal(packed(x[:rows]), alone[:rows]), rows
-            assert torch.equal(packed(x[longest - rows :]), alone[longest - rows :]), rows
+            assert torch.equal(packed(x[MAX_KERNEL_ROWS - rows : MAX_KERNEL_ROWS]), alone[MAX_KERNEL_ROWS - rows :]), rows
+        # prompts the kernels take (AVX-512): fp32 any length in chunks of 128, bf16 up to
+        # PROMPT_DOT_ROWS (int8 too) with bf16 dot products where the CPU has them, int4 up to 128
+        if not kernels.has_batch_path(lib):
+            return
+        longest = 300 if fmt == "float32" or (fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib)) else PREFILL_CHUNK
+        whole = packed(x[:longest])
+        for rows in (MAX_KERNEL_ROWS + 1, 100, PREFILL_CHUNK):
+            assert torch.equal(packed(x[:rows]), whole[:rows]), rows
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -10,14 +10,16 @@ see ``kernels/gemv.c``). Activations stay fp32: only weights are compressed.
   (integer dot products, as llama.cpp's Q4_0 x Q8_0): that is what makes int4 memory-bound.
 
 For decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows) the native kernel runs. A prompt
-(prefill) is compute-bound; where the kernels have their AVX-512 batch path it also takes prompts
-(in chunks of ``PREFILL_CHUNK`` rows, which keeps them in cache): all of them for fp32, those up to
-``PREFILL_CHUNK`` rows for the other formats. Otherwise the weight is widened for one PyTorch
-matrix multiply: to bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; oneDNN's
-bf16 dot products beat the kernel's fp32 arithmetic from ~150 rows on), else to fp32. Measured
-on 2 layers of the 3.6B shape, 2 threads, a 128-token prompt: fp32 625 -> 264 ms, bf16 294 -> 275,
-int8 459 -> 273, int4 512 -> 238; 1024 tokens in fp32: 2633 -> 2171 ms. Without the native
-kernels everything runs through the PyTorch path.
+(prefill) is compute-bound; where the kernels have their AVX-512 batch path they also take prompts,
+in chunks of ``PREFILL_CHUNK`` rows (which keeps them in cache): fp32 prompts of any length; bf16 and
+int8 prompts up to ``PROMPT_DOT_ROWS`` with AVX-512 BF16 dot products (activations rounded to bf16,
+twice the fp32 FMA rate) where the CPU has them, else up to ``PREFILL_CHUNK``; int4 prompts up to
+``PREFILL_CHUNK``. Otherwise the weight is widened for one PyTorch matrix multiply: to bf16 where
+the CPU multiplies bf16 natively (AVX-512 BF16 / AMX: oneDNN), else to fp32. Measured on 2 layers
+of the 3.6B shape, 2 threads, PyTorch path -> kernel: a 128-token prompt fp32 625 -> 264 ms, bf16
+290 -> 175, int8 404 -> 226, int4 512 -> 238; 512 tokens bf16 711 -> 729, int8 849 -> 903 (about
+even: the limit); 1024 tokens fp32 2633 -> 2171. Without the native kernels everything runs
+through the PyTorch path.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from . import kernels
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 MAX_KERNEL_ROWS = 16  # the native kernel always takes this many rows (decode, the server's prompt chunks)
 PREFILL_CHUNK = 128  # longer inputs go to the AVX-512 batch path in chunks of this many rows
+PROMPT_DOT_ROWS = 512  # bf16 prompts up to this long take the kernel's bf16 dot products (oneDNN past it)
 TILE = 4  # output rows per tile, as in gemv.c
 DEFAULT_GROUP = 64
 
@@ -173,6 +176,8 @@ class PackedLinear(nn.Module):
             return True
         if not kernels.has_batch_path(lib):
             return False  # AVX2 kernels (2 rows per pass): prompts keep the PyTorch path (not compared there)
+        if self.fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib):
+            return rows <= PROMPT_DOT_ROWS
         return self.fmt == "float32" or rows <= PREFILL_CHUNK or not native_bf16_matmul()
 
     def _kernel(self, lib, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +189,16 @@ class PackedLinear(nn.Module):
             bias = torch.cat((bias, bias.new_zeros(n_pad - self.out_features)))
         b = None if bias is None else bias.data_ptr()
         threads = torch.get_num_threads()
-        if self.fmt == "float32":
+        if self.fmt in ("bfloat16", "int8") and m > MAX_KERNEL_ROWS and kernels.has_bf16_dot(lib):
+            # a prompt: bf16 activations for the bf16 dot products (decided per chunk, so a trailing chunk of
+            # <= MAX_KERNEL_ROWS rows keeps fp32 activations, whether a prompt comes whole or in the server's chunks)
+            xb = x.to(torch.bfloat16)
+            if self.fmt == "bfloat16":
+                lib.jneox_prompt_bf16(xb.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
+            else:
+                lib.jneox_prompt_int8(xb.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
+                                      m, n_pad, k, threads)
+        elif self.fmt == "float32":
             lib.jneox_linear_f32(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
         elif self.fmt == "bfloat16":
             lib.jneox_linear_bf16(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
