@@ -17,7 +17,7 @@ twice the fp32 FMA rate) where the CPU has them, else up to ``PREFILL_CHUNK``; i
 ``PREFILL_CHUNK``. Otherwise the weight is widened for one PyTorch matrix multiply: to bf16 where
 the CPU multiplies bf16 natively (AVX-512 BF16 / AMX: oneDNN), else to fp32. Measured on 2 layers
 of the 3.6B shape, 2 threads, PyTorch path -> kernel: a 128-token prompt fp32 625 -> 264 ms, bf16
-290 -> 175, int8 404 -> 226, int4 512 -> 238; 512 tokens bf16 711 -> 729, int8 849 -> 903 (about
+290 -> 175, int8 404 -> 196, int4 512 -> 238; 512 tokens bf16 711 -> 714, int8 849 -> 806 (about
 even: the limit); 1024 tokens fp32 2633 -> 2171. Without the native kernels everything runs
 through the PyTorch path.
 """

@@ -347,23 +347,35 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
 }
 
 /* rows in groups of MR; a constant NM at each case gives one specialised copy per group size */
-#define FOR_TILES_AND_ROW_GROUPS(TILE_CALL)                                                     \
+#define SWITCH_1_TO_8(TILE_CALL)                                                                \
+    case 1: TILE_CALL(1); break;                                                                \
+    case 2: TILE_CALL(2); break;                                                                \
+    case 3: TILE_CALL(3); break;                                                                \
+    case 4: TILE_CALL(4); break;                                                                \
+    case 5: TILE_CALL(5); break;                                                                \
+    case 6: TILE_CALL(6); break;                                                                \
+    case 7: TILE_CALL(7); break;
+#define GROUPS_OF_8(TILE_CALL) SWITCH_1_TO_8(TILE_CALL) default: TILE_CALL(8); break;
+#define GROUPS_OF_16(TILE_CALL)                                                                 \
+    SWITCH_1_TO_8(TILE_CALL)                                                                    \
+    case 8: TILE_CALL(8); break;                                                                \
+    case 9: TILE_CALL(9); break;                                                                \
+    case 10: TILE_CALL(10); break;                                                              \
+    case 11: TILE_CALL(11); break;                                                              \
+    case 12: TILE_CALL(12); break;                                                              \
+    case 13: TILE_CALL(13); break;                                                              \
+    case 14: TILE_CALL(14); break;                                                              \
+    case 15: TILE_CALL(15); break;                                                              \
+    default: TILE_CALL(16); break;
+#define FOR_TILES_AND_ROW_GROUPS(TILE_CALL) FOR_TILES_AND_GROUPS_OF(8, GROUPS_OF_8, TILE_CALL)
+#define FOR_TILES_AND_GROUPS_OF(G, CASES, TILE_CALL)                                            \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
     for (int t = 0; t < N / RT; t++) {                                                          \
-        float dot[4 * MR];                                                                      \
+        float dot[4 * G];                                                                       \
         const int n0 = t * RT;                                                                  \
-        for (int m = 0; m < M; m += MR) {                                                       \
-            const int nm = M - m < MR ? M - m : MR;                                             \
-            switch (nm) {                                                                       \
-            case 1: TILE_CALL(1); break;                                                        \
-            case 2: TILE_CALL(2); break;                                                        \
-            case 3: TILE_CALL(3); break;                                                        \
-            case 4: TILE_CALL(4); break;                                                        \
-            case 5: TILE_CALL(5); break;                                                        \
-            case 6: TILE_CALL(6); break;                                                        \
-            case 7: TILE_CALL(7); break;                                                        \
-            default: TILE_CALL(8); break;                                                       \
-            }                                                                                   \
+        for (int m = 0; m < M; m += G) {                                                        \
+            const int nm = M - m < G ? M - m : G;                                               \
+            switch (nm) { CASES(TILE_CALL) }                                                    \
             for (int i = 0; i < 4 * nm; i++)                                                    \
                 y[(size_t)(m + i / 4) * N + n0 + i % 4] = dot[i] + (bias ? bias[n0 + i % 4] : 0.f); \
         }                                                                                       \
@@ -419,8 +431,9 @@ void jneox_linear_bf16(const float *x, const uint16_t *W, const float *bias, flo
  * (xb: x rounded to bf16 by the caller, [M][K]), so this is for prompts only, as oneDNN's bf16
  * matmul was before it: decode keeps fp32 activations. One bf16 chunk (4 output rows x 8 k) is one
  * register, 128-bit block r holding row r; x's 8 values are broadcast to the four blocks, and lane
- * j of block r accumulates row r's pairs (2j, 2j+1): one accumulator per row of x, up to 8 rows per
- * pass. Each row is computed on its own, so a prompt gives the same bits in chunks or whole. */
+ * j of block r accumulates row r's pairs (2j, 2j+1): one accumulator per row of x, up to 16 rows per
+ * pass (int8 13% faster than 8 rows: its widening is shared by more rows; bf16 the same). Each row
+ * is computed on its own, so a prompt gives the same bits in chunks or whole. */
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 /* int8 weights widen to bf16 exactly (|q| <= 127 fits bf16's 8-bit mantissa); the scale comes after */
 static inline __m512bh int8_bf16x32(const int8_t *w) {
@@ -429,9 +442,10 @@ static inline __m512bh int8_bf16x32(const int8_t *w) {
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+#define DP_ROWS 16 /* rows per pass: one accumulator each */
 ALWAYS_INLINE void dp_tile(const uint16_t *xb, int NM, const void *wp, int int8, const char *next, int K,
                            const float *scale, float *dot) {
-    __m512 a[MR];
+    __m512 a[DP_ROWS];
     for (int i = 0; i < NM; i++) a[i] = _mm512_setzero_ps();
     const int chunk = int8 ? 32 : 64; /* bytes per chunk */
     const char *w = (const char *)wp;
@@ -467,7 +481,7 @@ void jneox_prompt_bf16(const uint16_t *xb, const uint16_t *W, const float *bias,
                        int threads) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define CALL(NM) dp_tile(xb + (size_t)m * K, NM, W + (size_t)t * RT * K, 0, NEXT_TILE(W, RT * K * 2), K, NULL, dot)
-    FOR_TILES_AND_ROW_GROUPS(CALL)
+    FOR_TILES_AND_GROUPS_OF(DP_ROWS, GROUPS_OF_16, CALL)
 #undef CALL
 #else
     (void)xb, (void)W, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
@@ -478,7 +492,7 @@ void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, 
                        int N, int K, int threads) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define CALL(NM) dp_tile(xb + (size_t)m * K, NM, W + (size_t)t * RT * K, 1, NEXT_TILE(W, RT * K), K, scale + t * RT, dot)
-    FOR_TILES_AND_ROW_GROUPS(CALL)
+    FOR_TILES_AND_GROUPS_OF(DP_ROWS, GROUPS_OF_16, CALL)
 #undef CALL
 #else
     (void)xb, (void)W, (void)scale, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
