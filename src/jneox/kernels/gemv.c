@@ -346,8 +346,9 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
     reduce_rows(a, NM, scale, dot);
 }
 
-/* rows in groups of MR; a constant NM at each case gives one specialised copy per group size */
-#define SWITCH_1_TO_8(TILE_CALL)                                                                \
+/* rows in groups of G (MR, or DP_ROWS for the prompt kernels); a constant NM at each case gives one
+ * specialised copy per group size */
+#define CASES_1_TO_7(TILE_CALL)                                                                \
     case 1: TILE_CALL(1); break;                                                                \
     case 2: TILE_CALL(2); break;                                                                \
     case 3: TILE_CALL(3); break;                                                                \
@@ -355,9 +356,9 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
     case 5: TILE_CALL(5); break;                                                                \
     case 6: TILE_CALL(6); break;                                                                \
     case 7: TILE_CALL(7); break;
-#define GROUPS_OF_8(TILE_CALL) SWITCH_1_TO_8(TILE_CALL) default: TILE_CALL(8); break;
+#define GROUPS_OF_8(TILE_CALL) CASES_1_TO_7(TILE_CALL) default: TILE_CALL(8); break;
 #define GROUPS_OF_16(TILE_CALL)                                                                 \
-    SWITCH_1_TO_8(TILE_CALL)                                                                    \
+    CASES_1_TO_7(TILE_CALL)                                                                    \
     case 8: TILE_CALL(8); break;                                                                \
     case 9: TILE_CALL(9); break;                                                                \
     case 10: TILE_CALL(10); break;                                                              \
@@ -367,7 +368,7 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
     case 14: TILE_CALL(14); break;                                                              \
     case 15: TILE_CALL(15); break;                                                              \
     default: TILE_CALL(16); break;
-#define FOR_TILES_AND_ROW_GROUPS(TILE_CALL) FOR_TILES_AND_GROUPS_OF(8, GROUPS_OF_8, TILE_CALL)
+#define FOR_TILES_AND_ROW_GROUPS(TILE_CALL) FOR_TILES_AND_GROUPS_OF(MR, GROUPS_OF_8, TILE_CALL)
 #define FOR_TILES_AND_GROUPS_OF(G, CASES, TILE_CALL)                                            \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
     for (int t = 0; t < N / RT; t++) {                                                          \
