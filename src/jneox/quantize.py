@@ -37,6 +37,13 @@ TILE = 4  # output rows per tile, as in gemv.c
 DEFAULT_GROUP = 64
 
 
+def kernel_prompt_rows() -> int:
+    """How many rows of a prompt the packed kernels take in one call on this CPU (in every format):
+    the chunk the server feeds prompts in, so the kernels run instead of a widened weight."""
+    lib = kernels.library()
+    return PREFILL_CHUNK if lib is not None and kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
+
+
 class QuantizationError(ValueError):
     pass
 

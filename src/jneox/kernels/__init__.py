@@ -30,7 +30,6 @@ SIGNATURES = {
     "jneox_linear_int4": [P, P, P, P, P, I, I, I, I, P, I],
     "jneox_decode_attention": [P, P, P, I, I, P, P, P, I, I, I, I, P, P, I],
     "jneox_kernels_simd": [],
-    "jneox_has_bf16_dot": [],
     "jneox_prompt_bf16": [P, P, P, P, I, I, I, I],
     "jneox_prompt_int8": [P, P, P, P, P, I, I, I, I],
 }
@@ -89,18 +88,23 @@ def library() -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int if name in ("jneox_kernels_simd", "jneox_has_bf16_dot") else None
+        fn.restype = ctypes.c_int if name == "jneox_kernels_simd" else None
     return lib
 
 
+@lru_cache(maxsize=None)
+def simd_level(lib) -> int:
+    """What the library was built with (``jneox_kernels_simd`` in gemv.c): 0 portable, 2 AVX2/FMA,
+    3 AVX-512 (8 rows per pass for batches), 4 AVX-512 BF16 (also the bf16/int8 prompt kernels)."""
+    return lib.jneox_kernels_simd()
+
+
 def has_batch_path(lib) -> bool:
-    """Whether the library was built with the AVX-512 path that takes 8 rows per pass (gemv.c)."""
-    return lib.jneox_kernels_simd() >= 3
+    return simd_level(lib) >= 3
 
 
 def has_bf16_dot(lib) -> bool:
-    """Whether the library has the AVX-512 BF16 prompt kernels for bf16 and int8 weights (gemv.c)."""
-    return lib.jneox_has_bf16_dot() == 1
+    return simd_level(lib) >= 4
 
 
 def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head_dim: int):

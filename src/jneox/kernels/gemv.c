@@ -29,6 +29,9 @@
 #endif
 
 #define RT 4           /* output rows per tile */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define BF16_DOT 1     /* the prompt kernels' bf16 dot products (jneox_prompt_*) */
+#endif
 #ifndef PREFETCH
 #define PREFETCH 1024  /* bytes ahead in the tile stream (into L1) */
 #endif
@@ -396,123 +399,39 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
         }                                                                                       \
     }
 
+/* AVX-512: 1-2 rows take the tiles above, MR_FROM rows or more the 8-row path (same bits per row) */
+#ifdef __AVX512F__
+#define BY_ROW_COUNT(MR_CALL, PAIR_CALL)                                                        \
+    if (M >= MR_FROM) { FOR_TILES_AND_ROW_GROUPS(MR_CALL) } else { FOR_TILES_AND_ROW_PAIRS(PAIR_CALL) }
+#else
+#define BY_ROW_COUNT(MR_CALL, PAIR_CALL) FOR_TILES_AND_ROW_PAIRS(PAIR_CALL)
+#endif
+
 void jneox_linear_f32(const float *x, const float *W, const float *bias, float *y,
                       int M, int N, int K, int threads) {
-#ifdef __AVX512F__
-    if (M >= MR_FROM) {
-#define CALL(NM) f32_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
-        FOR_TILES_AND_ROW_GROUPS(CALL)
-#undef CALL
-        return;
-    }
-#endif
-#define CALL(NM) f32_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
-    FOR_TILES_AND_ROW_PAIRS(CALL)
-#undef CALL
+#define MR_CALL(NM) f32_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
+#define PAIR_CALL(NM) f32_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
+    BY_ROW_COUNT(MR_CALL, PAIR_CALL)
+#undef MR_CALL
+#undef PAIR_CALL
 }
 
 void jneox_linear_bf16(const float *x, const uint16_t *W, const float *bias, float *y,
                        int M, int N, int K, int threads) {
-#ifdef __AVX512F__
-    if (M >= MR_FROM) {
-#define CALL(NM) bf16_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
-        FOR_TILES_AND_ROW_GROUPS(CALL)
-#undef CALL
-        return;
-    }
-#endif
-#define CALL(NM) bf16_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
-    FOR_TILES_AND_ROW_PAIRS(CALL)
-#undef CALL
-}
-
-/* ---- prompts with bf16 or int8 weights: AVX-512 BF16 dot products ---------------------------
- * A prompt is compute-bound, and vdpbf16ps multiplies 32 bf16 pairs per instruction where an fp32
- * FMA does 16 (measured on Zen 4: 220 vs 112 GFLOP/s per core). The activations must be bf16
- * (xb: x rounded to bf16 by the caller, [M][K]), so this is for prompts only, as oneDNN's bf16
- * matmul was before it: decode keeps fp32 activations. One bf16 chunk (4 output rows x 8 k) is one
- * register, 128-bit block r holding row r; x's 8 values are broadcast to the four blocks, and lane
- * j of block r accumulates row r's pairs (2j, 2j+1): one accumulator per row of x, up to 16 rows per
- * pass (int8 13% faster than 8 rows: its widening is shared by more rows; bf16 the same). Each row
- * is computed on its own, so a prompt gives the same bits in chunks or whole. */
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-/* int8 weights widen to bf16 exactly (|q| <= 127 fits bf16's 8-bit mantissa); the scale comes after */
-static inline __m512bh int8_bf16x32(const int8_t *w) {
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
-    return _mm512_cvtne2ps_pbh(hi, lo);
-}
-
-#define DP_ROWS 16 /* rows per pass: one accumulator each */
-ALWAYS_INLINE void dp_tile(const uint16_t *xb, int NM, const void *wp, int int8, const char *next, int K,
-                           const float *scale, float *dot) {
-    __m512 a[DP_ROWS];
-    for (int i = 0; i < NM; i++) a[i] = _mm512_setzero_ps();
-    const int chunk = int8 ? 32 : 64; /* bytes per chunk */
-    const char *w = (const char *)wp;
-    for (int k = 0; k < K; k += 8, w += chunk) {
-        if (!int8 || k % 16 == 0) PREFETCH_NEXT(next, (size_t)k / 8 * chunk);
-        _mm_prefetch(w + (int8 ? 2 : 1) * PREFETCH, _MM_HINT_T0);
-        __m512bh wv = int8 ? int8_bf16x32((const int8_t *)w) : (__m512bh)_mm512_loadu_si512((const void *)w);
-        for (int m = 0; m < NM; m++) {
-            __m512bh xv = (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + (size_t)m * K + k)));
-            a[m] = _mm512_dpbf16_ps(a[m], wv, xv);
-        }
-    }
-    for (int m = 0; m < NM; m++) {  /* the four lanes of each 128-bit block summed: one output row each */
-        __m512 s = _mm512_add_ps(a[m], _mm512_permute_ps(a[m], 0xB1));
-        s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
-        float out[16];
-        _mm512_storeu_ps(out, s);
-        for (int r = 0; r < 4; r++) dot[4 * m + r] = out[4 * r] * (scale ? scale[r] : 1.f);
-    }
-}
-#endif
-
-/* 1 if jneox_prompt_bf16 / jneox_prompt_int8 are available (AVX-512 BF16), else 0 */
-int jneox_has_bf16_dot(void) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-void jneox_prompt_bf16(const uint16_t *xb, const uint16_t *W, const float *bias, float *y, int M, int N, int K,
-                       int threads) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define CALL(NM) dp_tile(xb + (size_t)m * K, NM, W + (size_t)t * RT * K, 0, NEXT_TILE(W, RT * K * 2), K, NULL, dot)
-    FOR_TILES_AND_GROUPS_OF(DP_ROWS, GROUPS_OF_16, CALL)
-#undef CALL
-#else
-    (void)xb, (void)W, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
-#endif
-}
-
-void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, const float *bias, float *y, int M,
-                       int N, int K, int threads) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define CALL(NM) dp_tile(xb + (size_t)m * K, NM, W + (size_t)t * RT * K, 1, NEXT_TILE(W, RT * K), K, scale + t * RT, dot)
-    FOR_TILES_AND_GROUPS_OF(DP_ROWS, GROUPS_OF_16, CALL)
-#undef CALL
-#else
-    (void)xb, (void)W, (void)scale, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
-#endif
+#define MR_CALL(NM) bf16_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
+#define PAIR_CALL(NM) bf16_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
+    BY_ROW_COUNT(MR_CALL, PAIR_CALL)
+#undef MR_CALL
+#undef PAIR_CALL
 }
 
 void jneox_linear_int8(const float *x, const int8_t *W, const float *scale, const float *bias, float *y,
                        int M, int N, int K, int threads) {
-#ifdef __AVX512F__
-    if (M >= MR_FROM) {
-#define CALL(NM) int8_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K), K, scale + t * RT, dot)
-        FOR_TILES_AND_ROW_GROUPS(CALL)
-#undef CALL
-        return;
-    }
-#endif
-#define CALL(NM) int8_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, K, scale + t * RT, dot)
-    FOR_TILES_AND_ROW_PAIRS(CALL)
-#undef CALL
+#define MR_CALL(NM) int8_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K), K, scale + t * RT, dot)
+#define PAIR_CALL(NM) int8_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, K, scale + t * RT, dot)
+    BY_ROW_COUNT(MR_CALL, PAIR_CALL)
+#undef MR_CALL
+#undef PAIR_CALL
 }
 
 /* scratch: caller-provided, at least M*K + 12*M*(K/G) bytes. With AVX2 and G == 64 the activations
@@ -555,6 +474,71 @@ void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, 
                            scale + (size_t)t * RT * groups, K, G, dot)
     FOR_TILES_AND_ROW_PAIRS(CALL)
 #undef CALL
+}
+
+/* ---- prompts with bf16 or int8 weights: AVX-512 BF16 dot products ---------------------------
+ * A prompt is compute-bound, and vdpbf16ps multiplies 32 bf16 pairs per instruction where an fp32
+ * FMA does 16 (measured on Zen 4: 220 vs 112 GFLOP/s per core). The activations must be bf16
+ * (xb: x rounded to bf16 by the caller, [M][K]), so this is for prompts only, as oneDNN's bf16
+ * matmul was before it: decode keeps fp32 activations. One bf16 chunk (4 output rows x 8 k) is one
+ * register, 128-bit block r holding row r; x's 8 values are broadcast to the four blocks, and lane
+ * j of block r accumulates row r's pairs (2j, 2j+1): one accumulator per row of x, up to 16 rows per
+ * pass (int8 13% faster than 8 rows: its widening is shared by more rows; bf16 the same). Each row
+ * is computed on its own, so a prompt gives the same bits in chunks or whole. */
+#ifdef BF16_DOT
+/* int8 weights widen to bf16 exactly (|q| <= 127 fits bf16's 8-bit mantissa); the scale comes after */
+static inline __m512bh int8_bf16x32(const int8_t *w) {
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+#define DP_ROWS 16 /* rows per pass: one accumulator each */
+ALWAYS_INLINE void dp_tile(const uint16_t *xb, int NM, const void *wp, int int8, const char *next, int K,
+                           const float *scale, float *dot) {
+    __m512 a[DP_ROWS];
+    for (int i = 0; i < NM; i++) a[i] = _mm512_setzero_ps();
+    const int chunk = int8 ? 32 : 64; /* bytes per chunk */
+    const char *w = (const char *)wp;
+    for (int k = 0; k < K; k += 8, w += chunk) {
+        if (!int8 || k % 16 == 0) PREFETCH_NEXT(next, (size_t)k / 8 * chunk);
+        _mm_prefetch(w + (int8 ? 2 : 1) * PREFETCH, _MM_HINT_T0);
+        __m512bh wv = int8 ? int8_bf16x32((const int8_t *)w) : (__m512bh)_mm512_loadu_si512((const void *)w);
+        for (int m = 0; m < NM; m++) {
+            __m512bh xv = (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + (size_t)m * K + k)));
+            a[m] = _mm512_dpbf16_ps(a[m], wv, xv);
+        }
+    }
+    for (int m = 0; m < NM; m++) {  /* the four lanes of each 128-bit block summed: one output row each */
+        __m512 s = _mm512_add_ps(a[m], _mm512_permute_ps(a[m], 0xB1));
+        s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
+        float out[16];
+        _mm512_storeu_ps(out, s);
+        for (int r = 0; r < 4; r++) dot[4 * m + r] = out[4 * r] * (scale ? scale[r] : 1.f);
+    }
+}
+#endif
+
+void jneox_prompt_bf16(const uint16_t *xb, const uint16_t *W, const float *bias, float *y, int M, int N, int K,
+                       int threads) {
+#ifdef BF16_DOT
+#define CALL(NM) dp_tile(xb + (size_t)m * K, NM, W + (size_t)t * RT * K, 0, NEXT_TILE(W, RT * K * 2), K, NULL, dot)
+    FOR_TILES_AND_GROUPS_OF(DP_ROWS, GROUPS_OF_16, CALL)
+#undef CALL
+#else
+    (void)xb, (void)W, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
+#endif
+}
+
+void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, const float *bias, float *y, int M,
+                       int N, int K, int threads) {
+#ifdef BF16_DOT
+#define CALL(NM) dp_tile(xb + (size_t)m * K, NM, W + (size_t)t * RT * K, 1, NEXT_TILE(W, RT * K), K, scale + t * RT, dot)
+    FOR_TILES_AND_GROUPS_OF(DP_ROWS, GROUPS_OF_16, CALL)
+#undef CALL
+#else
+    (void)xb, (void)W, (void)scale, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
+#endif
 }
 
 /* ---- single-token decode attention --------------------------------------------------------- */
@@ -625,9 +609,12 @@ void jneox_decode_attention(const float *qkv, const float *cos, const float *sin
     }
 }
 
-/* 3 when built with AVX-512 (the batch path), 2 with AVX2/FMA, 0 for the portable loops */
+/* 4 with AVX-512 BF16 (also the prompt kernels), 3 with AVX-512 (the batch path), 2 with AVX2/FMA,
+ * 0 for the portable loops */
 int jneox_kernels_simd(void) {
-#if defined(__AVX512F__)
+#if defined(BF16_DOT)
+    return 4;
+#elif defined(__AVX512F__)
     return 3;
 #elif defined(__AVX2__)
     return 2;

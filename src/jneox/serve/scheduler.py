@@ -30,8 +30,7 @@ from torch import nn
 
 from ..generate import SamplingParams, TextAssembler, check_prompt_fits, sample_next
 from ..model import GPTNeoX, KVCache
-from .. import kernels
-from ..quantize import MAX_KERNEL_ROWS, PREFILL_CHUNK
+from ..quantize import MAX_KERNEL_ROWS, kernel_prompt_rows
 from ..tokenizer import Tokenizer
 
 
@@ -103,10 +102,7 @@ class Engine:
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
         # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
         # linear layer widen its whole weight for one matrix multiply, for each new request)
-        self.prefill_chunk = self.window
-        if self.device.type == "cpu":
-            lib = kernels.library()
-            self.prefill_chunk = PREFILL_CHUNK if lib is not None and kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
+        self.prefill_chunk = kernel_prompt_rows() if self.device.type == "cpu" else self.window
         model.clear_cache()
         # zero-filled and touched only where written, so unused positions cost no memory
         model.setup_cache(max_batch, self.window)
