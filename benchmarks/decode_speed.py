@@ -247,15 +247,15 @@ def child_jneox(args, fmt: str) -> dict:
     load_s = time.perf_counter() - t
     P, N = args.prompt_tokens, args.new_tokens
     ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
-    model.setup_cache(1, P + N)
-    model(ids[:, :8], input_pos=torch.arange(8), last_only=True)  # warm-up (kernel build and load)
+    cache = model.new_cache(1, P + N)
+    model(ids[:, :8], input_pos=torch.arange(8), last_only=True, cache=cache)  # warm-up (kernel build and load)
     t = time.perf_counter()
-    logits = model(ids, input_pos=torch.arange(P), last_only=True)
+    logits = model(ids, input_pos=torch.arange(P), last_only=True, cache=cache)
     prefill_ms = (time.perf_counter() - t) * 1e3
     tokens = [int(logits[0, -1].argmax())]
     t = time.perf_counter()
     for pos in range(P, P + N - 1):
-        logits = model(torch.tensor([[tokens[-1]]]), input_pos=torch.tensor([pos]))
+        logits = model(torch.tensor([[tokens[-1]]]), input_pos=torch.tensor([pos]), cache=cache)
         tokens.append(int(logits[0, -1].argmax()))
     decode_tps = (N - 1) / (time.perf_counter() - t)
     res = {"load_s": load_s, "prefill_ms": prefill_ms, "decode_tps": decode_tps}
@@ -276,15 +276,14 @@ def batch_decode(model, batch_sizes: list[int], steps: int) -> dict:
     """Aggregate tok/s of ``steps`` decode steps for B rows at once (8-token prompts: decode is measured)."""
     out = {}
     for b in batch_sizes:
-        model.setup_cache(b, 8 + steps + 1)
+        cache = model.new_cache(b, 8 + steps + 1)
         ids = torch.randint(4, 1000, (b, 8), generator=torch.Generator().manual_seed(b))
-        logits = model(ids, input_pos=torch.arange(8), last_only=True)
+        logits = model(ids, input_pos=torch.arange(8), last_only=True, cache=cache)
         tok = logits[:, -1].argmax(-1, keepdim=True)
         t = time.perf_counter()
         for pos in range(8, 8 + steps):
-            tok = model(tok, input_pos=torch.tensor([pos]))[:, -1].argmax(-1, keepdim=True)
+            tok = model(tok, input_pos=torch.tensor([pos]), cache=cache)[:, -1].argmax(-1, keepdim=True)
         out[str(b)] = b * steps / (time.perf_counter() - t)
-    model.clear_cache()
     return out
 
 

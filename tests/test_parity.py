@@ -50,11 +50,11 @@ def test_cached_decode_matches_full_forward(tmp_path):
     ids = _ids(30, seed=9)
     with torch.no_grad():
         full = model(ids)
-        model.setup_cache(1, 64)
-        steps = [model(ids[:, :10], input_pos=torch.arange(10))]
+        cache = model.new_cache(1, 64)
+        steps = [model(ids[:, :10], input_pos=torch.arange(10), cache=cache)]
         for p in range(10, 20):
-            steps.append(model(ids[:, p:p + 1], input_pos=torch.tensor([p])))
-        steps.append(model(ids[:, 20:], input_pos=torch.arange(20, 30)))  # a chunk after cached history
+            steps.append(model(ids[:, p:p + 1], input_pos=torch.tensor([p]), cache=cache))
+        steps.append(model(ids[:, 20:], input_pos=torch.arange(20, 30), cache=cache))  # a chunk after cached history
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -64,11 +64,11 @@ def test_rows_at_different_positions_decode_like_single_rows(tmp_path):
     a, b = _ids(7, seed=1), _ids(13, seed=2)
     with torch.no_grad():
         want_a, want_b = model(a)[:, -1], model(b)[:, -1]
-        model.setup_cache(2, 32)
+        cache = model.new_cache(2, 32)
         # prefill both rows: row 0 holds 6 tokens, row 1 holds 12, each at its own positions
         model(torch.cat([torch.cat([a[:, :6], a[:, :6]], 1)[:, :12], b[:, :12]]), input_pos=torch.stack(
-            [torch.arange(12), torch.arange(12)]))
-        got = model(torch.cat([a[:, 6:7], b[:, 12:13]]), input_pos=torch.tensor([[6], [12]]))[:, -1]
+            [torch.arange(12), torch.arange(12)]), cache=cache)
+        got = model(torch.cat([a[:, 6:7], b[:, 12:13]]), input_pos=torch.tensor([[6], [12]]), cache=cache)[:, -1]
     torch.testing.assert_close(got[0], want_a[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[0], atol=1e-5, rtol=0)
 
@@ -98,12 +98,13 @@ def test_fused_decode_attention_equals_the_pytorch_path(tmp_path, monkeypatch, w
         model = load_model(folder, weights=weights)
         a, b = _ids(9, seed=1), _ids(14, seed=2)
         with torch.no_grad():
-            model.setup_cache(2, 32)
+            cache = model.new_cache(2, 32)
             model(torch.cat([torch.cat([a[:, :8], a[:, :6]], 1), b[:, :14]]), input_pos=torch.stack(
-                [torch.arange(14), torch.arange(14)]))
-            steps = [model(torch.cat([a[:, 8:9], b[:, 13:14]]), input_pos=torch.tensor([[8], [14]]))]
+                [torch.arange(14), torch.arange(14)]), cache=cache)
+            steps = [model(torch.cat([a[:, 8:9], b[:, 13:14]]), input_pos=torch.tensor([[8], [14]]), cache=cache)]
             for p in range(3):
-                steps.append(model(torch.tensor([[5 + p], [7 + p]]), input_pos=torch.tensor([[9 + p], [15 + p]])))
+                steps.append(model(torch.tensor([[5 + p], [7 + p]]), input_pos=torch.tensor([[9 + p], [15 + p]]),
+                                   cache=cache))
         monkeypatch.undo()
         return torch.cat(steps, 1)
 

@@ -131,14 +131,14 @@ def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingP
     check_prompt_fits(model, len(prompt_ids))
     device = model.embed.weight.device
     total = min(len(prompt_ids) + params.max_new_tokens, model.config.max_position_embeddings)
-    model.setup_cache(1, total)
+    cache = model.new_cache(1, total)
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     track_seen = params.repetition_penalty != 1.0
     seen = ids if track_seen else None
-    logits = model(ids, input_pos=torch.arange(ids.shape[1], device=device), last_only=True)
+    logits = model(ids, input_pos=torch.arange(ids.shape[1], device=device), last_only=True, cache=cache)
     pos = ids.shape[1]  # where the next sampled token goes
     while True:
         token = sample_next(logits[:, -1, :vocab_size], params, generator, seen)
@@ -148,7 +148,7 @@ def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingP
             return
         if track_seen:
             seen = torch.cat((seen, token[:, None]), dim=1)
-        logits = model(token[:, None], input_pos=torch.tensor([pos], device=device))
+        logits = model(token[:, None], input_pos=torch.tensor([pos], device=device), cache=cache)
         pos += 1
 
 

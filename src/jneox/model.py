@@ -186,29 +186,24 @@ class GPTNeoX(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.caches: list[KVCache] | None = None
 
     # ---- KV cache --------------------------------------------------------------------------
-    def setup_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Preallocate the KV cache for ``batch`` rows of up to ``max_len`` positions."""
+    def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """A KV cache (one :class:`KVCache` per layer) for ``batch`` rows of up to ``max_len`` positions,
+        to pass to :meth:`forward`. The model keeps no cache itself: whoever decodes owns it."""
         c = self.config
         max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
         dtype = dtype or self.norm_f.weight.dtype  # the activations' dtype (weights may be packed)
         device = self.norm_f.weight.device
-        if (self.caches and self.caches[0].k.shape[0] >= batch and self.caches[0].max_len >= max_len
-                and self.caches[0].k.dtype == dtype):
-            return  # the existing one is big enough
-        self.caches = [KVCache(batch, c.num_heads, max_len, c.head_dim, dtype, device) for _ in range(c.num_layers)]
-
-    def clear_cache(self) -> None:
-        self.caches = None
+        return [KVCache(batch, c.num_heads, max_len, c.head_dim, dtype, device) for _ in range(c.num_layers)]
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T).
 
         Without ``input_pos`` the call is a plain causal pass (training, scoring). With it, keys and
-        values go to the KV cache (``setup_cache`` first): ``input_pos`` is (T,) when every row is at
+        values go to ``cache`` (from :meth:`new_cache`): ``input_pos`` is (T,) when every row is at
         the same positions, or (B, T) when each row has its own. ``last_only`` returns only the
         last position's logits, which is all a prefill needs.
         """
@@ -218,14 +213,14 @@ class GPTNeoX(nn.Module):
         if input_pos is None:
             positions = torch.arange(T, device=idx.device)
         else:
-            if self.caches is None:
-                raise RuntimeError("call setup_cache() before decoding with input_pos")
+            if cache is None:
+                raise ValueError("decoding with input_pos needs a KV cache: pass cache=model.new_cache(...)")
             positions = input_pos
             end = int(input_pos.max()) + 1
-            if end > self.caches[0].max_len or B > self.caches[0].k.shape[0]:
-                raise ValueError(f"KV cache holds {self.caches[0].k.shape[0]} rows x {self.caches[0].max_len} "
+            if end > cache[0].max_len or B > cache[0].k.shape[0]:
+                raise ValueError(f"KV cache holds {cache[0].k.shape[0]} rows x {cache[0].max_len} "
                                  f"positions; asked for {B} rows up to position {end - 1}")
-            caches = self.caches
+            caches = cache
             uniform_from_zero = input_pos.dim() == 1 and int(input_pos[0]) == 0
             if not (uniform_from_zero or (T == 1 and input_pos.dim() == 1)):
                 keys = torch.arange(end, device=idx.device)
@@ -236,8 +231,8 @@ class GPTNeoX(nn.Module):
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dims) for per-row positions
         x = self.embed(idx)
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, cos, sin, input_pos, cache, end, mask)
+        for block, layer_cache in zip(self.blocks, caches):
+            x = block(x, cos, sin, input_pos, layer_cache, end, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm_f(x))

@@ -285,5 +285,4 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, 
                               requires_grad=False)
     model.embed = new
     model.weight_format, model.group_size = fmt, group_size
-    model.clear_cache()
     return model.eval()

@@ -103,10 +103,8 @@ class Engine:
         # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
         # linear layer widen its whole weight for one matrix multiply, for each new request)
         self.prefill_chunk = kernel_prompt_rows() if self.device.type == "cpu" else self.window
-        model.clear_cache()
         # zero-filled and touched only where written, so unused positions cost no memory
-        model.setup_cache(max_batch, self.window)
-        self.caches: list[KVCache] = model.caches
+        self.caches: list[KVCache] = model.new_cache(max_batch, self.window)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
@@ -237,10 +235,11 @@ class Engine:
         if p.repetition_penalty != 1.0:
             seq.seen = ids
         t0, c0 = time.perf_counter(), time.thread_time()
-        self.model.caches = self._rows(seq.slot, seq.slot + 1)
+        rows = self._rows(seq.slot, seq.slot + 1)
         for a in range(0, ids.shape[1], self.prefill_chunk):
             b = min(a + self.prefill_chunk, ids.shape[1])
-            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True)
+            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True,
+                                cache=rows)
         seq.pos = ids.shape[1]
         self._take(seq, logits[:, -1])
         self.counters["prefill_tokens"] += ids.shape[1]
@@ -259,8 +258,7 @@ class Engine:
         logits = []
         for a in range(0, rows, MAX_KERNEL_ROWS):
             b = min(a + MAX_KERNEL_ROWS, rows)
-            self.model.caches = self._rows(a, b)
-            logits.append(self.model(tokens[a:b], input_pos=positions[a:b])[:, -1])
+            logits.append(self.model(tokens[a:b], input_pos=positions[a:b], cache=self._rows(a, b))[:, -1])
         logits = torch.cat(logits)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(running))
