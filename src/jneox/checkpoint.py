@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .config import ConfigError, ModelConfig
+from .export.tokenizer_json import write_hf_tokenizer
 from .model import GPTNeoX, meta_model
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -314,8 +315,12 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
 
 def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
          device: str | torch.device = "cpu", weights: str | None = None) -> tuple[GPTNeoX, Tokenizer]:
-    """Model and tokenizer of a checkpoint folder or hub id, checked against each other.
-    ``dtype`` / ``weights`` as in :func:`load_model`."""
+    """Model and tokenizer of a checkpoint folder, hub id or GGUF file, checked against each other.
+    ``dtype`` / ``weights`` as in :func:`load_model` (for GGUF: :func:`jneox.export.gguf.load_gguf`)."""
+    if str(path_or_id).endswith(".gguf"):
+        from .export.gguf import load_gguf_with_tokenizer
+
+        return load_gguf_with_tokenizer(path_or_id, dtype=dtype or torch.float32, weights=weights, device=device)
     folder = resolve(path_or_id)
     load_config(folder)  # cheap checks first: a bad folder fails before gigabytes are read
     tokenizer = load_tokenizer(folder)
@@ -366,6 +371,7 @@ def save(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.Pa
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             _write_tokenizer_config(tmp)
+            write_hf_tokenizer(tmp)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -393,6 +399,7 @@ def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: s
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             _write_tokenizer_config(tmp)
+            write_hf_tokenizer(tmp)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
