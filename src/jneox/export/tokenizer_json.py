@@ -5,10 +5,16 @@ collapses runs of spaces and maps characters outside the vocabulary to ``<unk>``
 Interop). The file written here reproduces sentencepiece instead, read from the model's own
 normalizer and trainer specs:
 
-- a Unigram model with sentencepiece's scores and byte fallback. Pieces that sentencepiece never
-  matches in text (control, unknown, unused and byte pieces: they are not in its trie) get a score
-  far below every real piece, so that ``tokenizers`` (which matches every vocabulary entry) never
-  picks them either.
+- a Unigram model with sentencepiece's scores and byte fallback. sentencepiece never matches
+  control, unknown, unused or byte pieces in text (they are not in its trie); ``tokenizers`` matches
+  every vocabulary entry, so these get a score far below every real piece. (Renaming them out of
+  reach does not work: byte fallback finds byte pieces by name, and an added special token takes the
+  model's id of its name.) One difference remains, because ``tokenizers`` puts its unknown-character
+  penalty below the lowest score: literal text such as "</s>" or "<0x41>" in which a character is
+  outside the vocabulary becomes that one piece. Trained vocabularies hold "<", ">", "/" and the hex
+  digits, so this needs a tiny vocabulary (measured: the tests' 643-piece one).
+- ``split_special_tokens`` in tokenizer_config.json, so that transformers does not turn a literal
+  "</s>" in text into the end-of-sequence id either (sentencepiece reads it as text).
 - a normalizer with exactly sentencepiece's steps: its precompiled character map, its whitespace
   options (dummy prefix, removal of extra spaces) and " " -> "▁". Models that use jneox's ``<NL>``
   symbol also map ``\\r\\n`` and ``\\n`` to ``<NL>``, as :meth:`jneox.Tokenizer.encode` does.
