@@ -359,6 +359,24 @@ def _greedy_llama(path: Path, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def assert_same_greedy(path: Path, model: GPTNeoX, ids: list[int], n: int) -> None:
+    """llama.cpp's greedy tokens equal jneox's, step by step (teacher-forced on llama.cpp's sequence).
+
+    llama.cpp rounds the activations to the weights' type (f16 or bf16) in its dot products, jneox
+    keeps them fp32; a step where jneox's top two logits are within 1% of the logits' standard
+    deviation may go either way (measured: one such step, a gap of 0.003 at std 1.5, in the bf16 run
+    of the sequential config) and is accepted; every other step must pick jneox's token.
+    """
+    got = _greedy_llama(path, ids, n)
+    assert len(got) == n
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + got]))[0, len(ids) - 1: -1]
+    for step, (token, row) in enumerate(zip(got, logits)):
+        best = int(row.argmax())
+        assert token == best or float(row[best] - row[token]) < 0.01 * float(row.std()), \
+            f"step {step}: llama.cpp {token}, jneox {best} (logit gap {float(row[best] - row[token]):.4f})"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("type", ["f16", "bf16"])
 @pytest.mark.parametrize("config", ["sequential", "parallel-partial-rotary", "tied-no-attn-bias-tanh"])
@@ -370,7 +388,7 @@ def test_llama_cpp_greedy_equals_jneox(tmp_path, spiece_model, type, config):
     path = export_gguf(folder, tmp_path / "m.gguf", type)
     ids = jneox.Tokenizer(spiece_model).encode("吾輩は猫である。名前はまだ無い。")
     jneox_model, _ = jneox.load(path)
-    assert _greedy_llama(path, ids, 24) == _greedy_jneox(jneox_model, ids, 24)
+    assert_same_greedy(path, jneox_model, ids, 24)
 
 
 @pytest.mark.slow
@@ -383,4 +401,4 @@ def test_llama_cpp_greedy_equals_jneox_demo_model(tmp_path, type):
     path = export_gguf(demo, tmp_path / "demo.gguf", type)
     model, tok = jneox.load(path)
     ids = tok.encode(jneox.format_prompt([("ユーザー", "日本の首都はどこですか？")]))
-    assert _greedy_llama(path, ids, 32) == _greedy_jneox(model, ids, 32)
+    assert _greedy_llama(path, ids, 32) == _greedy_jneox(model, ids, 32)  # measured: no near tie here
