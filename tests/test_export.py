@@ -22,24 +22,16 @@ ADVERSARIAL = json.loads((DATA / "tokenizer_adversarial.json").read_text(encodin
 
 
 def corpus_texts() -> list[str]:
-    """Every line of the test text and of the demo recipe's conversations, and each file whole."""
-    docs = [(DATA / "ja_sample.txt").read_text(encoding="utf-8")]
-    for f in sorted((ROOT / "recipes" / "demo" / "data").rglob("*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                docs.append("\n".join(_strings(json.loads(line))))
+    """Every line of the test text and of the demo recipe's conversations, and each file whole
+    (read as benchmarks/tokenizer_agreement.py reads its corpus)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenizer_agreement", ROOT / "benchmarks" / "tokenizer_agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    docs = [agreement.read_document(f)
+            for f in agreement.corpus([str(DATA / "ja_sample.txt"), str(ROOT / "recipes" / "demo" / "data")], 0)]
     return [line for d in docs for line in d.splitlines() if line.strip()] + docs
-
-
-def _strings(obj):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
 
 
 @pytest.fixture(scope="module", params=["demo", "trained"])
