@@ -180,9 +180,9 @@ def _add_vocab(w, spiece: Path, config: ModelConfig, tokenizer: str) -> None:
     embedding) become unused tokens so that the token count equals vocab_size, as llama.cpp requires."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from .tokenizer_json import _model_proto
+    from .tokenizer_json import model_proto
 
-    proto = _model_proto(spiece)
+    proto = model_proto(spiece)
     T = _gguf().TokenType
     Piece = pb.ModelProto.SentencePiece
     types = {Piece.NORMAL: T.NORMAL, Piece.UNKNOWN: T.UNKNOWN, Piece.CONTROL: T.CONTROL,

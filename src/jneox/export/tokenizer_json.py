@@ -40,7 +40,8 @@ _NEVER = -1.0e6
 _SPACE = "\u2581"
 
 
-def _model_proto(spiece: Path):
+def model_proto(spiece: Path):
+    """The parsed ModelProto of a sentencepiece model file (pieces, trainer and normalizer specs)."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -61,7 +62,7 @@ def build_tokenizer(spiece: str | os.PathLike):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     spiece = Path(spiece)
-    proto = _model_proto(spiece)
+    proto = model_proto(spiece)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     Piece = pb.ModelProto.SentencePiece
     if trainer.model_type != pb.TrainerSpec.UNIGRAM:
