@@ -135,3 +135,19 @@ def test_sampled_tokens_follow_the_model_distribution(tmp_path):
         guesses, _ = draft.propose(prompt, 2, params, None, torch.Generator().manual_seed(seed))
         kept[guesses[0], guesses[1]] += 1
     assert 0.5 * (kept / n - exact).abs().sum() > bound
+
+
+def test_cli_speculate_flag(tiny_checkpoint, tmp_path, capsys):
+    from jneox.cli import main
+
+    args = ["generate", "--model", str(tiny_checkpoint), "--temperature", "0", "--max-new-tokens", "16", "吾輩は猫である"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculate", "lookup", "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--speculate", str(tiny_checkpoint)]) == 0  # the model as its own draft
+    assert capsys.readouterr().out == plain
+    # a draft with another tokenizer would propose ids that mean other text: refused, with the reason
+    other = save_hf(make_hf_model(seed=2), tmp_path / "other", spiece=DEMO / "spiece.model")
+    assert main([*args, "--speculate", str(other)]) == 2
+    assert "same tokenizer" in capsys.readouterr().err
