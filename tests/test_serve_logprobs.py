@@ -238,12 +238,15 @@ def test_lm_eval_local_completions_scores_as_a_direct_computation(demo_live, tmp
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
     import jneox
 
     task = yaml.safe_load((DATA / "lm_eval_mc.yaml").read_text(encoding="utf-8"))
     task["dataset_kwargs"]["data_files"]["test"] = str(DATA / "lm_eval_mc.jsonl")  # the YAML's is relative to the repo
     window = demo_live.engine.window
     results = lm_eval.simple_evaluate(
+        task_manager=TaskManager(include_defaults=False),  # indexing lm-eval's own tasks takes ~30 s
         model="local-completions",
         model_args={"base_url": demo_live.url + "/v1/completions", "model": "demo", "tokenizer_backend": "remote",
                     "max_length": window, "auth_token": API_KEY, "header": AUTH},
