@@ -65,6 +65,13 @@ def test_echo_scores_the_prompt_as_a_forward_pass_and_transformers_do(live, refe
         assert top[lp["tokens"][i]] == lp["token_logprobs"][i]
 
 
+def test_echo_of_a_one_token_prompt(live, reference):
+    _, tokenizer = reference
+    ids = tokenizer.encode("吾")[:1]
+    lp = post(live, "/v1/completions", {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert lp["choices"][0]["logprobs"]["token_logprobs"] == [None]
+
+
 def test_echo_text_offsets_and_tokens(live, reference):
     _, tokenizer = reference
     ids = tokenizer.encode(TEXT)

@@ -289,12 +289,13 @@ def parse_completion(body: dict, tokenizer, window: int) -> list[GenerationReque
     if stream[0] and len(prompts) > 1:
         raise bad(f"stream with {len(prompts)} prompts is not supported: send one prompt per streamed request",
                   "stream", "unsupported")
-    # max_tokens 0 with echo (lm-eval's scoring request): score the prompt, generate nothing
+    # max_tokens 0 with echo and logprobs (vLLM's scoring request): score the prompt, generate nothing
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    score_only = echo and logprobs is not None and body.get(name) == 0 and not isinstance(body.get(name), bool)
+    zero = type(body.get(name)) is int and body[name] == 0
+    score_only = zero and echo and logprobs is not None
     if score_only:
         body = {**body, name: None}  # the rest is checked as for any request
-    elif body.get(name) == 0 and not isinstance(body.get(name), bool):
+    elif zero:
         raise bad(f"{name} must be >= 1 (0, to score the prompt only, needs echo: true and logprobs)", name,
                   "invalid_value")
     reqs = []

@@ -322,7 +322,7 @@ class Engine:
         models compute). Alternatives come from the tokenizer's ids, which are all the sampler draws."""
         n = len(targets)
         lp = torch.log_softmax(logits[:n].float(), dim=-1)
-        chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+        chosen = lp.gather(-1, torch.tensor(targets, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
         top_v, top_i = lp[:, : self.vocab_size].topk(k, dim=-1)
         top_v, top_i = top_v.tolist(), top_i.tolist()
         return [TokenLogprob(t, c, list(zip(ti, tv))) for t, c, ti, tv in zip(targets, chosen, top_i, top_v)]
