@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $JNEOX_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
+                        "(default: $JNEOX_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
