@@ -44,7 +44,8 @@ class Live:
         self.engine.stop()
 
 
-def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True) -> Live:
+def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True, **app_options) -> Live:
+    """``app_options``: create_app's keyword options (request_timeout, cors_origins, ...)."""
     import uvicorn
 
     import jneox
@@ -54,7 +55,7 @@ def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_e
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     if start_engine:
         engine.start()
-    app = create_app(engine, model_id="tiny", api_key=api_key)
+    app = create_app(engine, model_id="tiny", api_key=api_key, **app_options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
