@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import QUESTIONS, free_port  # noqa: E402
+from serve_load import QUESTIONS, launch_server  # noqa: E402
 
 WELL_FORMED = ("stream", "complete", "disconnect", "burst")
 # kind: weight in the mix (a burst is many requests at once: it is drawn rarely)
@@ -226,25 +226,9 @@ def summarize(result: dict) -> dict:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "jneox", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-queue", str(args.max_queue), "--log-level", "error", "--threads", str(args.threads)]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit("the server did not come up within 5 minutes")
+    opts = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--log-level", "error",
+            "--threads", str(args.threads)]
+    return launch_server(opts + (["--model", args.model] if args.model else []), timeout=300)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = summary = summarize(result)
     result["server_exit"] = rc
     what = args.model or "the demo model"
-    print(f"\njneox serve soak ({what}; {args.seconds:g} s after a {result['warmup_s']:g} s warm-up; seed {args.seed}; "
-          f"{args.clients} clients; --max-batch {args.max_batch} --max-queue {args.max_queue})\n")
+    print(f"\njneox serve soak ({what}; {args.seconds:g} s, of which the first {result['warmup_s']:g} s are a warm-up "
+          f"before the first RSS reading; seed {args.seed}; {args.clients} clients; --max-batch {args.max_batch} "
+          f"--max-queue {args.max_queue})\n")
     names = ["200", "429", "4xx", "5xx", "left", "hung"]
     print("| client kind | requests | " + " | ".join(names) + " | other |")
     print("|---|" + "---:|" * (len(names) + 2))

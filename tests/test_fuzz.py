@@ -42,7 +42,7 @@ def check_openai_error(e: APIError) -> None:
     json.dumps(e.body())  # it can be sent
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=BODIES)
 def test_parser_answers_any_json_with_a_request_or_a_4xx(tokenizer, body):
     raw = json.dumps(body).encode()  # as a client sends it (ensure_ascii: lone surrogates as \ud800 escapes)
@@ -87,7 +87,7 @@ def card_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace(NL, "\n").replace("\u2581", " ")
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(text=MIXED)
 def test_tokenizer_round_trips_any_text(tokenizer, text):
     ids = tokenizer.encode(text)

@@ -42,6 +42,10 @@ class Unavailable(RuntimeError):
     """The engine takes no more requests: it is shutting down, or its thread stopped after an error."""
 
 
+ENGINE_FAILED = "the generation engine stopped after an internal error (see the server log)"
+SHUTTING_DOWN = "the server is shutting down"
+
+
 @dataclass
 class Event:
     """What a request hears from the engine: a text piece, then one final event (``finish_reason`` set,
@@ -175,9 +179,9 @@ class Engine:
         seq = Request(list(prompt_ids), params, on_event)
         with self.cond:
             if self.failed:
-                raise Unavailable("the generation engine stopped after an internal error (see the server log)")
+                raise Unavailable(ENGINE_FAILED)
             if self.stopping or self.draining or self.finished:
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(SHUTTING_DOWN)
             if self.running_count() + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_batch} requests are running and {len(self.waiting)} waiting "
                                 f"(--max-queue {self.max_queue})")
@@ -207,12 +211,12 @@ class Engine:
         """The engine thread. Whatever ends it (stop, or an error outside one request's step: a bug in
         admission or cancellation), every request still queued or running hears a final error event,
         and ``submit`` refuses from then on, so no client waits for an answer that cannot come."""
-        reason = "the server is shutting down"
+        reason = SHUTTING_DOWN
         try:
             self._serve_forever()
         except BaseException:
             traceback.print_exc()
-            reason = "the generation engine stopped after an internal error (see the server log)"
+            reason = ENGINE_FAILED
             with self.cond:
                 self.failed = True
         finally:
