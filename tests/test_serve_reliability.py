@@ -224,13 +224,22 @@ sys.exit(main())
 def drain_on_signal(checkpoint, sig) -> tuple[list, list]:
     """Start the slowed `jneox serve`, start a short and a long stream, send ``sig`` while both run: a
     new request meanwhile gets 503, /health says draining, and the process exits 0. Returns the lines
-    of both streams."""
+    of both streams. (The command's other options are checked on the way.)"""
     proc, url = spawn_serve([sys.executable, "-c", SLOW_SERVE, "serve", "--model", str(checkpoint),
-                             "--api-key", API_KEY, "--log-level", "warning", "--shutdown-timeout", "3"])
+                             "--api-key", API_KEY, "--log-level", "warning", "--shutdown-timeout", "3",
+                             "--default-max-tokens", "60", "--allowed-host", "box.example",
+                             "--cors-origin", "https://app.example", "--request-timeout", "60"])
     try:
+        port = url.rsplit(":", 1)[1]
+        assert httpx.get(url + "/health", headers={"Host": f"box.example:{port}"}, timeout=5).status_code == 200
+        assert httpx.get(url + "/health", headers={"Host": f"other.example:{port}"}, timeout=5).status_code == 400
+        preflight = httpx.options(url + COMPLETIONS, timeout=5, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
         short, long = [], []
         common = {"prompt": "川", "temperature": 0.8, "seed": 3}
-        threads = [threading.Thread(target=read_stream, args=(url, {**common, "max_tokens": 60}, short, 30)),
+        short_body = {**common, "stream_options": {"include_usage": True}}  # --default-max-tokens: 60
+        threads = [threading.Thread(target=read_stream, args=(url, short_body, short, 30)),
                    threading.Thread(target=read_stream, args=(url, {**common, "max_tokens": 450}, long, 30))]
         for t in threads:
             t.start()
@@ -257,7 +266,8 @@ def test_sigterm_and_sigint_drain_running_streams_then_exit_0(serve_checkpoint):
         runs = list(pool.map(lambda sig: drain_on_signal(serve_checkpoint, sig), [signal.SIGTERM, signal.SIGINT]))
     for short, long in runs:
         assert short[0] == 200 and short[-1] == "data: [DONE]"
-        assert json.loads(short[-2][6:])["choices"][0]["finish_reason"] == "length"  # finished in the drain
+        assert json.loads(short[-3][6:])["choices"][0]["finish_reason"] == "length"  # finished in the drain
+        assert json.loads(short[-2][6:])["usage"]["completion_tokens"] == 60
         assert long[0] == 200 and long[-1] == "data: [DONE]"
         assert "shutting down" in json.loads(long[-2][6:])["error"]["message"]  # cut at --shutdown-timeout
 
