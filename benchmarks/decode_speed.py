@@ -29,6 +29,7 @@ import torch
 from procstat import peak_rss_mb
 
 ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
+        "jneox-pytorch:float32", "jneox-pytorch:bfloat16", "jneox-pytorch:int8", "jneox-pytorch:int4",
         "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16",
         "llama.cpp:bf16", "llama.cpp:q8_0", "llama.cpp:q4_0"]
 # GGUF blocks of 32 weights carry their fp16 scale: 34 bytes (Q8_0), 18 bytes (Q4_0)
@@ -141,7 +142,9 @@ def run_child(row: str, args, extra: list[str]) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"running {row} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # jneox-pytorch: jneox without its native kernels (no C compiler, or JNEOX_KERNELS=0)
+    env = {**os.environ, "JNEOX_KERNELS": "0"} if row.startswith("jneox-pytorch:") else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return {"row": row, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -215,7 +218,7 @@ def main() -> None:
         extra = []
         if row == "jneox:float32":
             extra = ["--save-reference", str(reference)]
-        elif runtime in ("jneox", "llama.cpp") and reference.exists():
+        elif runtime in ("jneox", "jneox-pytorch", "llama.cpp") and reference.exists():
             extra = ["--reference", str(reference)]
         if runtime == "llama.cpp":
             extra += ["--gguf", str(work / f"gguf-L{args.layers}-{row.split(':')[1]}.gguf")]
@@ -261,8 +264,8 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 def child(args) -> dict:
     runtime, fmt = args.child.split(":")
-    fn = {"jneox": child_jneox, "transformers": child_transformers, "ctranslate2": child_ct2,
-          "llama.cpp": child_llama_cpp}[runtime]
+    fn = {"jneox": child_jneox, "jneox-pytorch": child_jneox, "transformers": child_transformers,
+          "ctranslate2": child_ct2, "llama.cpp": child_llama_cpp}[runtime]
     res = fn(args, fmt)
     res.update(row=args.child, peak_rss_gb=peak_rss_mb() / 1024)
     return res
