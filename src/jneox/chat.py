@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from .errors import JneoxError
+
 USER = "ユーザー"
 SYSTEM = "システム"
 SPEAKERS = (USER, SYSTEM)
@@ -18,7 +20,7 @@ TURN_STOP = "\n" + USER + ":"
 ROLE_TO_SPEAKER = {"user": USER, "assistant": SYSTEM}
 
 
-class ConversationError(ValueError):
+class ConversationError(JneoxError):
     pass
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .errors import JneoxError
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 MAX_KERNEL_ROWS = 16  # the native kernel always takes this many rows (decode, the server's prompt chunks)
@@ -44,7 +45,7 @@ def kernel_prompt_rows() -> int:
     return PREFILL_CHUNK if lib is not None and kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
 
 
-class QuantizationError(ValueError):
+class QuantizationError(JneoxError):
     pass
 
 
