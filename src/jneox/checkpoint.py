@@ -94,8 +94,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     hint = (f"could not get {repo_id!r} from the Hugging Face Hub ({{why}}). Download it where there is "
             f"internet (e.g. `hf download {repo_id} --local-dir DIR`) and pass the folder: --model DIR")
@@ -104,12 +104,16 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=base + ["*.safetensors"], local_files_only=True))
     except HFValidationError as e:
         raise CheckpointError(f"{repo_id!r} is not a valid hub id: {e}") from None
-    except Exception:
-        pass  # not in the local cache
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    except LocalEntryNotFoundError:
+        pass  # not in the local cache: download it
+    except OSError as e:  # a cache that cannot be read (permissions, a broken file): say so, do not guess
+        raise CheckpointError(f"{repo_id!r}: the Hugging Face cache ({constants.HF_HUB_CACHE}) cannot be read: "
+                              f"{type(e).__name__}: {e}") from None
+    if constants.HF_HUB_OFFLINE:
         raise CheckpointError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the local cache"))
-    if not _hub_reachable():
-        raise CheckpointError(hint.format(why="the hub cannot be reached from this machine"))
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise CheckpointError(hint.format(why=f"the hub cannot be reached from this machine: {unreachable}"))
     try:
         files = HfApi().list_repo_files(repo_id)
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
@@ -118,20 +122,18 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(hint.format(why=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub endpoint, so that an offline machine fails at once rather than
-    after huggingface_hub's retries."""
-    import socket
-    from urllib.parse import urlparse
-
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub endpoint cannot be reached (None if it answers), asked once through huggingface_hub's
+    own HTTP session (so HTTPS_PROXY and the hub's settings apply), so that an offline machine fails at
+    once rather than after huggingface_hub's retries."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
-    url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # the HTTP library's connection errors (requests' or httpx's, by version)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 # ---- reading weights ----------------------------------------------------------------------
