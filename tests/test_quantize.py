@@ -180,8 +180,8 @@ def test_quantized_model_logits_and_greedy_tokens(folder, fmt):
     got = list(generate_tokens(model, ids[0].tolist(), params))
     if fmt in ("float32", "bfloat16"):
         assert got == want
-    else:  # lossy formats: the greedy path may part ways eventually, but not at once
-        assert got[:4] == want[:4]
+    else:  # lossy formats: the greedy path may part ways at a near-tie, but not early (this input: all 24 agree)
+        assert got[:16] == want[:16]
 
 
 def test_loading_from_memory_map_equals_quantizing_in_memory(folder):
