@@ -300,10 +300,10 @@ def _release_pages(t: torch.Tensor) -> None:
 
 
 def _load_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
-    from .quantize import quantize_model
+    from .quantize import DEFAULT_GROUP, quantize_model
 
     model = meta_model(config)
-    quantize_model(model, quant["format"], quant.get("group_size", 64), pack=False)
+    quantize_model(model, quant["format"], quant.get("group_size", DEFAULT_GROUP), pack=False)
     expected = model.state_dict()
     state = {}
     for file in weight_files(folder):

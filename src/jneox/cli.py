@@ -6,7 +6,10 @@ import os
 import sys
 import time
 
-DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+from .checkpoint import OFFICIAL_MODEL  # (importing jneox imports torch and these modules anyway)
+from .quantize import FORMATS
+
+DTYPES = (*FORMATS, "float16")  # the packed CPU formats, and float16 for plain PyTorch
 OVERWRITE_HELP = ("replace OUT even if it is not a jneox checkpoint folder, deleting everything in it (without it, "
                   "OUT may be new, empty, or hold only a previous jneox checkpoint or run, which is replaced atomically)")
 
@@ -37,9 +40,6 @@ def _params(args):
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, stop=tuple(args.stop))
-
-
-OFFICIAL_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
 
 
 def _load(args):
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")
     p.add_argument("--model", "-m", required=True, help="float checkpoint folder or hub id")
-    p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "int8", "int4"))
+    p.add_argument("--dtype", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_quantize)
