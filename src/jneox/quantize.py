@@ -281,9 +281,9 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, 
             elif isinstance(child, nn.LayerNorm):
                 child.float()
     emb = model.embed
-    new = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim, device="meta")
-    new.weight = nn.Parameter(emb.weight.detach().to(torch.float32 if fmt == "float32" else torch.bfloat16),
-                              requires_grad=False)
-    model.embed = new
+    # given its weight, nn.Embedding skips its own initialisation (normal_ on a meta tensor imports torch._dynamo)
+    weight = emb.weight.detach().to(torch.float32 if fmt == "float32" else torch.bfloat16)
+    model.embed = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim,
+                                                                        _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
     return model.eval()
