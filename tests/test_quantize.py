@@ -26,6 +26,8 @@ def _rel(a, b):
 
 def _library(level=None):
     """The kernels (at most ``level``), or a visible skip; under CI a missing compiler is a failure."""
+    if level is not None and not kernels.simd_forcible():
+        pytest.skip("JNEOX_SIMD levels are x86-64 builds (test_kernels_c.py covers NEON and portable on ARM)")
     lib = kernels.library(level)
     if lib is None:
         if os.environ.get("CI", "").lower() == "true":
@@ -127,6 +129,7 @@ def test_every_prompt_kernel_path_is_exact_and_chunk_invariant(level, fmt, group
 def test_simd_level_comes_from_the_environment(monkeypatch):
     """JNEOX_SIMD forces the level the whole process uses (capped at the CPU's); a bad value is named."""
     native = kernels.simd_level(_library())
+    _library("portable")  # skips where levels cannot be forced
     monkeypatch.setenv("JNEOX_SIMD", "portable")
     assert kernels.simd_level(_library()) == 0
     monkeypatch.setenv("JNEOX_SIMD", "avx512bf16")
@@ -238,4 +241,4 @@ def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
     assert proc.stdout.strip() == "True"
     with torch.no_grad():
         want = load_model(folder, weights="int8")(torch.arange(4, 12)[None])
-    assert _rel(torch.load(tmp_path / "y.pt"), want) < 1e-5
+    assert _rel(torch.load(tmp_path / "y.pt"), want) < 1e-2  # PyTorch's int8 op takes bf16 activations

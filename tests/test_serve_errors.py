@@ -54,11 +54,11 @@ CASES = [
     ("seed-float", CHAT, {"messages": USER, "seed": 1.5}, 400, "seed"),
     ("stream-not-bool", CHAT, {"messages": USER, "stream": "yes"}, 400, "stream"),
     ("n-above-one", CHAT, {"messages": USER, "n": 3}, 400, "n"),
-    ("logprobs", CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs"),
+    ("logprobs-not-bool", CHAT, {"messages": USER, "logprobs": 5}, 400, "logprobs"),
     ("empty-prompt", COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     ("prompt-missing", COMPLETIONS, {"max_tokens": 3}, 400, "prompt"),
     ("prompt-wrong-type", COMPLETIONS, {"prompt": {"text": "a"}}, 400, "prompt"),
-    ("several-prompts", COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("several-prompts-streamed", COMPLETIONS, {"prompt": ["a", "b"], "stream": True}, 400, "stream"),
     ("token-id-outside-vocab", COMPLETIONS, {"prompt": [5, 10**9]}, 400, "prompt"),
     ("body-too-large", COMPLETIONS, b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, None),
 ]

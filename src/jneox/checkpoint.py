@@ -233,6 +233,7 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
     """
     from .quantize import FORMATS, quantize_model
 
+    torch_device(device)
     folder = resolve(path_or_id)
     config = load_config(folder)
     if weights is not None and weights not in FORMATS:

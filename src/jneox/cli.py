@@ -32,6 +32,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128, the card's")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+    p.add_argument("--speculate", metavar="lookup|DRAFT", help="speculative decoding, same output, fewer passes: "
+                   "'lookup' guesses tokens copied from the context; a folder or hub id names a smaller draft "
+                   "model with the same tokenizer")
+    p.add_argument("--draft-tokens", type=int, default=5, help="guesses checked per pass (default: 5)")
 
 
 def _params(args):
@@ -63,6 +67,20 @@ def _load(args):
     return load(target, **load_options(args.dtype, args.device))
 
 
+def _draft(args, tokenizer):
+    """--speculate as a guesser for jneox.speculative; a draft model must share the target's tokenizer."""
+    from .checkpoint import CheckpointError, load_tokenizer, resolve
+    from .speculative import make_draft
+
+    if args.speculate is None or args.speculate == "lookup":
+        return make_draft(args.speculate, args.draft_tokens)
+    folder = resolve(args.speculate)
+    if load_tokenizer(folder).path.read_bytes() != tokenizer.path.read_bytes():
+        raise CheckpointError(f"--speculate {args.speculate}: its spiece.model differs from the model's; a draft "
+                              f"model must use the same tokenizer")
+    return make_draft(str(folder), args.draft_tokens, **load_options(args.dtype, args.device))
+
+
 def load_options(dtype: str, device: str) -> dict:
     """--dtype/--device as arguments of jneox.load: packed kernels on CPU, plain PyTorch elsewhere."""
     from .checkpoint import CheckpointError
@@ -85,7 +103,7 @@ def cmd_chat(args) -> int:
 
     params = _params(args)
     model, tokenizer = _load(args)
-    session = ChatSession(model, tokenizer, params)
+    session = ChatSession(model, tokenizer, params, draft=_draft(args, tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
         print("jneox chat: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -136,7 +154,7 @@ def cmd_generate(args) -> int:
         from .chat import TURN_STOP
         params = params.with_(stop=(*params.stop, TURN_STOP))
     t0, n = time.perf_counter(), 0
-    for piece in stream(model, tokenizer, prompt, params):
+    for piece in stream(model, tokenizer, prompt, params, draft=_draft(args, tokenizer)):
         n += 1
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -324,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $JNEOX_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
+                        "(default: $JNEOX_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")

@@ -46,9 +46,15 @@ SIGNATURES = {
 
 
 # JNEOX_SIMD level -> what jneox_kernels_simd() returns, and the flags that cap -march=native there
+# (x86-64 only: elsewhere the build is -march=native, e.g. NEON on 64-bit ARM, level 1)
 SIMD_LEVELS = {"portable": 0, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 _CAP_FLAGS = {"portable": ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c"], "avx2": ["-mno-avx512f"],
               "avx512": ["-mno-avx512bf16"], "avx512bf16": []}
+
+
+def simd_forcible() -> bool:
+    """Whether JNEOX_SIMD can cap the build on this machine (x86-64)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 
 
 def requested_simd() -> str | None:
@@ -106,8 +112,7 @@ def build(compiler: str | None = None, level: str | None = None) -> Path:
         [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not command:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-    flags = FLAGS + (_CAP_FLAGS[level] if level is not None and x86 else [])
+    flags = FLAGS + (_CAP_FLAGS[level] if level is not None and simd_forcible() else [])
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command + flags + LIBS).encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     folder = _cache_folder()

@@ -1,8 +1,8 @@
 """The OpenAI request fields jneox understands, checked by hand so every mistake gets a 4xx that names it.
 
 OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. Unknown fields are
-ignored (clients send many); fields jneox cannot honour (``n`` > 1, ``logprobs``, non-zero
-frequency/presence penalties, ``echo``) are refused rather than silently ignored.
+ignored (clients send many); fields jneox cannot honour (``n`` > 1, non-zero frequency/presence
+penalties, ``echo`` in chat, ``stream`` with several prompts) are refused rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..generate import SamplingParams
 MAX_BODY_BYTES = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit for both endpoints)
 SYSTEM_ROLES = ("system", "developer")
 
 
@@ -115,11 +116,6 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0) != 0:
             raise bad(f"{name} is not supported; use repetition_penalty (> 1 penalizes repeats)", name, "unsupported")
-    lp = body.get("logprobs")
-    if lp not in (None, False, 0):
-        raise bad("logprobs are not supported", "logprobs", "unsupported")
-    if body.get("echo") not in (None, False):
-        raise bad("echo is not supported", "echo", "unsupported")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"model must be a string, got {_type_name(model)}", "model", "invalid_type")
@@ -133,6 +129,9 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k best alternatives
+    echo: bool = False  # the answer starts with the prompt (and its tokens' logprobs, if asked for)
+    generate: bool = True  # False: max_tokens 0 with echo, the prompt is only scored
 
 
 def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
@@ -229,33 +228,79 @@ def chat_utterances(messages) -> list[Utterance]:
     return utts
 
 
+def _chat_logprobs(body: dict) -> int | None:
+    """``logprobs: true`` and ``top_logprobs`` (0-20, needs logprobs) as a count of alternatives."""
+    top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if not _bool(body, "logprobs"):
+        if top is not None:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+        return None
+    return top or 0
+
+
 def parse_chat(body: dict, tokenizer, window: int) -> GenerationRequest:
     _refuse_unsupported(body)
+    if body.get("echo") not in (None, False):
+        raise bad("echo is not supported in chat; use /v1/completions", "echo", "unsupported")
+    logprobs = _chat_logprobs(body)
     prompt = format_prompt(chat_utterances(body.get("messages")))
     ids = tokenizer.encode(prompt)
     # the model sometimes writes the user's next turn itself: the answer ends there
     params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages")
-    return GenerationRequest(ids, params, *_stream_options(body))
+    return GenerationRequest(ids, params, *_stream_options(body), logprobs=logprobs)
 
 
-def parse_completion(body: dict, tokenizer, window: int) -> GenerationRequest:
+def token_ids(v, tokenizer, param: str) -> list[int]:
+    """A non-empty array of token ids in the tokenizer's vocabulary."""
+    if not (isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)):
+        raise bad(f"{param} must be a non-empty array of token ids, got {_type_name(v)}", param,
+                  "missing" if v is None else "invalid_type")
+    outside = [t for t in v if not 0 <= t < tokenizer.vocab_size]
+    if outside:
+        raise bad(f"{param}: token id {outside[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", param,
+                  "invalid_value")
+    return list(v)
+
+
+def _prompts(p, tokenizer) -> list[list[int]]:
+    """The completions ``prompt``: a string, token ids, or an array of either (one answer each)."""
+    if isinstance(p, str):
+        return [tokenizer.encode(p)]
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return [token_ids(p, tokenizer, "prompt")]
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        return [tokenizer.encode(x) if isinstance(x, str) else token_ids(x, tokenizer, f"prompt[{i}]")
+                for i, x in enumerate(p)]
+    if p is None:
+        raise bad("prompt is required", "prompt", "missing")
+    raise bad("prompt must be a string, an array of token ids, or an array of strings or of token id arrays "
+              "(one answer each)", "prompt", "invalid_type")
+
+
+def parse_completion(body: dict, tokenizer, window: int) -> list[GenerationRequest]:
+    """One request per prompt (``prompt`` may hold several; they are answered as ``choices[i]``)."""
     _refuse_unsupported(body)
     if body.get("suffix") is not None:
         raise bad("suffix is not supported", "suffix", "unsupported")
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-        p = p[0]
-    if isinstance(p, str):
-        ids = tokenizer.encode(p)
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        bad_ids = [t for t in p if not 0 <= t < tokenizer.vocab_size]
-        if bad_ids:
-            raise bad(f"prompt token id {bad_ids[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
-                      "prompt", "invalid_value")
-        ids = list(p)
-    elif p is None:
-        raise bad("prompt is required", "prompt", "missing")
-    else:
-        raise bad("prompt must be a string, an array with one string, or an array of token ids "
-                  "(one prompt per request)", "prompt", "invalid_type")
-    return GenerationRequest(ids, sampling(body, len(ids), window), *_stream_options(body))
+    logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    echo = _bool(body, "echo")
+    stream = _stream_options(body)
+    prompts = _prompts(body.get("prompt"), tokenizer)
+    if stream[0] and len(prompts) > 1:
+        raise bad(f"stream with {len(prompts)} prompts is not supported: send one prompt per streamed request",
+                  "stream", "unsupported")
+    # max_tokens 0 with echo and logprobs (vLLM's scoring request): score the prompt, generate nothing
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    zero = type(body.get(name)) is int and body[name] == 0
+    score_only = zero and echo and logprobs is not None
+    if score_only:
+        body = {**body, name: None}  # the rest is checked as for any request
+    elif zero:
+        raise bad(f"{name} must be >= 1 (0, to score the prompt only, needs echo: true and logprobs)", name,
+                  "invalid_value")
+    reqs = []
+    for i, ids in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        reqs.append(GenerationRequest(ids, sampling(body, len(ids), window, prompt_param=param), *stream,
+                                      logprobs=logprobs, echo=echo, generate=not score_only))
+    return reqs

@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -39,15 +39,29 @@ class QueueFull(RuntimeError):
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model and its ``top`` alternatives ((id, logprob), most
+    likely first). The first prompt token has ``logprob`` None: nothing predicts it."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Event:
     """What a request hears from the engine: a text piece, then one final event (``finish_reason`` set,
-    or ``error`` set)."""
+    or ``error`` set). With logprobs asked for, ``logprobs`` holds the generated tokens released with
+    this event (a token whose text is still held back comes with a later one) and the first event
+    ``prompt_logprobs`` (``echo``)."""
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def final(self) -> bool:
@@ -71,6 +85,10 @@ class Request:
     next_token: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k best alternatives
+    prompt_logprobs: bool = False  # score the prompt's tokens too (echo)
+    generate: bool = True  # False: score the prompt only (max_tokens 0), generate nothing
+    pending: list[TokenLogprob] = field(default_factory=list)  # generated tokens' logprobs not yet sent
 
 
 class _RowsView(KVCache):
@@ -133,10 +151,21 @@ class Engine:
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
-        """Queue a request; raises ValueError for a prompt that does not fit and QueueFull when full."""
-        check_prompt_fits(self.model, len(prompt_ids))
-        seq = Request(list(prompt_ids), params, on_event)
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
+               logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True) -> Request:
+        """Queue a request; raises ValueError for a prompt that does not fit and QueueFull when full.
+
+        ``logprobs`` (k >= 0) adds each generated token's log-probability and its k most likely
+        alternatives to the events; ``prompt_logprobs`` also those of the prompt's tokens (first event);
+        ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``)."""
+        if generate:
+            check_prompt_fits(self.model, len(prompt_ids))
+        elif not prompt_logprobs or logprobs is None:
+            raise ValueError("a request that generates nothing must ask for the prompt's logprobs")
+        elif not 0 < len(prompt_ids) <= self.window:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; 1 to {self.window} can be scored")
+        seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
+                      prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate)
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
@@ -217,6 +246,11 @@ class Engine:
         except Exception:  # the listener is gone; nothing to tell it
             seq.cancelled = True
 
+    @staticmethod
+    def _released(seq: Request) -> list[TokenLogprob]:
+        out, seq.pending = seq.pending, []
+        return out
+
     def _rows(self, a: int, b: int) -> list[KVCache]:
         return [_RowsView(c, a, b) for c in self.caches]
 
@@ -236,15 +270,25 @@ class Engine:
             seq.seen = ids
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = self._rows(seq.slot, seq.slot + 1)
+        scored = [TokenLogprob(seq.prompt_ids[0], None)] if seq.prompt_logprobs else None
         for a in range(0, ids.shape[1], self.prefill_chunk):
             b = min(a + self.prefill_chunk, ids.shape[1])
-            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True,
-                                cache=rows)
+            # echo: every position's logits, from the same pass that fills the cache
+            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device),
+                                last_only=scored is None, cache=rows)
+            if scored is not None:
+                scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
         seq.pos = ids.shape[1]
-        self._take(seq, logits[:, -1])
         self.counters["prefill_tokens"] += ids.shape[1]
         self.counters["prefill_s"] += time.perf_counter() - t0
         self.counters["prefill_cpu_s"] += time.thread_time() - c0
+        if scored is not None:
+            self._send(seq, Event(prompt_logprobs=scored))
+        if not seq.generate:
+            self._free(seq)
+            self._send(seq, Event(finish_reason="length", prompt_tokens=len(seq.prompt_ids)))
+            return
+        self._take(seq, logits[:, -1])
 
     def _decode_step(self, running: list[Request]) -> None:
         """One new token for every running request, rows at their own positions."""
@@ -269,21 +313,37 @@ class Engine:
         self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_cpu_s"] += time.thread_time() - c0
 
+    def _logprobs(self, logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
+        """Log-probabilities of ``targets[i]`` under ``logits[i]`` (rows past the targets are ignored) and
+        the ``k`` most likely tokens of each row.
+
+        The model's distribution: log-softmax of the raw logits over the model's whole output, before
+        repetition penalty, temperature, top-k or top-p (what a direct forward pass and lm-eval's own
+        models compute). Alternatives come from the tokenizer's ids, which are all the sampler draws."""
+        n = len(targets)
+        lp = torch.log_softmax(logits[:n].float(), dim=-1)
+        chosen = lp.gather(-1, torch.tensor(targets, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+        top_v, top_i = lp[:, : self.vocab_size].topk(k, dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        return [TokenLogprob(t, c, list(zip(ti, tv))) for t, c, ti, tv in zip(targets, chosen, top_i, top_v)]
+
     def _take(self, seq: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
         p = seq.params
         token = sample_next(logits[:, : self.vocab_size], p, seq.generator, seq.seen)
         t = int(token)
         seq.completion_tokens += 1
+        if seq.logprobs is not None:
+            seq.pending += self._logprobs(logits, [t], seq.logprobs)
         piece = seq.text.push(t)
         if not seq.text.done and seq.pos + 1 >= seq.total:
             piece += seq.text.finish("length")
         if piece:
-            self._send(seq, Event(text=piece))
+            self._send(seq, Event(text=piece, logprobs=self._released(seq)))
         if seq.text.done:  # the slot is free before the client hears that the answer is complete
             self._free(seq)
             self._send(seq, Event(finish_reason=seq.text.finish_reason, prompt_tokens=len(seq.prompt_ids),
-                                  completion_tokens=seq.completion_tokens))
+                                  completion_tokens=seq.completion_tokens, logprobs=self._released(seq)))
             return
         seq.next_token = t
         if seq.seen is not None:
