@@ -316,8 +316,25 @@ def cmd_serve(args) -> int:
     else:
         model_id = Path(default_model() or "jneox").name
     serve(model, tokenizer, model_id=model_id, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level)
+          max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
+          allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
+          request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
+          default_max_tokens=args.default_max_tokens)
     return 0
+
+
+def _non_negative(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (info logs every request)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host header is NAME (may be repeated; '*': any). By default "
+                        "only the --host address (and localhost on loopback) is, which stops DNS rebinding")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://example.com; '*': any) call the API "
+                        "(may be repeated; default: none)")
+    p.add_argument("--request-timeout", type=_non_negative, default=0, metavar="S",
+                   help="end a request that has not finished after S seconds, queueing included (default 0: no limit)")
+    p.add_argument("--shutdown-timeout", type=_non_negative, default=30, metavar="S",
+                   help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
+    p.add_argument("--default-max-tokens", type=_positive_int, metavar="N",
+                   help="longest answer when a request gives no max_tokens (default 512; never past the window)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")

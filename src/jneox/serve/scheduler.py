@@ -38,6 +38,14 @@ class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is full: the caller should retry later."""
 
 
+class Unavailable(RuntimeError):
+    """The engine takes no more requests: it is shutting down, or its thread stopped after an error."""
+
+
+ENGINE_FAILED = "the generation engine stopped after an internal error (see the server log)"
+SHUTTING_DOWN = "the server is shutting down"
+
+
 @dataclass
 class TokenLogprob:
     """One token's log-probability under the model and its ``top`` alternatives ((id, logprob), most
@@ -127,6 +135,9 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.draining = False  # shutting down gracefully: running and waiting requests finish, no new ones
+        self.failed = False  # the engine thread stopped after an error outside any one request's step
+        self.finished = False  # the engine thread has ended: nothing will ever be answered again
         self.thread: threading.Thread | None = None
         self.ids = itertools.count(1)
         self.steps = 0  # decode steps run (for tests and stats)
@@ -145,15 +156,44 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 10) -> None:
+        """Stop the engine thread; requests still running or waiting end with an error event."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
 
+    def drain(self, timeout: float) -> bool:
+        """Graceful shutdown: refuse new requests, let the running and waiting ones finish for up to
+        ``timeout`` seconds, then stop (what is left ends with an error event). True if all finished."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.draining = True
+            while (self.waiting or self.running_count()) and not self.finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            idle = not self.waiting and self.running_count() == 0
+        self.stop()
+        return idle
+
+    @property
+    def status(self) -> str:
+        """"ok", "draining", "stopped", "failed" (the thread died: see the log) or "not started"."""
+        with self.cond:
+            if self.failed:
+                return "failed"
+            if self.finished or self.stopping:
+                return "stopped"
+            if self.thread is None:
+                return "not started"
+            return "draining" if self.draining else "ok"
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
                logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True) -> Request:
-        """Queue a request; raises ValueError for a prompt that does not fit and QueueFull when full.
+        """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when full and
+        Unavailable when the engine takes no more requests.
 
         ``logprobs`` (k >= 0) adds each generated token's log-probability and its k most likely
         alternatives to the events; ``prompt_logprobs`` also those of the prompt's tokens (first event);
@@ -167,8 +207,10 @@ class Engine:
         seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate)
         with self.cond:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
+            if self.failed:
+                raise Unavailable(ENGINE_FAILED)
+            if self.stopping or self.draining or self.finished:
+                raise Unavailable(SHUTTING_DOWN)
             if self.running_count() + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_batch} requests are running and {len(self.waiting)} waiting "
                                 f"(--max-queue {self.max_queue})")
@@ -195,6 +237,28 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        """The engine thread. Whatever ends it (stop, or an error outside one request's step: a bug in
+        admission or cancellation), every request still queued or running hears a final error event,
+        and ``submit`` refuses from then on, so no client waits for an answer that cannot come."""
+        reason = SHUTTING_DOWN
+        try:
+            self._serve_forever()
+        except BaseException:
+            traceback.print_exc()
+            reason = ENGINE_FAILED
+            with self.cond:
+                self.failed = True
+        finally:
+            with self.cond:
+                self.finished = True
+                rest = [*self.waiting, *(s for s in self.slots if s is not None)]
+                self.waiting.clear()
+                self.slots = [None] * self.max_batch
+                self.cond.notify_all()
+            for seq in rest:
+                self._send(seq, Event(error=reason))
+
+    def _serve_forever(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cond:
@@ -214,18 +278,16 @@ class Engine:
                 running = [s for s in self.slots if s is not None and not s.cancelled]
                 if running:
                     self._guarded(lambda: self._decode_step(running), running)
-            for seq in [*self.waiting, *(s for s in self.slots if s is not None)]:
-                self._send(seq, Event(error="the server is shutting down"))
 
     def _guarded(self, fn, seqs: list[Request]) -> None:
         """Run one step; if it fails, fail only the requests it touched and keep serving the rest."""
         try:
             fn()
-        except Exception as e:  # a bug or out of memory: the server must stay up
-            traceback.print_exc()
+        except Exception:  # a bug or out of memory: the server must stay up
+            traceback.print_exc()  # the details go to the log, not to the client
             for seq in seqs:
                 self._free(seq)
-                self._send(seq, Event(error=f"generation failed: {type(e).__name__}: {e}"))
+                self._send(seq, Event(error="generation failed (the server log has the details)"))
 
     def _drop_cancelled(self) -> None:
         for seq in self.slots:
@@ -237,6 +299,7 @@ class Engine:
             if 0 <= seq.slot < self.max_batch and self.slots[seq.slot] is seq:
                 self.slots[seq.slot] = None
             seq.slot = -1
+            self.cond.notify_all()  # drain() waits for the last slot to be freed
 
     def _send(self, seq: Request, event: Event) -> None:
         if seq.cancelled:
