@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
                         "(default: $JNEOX_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
