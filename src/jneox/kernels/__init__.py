@@ -30,7 +30,10 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+# OpenMP, as JNEOX_OPENMP's shell words (Apple's clang has no runtime of its own: with Homebrew's libomp,
+# JNEOX_OPENMP="-Xpreprocessor -fopenmp -I$(brew --prefix libomp)/include -L$(brew --prefix libomp)/lib -lomp")
+OPENMP = "-fopenmp"
 LIBS = ["-lm"]
 P, I = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
@@ -113,6 +116,22 @@ def build(compiler: str | None = None, level: str | None = None) -> Path:
     if not command:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     flags = FLAGS + (_CAP_FLAGS[level] if level is not None and simd_forcible() else [])
+    openmp = shlex.split(os.environ.get("JNEOX_OPENMP", OPENMP))
+    try:
+        return _compile(command, flags + openmp)
+    except RuntimeError as e:
+        if not openmp:
+            raise
+        try:  # a compiler without OpenMP (Apple's clang): the same kernels on one thread beat PyTorch's ops
+            path = _compile(command, flags)
+        except RuntimeError:
+            raise e from None
+        warnings.warn(f"jneox: the C compiler refused {shlex.join(openmp)!r}; the kernels run on one thread "
+                      f"(set JNEOX_OPENMP to the flags that enable OpenMP)", stacklevel=2)
+        return path
+
+
+def _compile(command: list[str], flags: list[str]) -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command + flags + LIBS).encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     folder = _cache_folder()
