@@ -6,6 +6,7 @@ exactly as rinna publishes the model, so what jneox writes transformers and vLLM
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Iterator
 import torch
 
 from .config import ConfigError, ModelConfig
+from .errors import JneoxError, UsageError
 from .export.tokenizer_json import write_hf_tokenizer
 from .model import GPTNeoX, meta_model
 from .tokenizer import Tokenizer, TokenizerError
@@ -42,7 +44,7 @@ _HF_ALIASES = {"lm_head.weight": "embed_out.weight"}
 _IGNORED_HF = re.compile(r".*(attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JneoxError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
 
@@ -93,8 +95,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     hint = (f"could not get {repo_id!r} from the Hugging Face Hub ({{why}}). Download it where there is "
             f"internet (e.g. `hf download {repo_id} --local-dir DIR`) and pass the folder: --model DIR")
@@ -103,12 +105,16 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=base + ["*.safetensors"], local_files_only=True))
     except HFValidationError as e:
         raise CheckpointError(f"{repo_id!r} is not a valid hub id: {e}") from None
-    except Exception:
-        pass  # not in the local cache
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    except LocalEntryNotFoundError:
+        pass  # not in the local cache: download it
+    except OSError as e:  # a cache that cannot be read (permissions, a broken file): say so, do not guess
+        raise CheckpointError(f"{repo_id!r}: the Hugging Face cache ({constants.HF_HUB_CACHE}) cannot be read: "
+                              f"{type(e).__name__}: {e}") from None
+    if constants.HF_HUB_OFFLINE:
         raise CheckpointError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the local cache"))
-    if not _hub_reachable():
-        raise CheckpointError(hint.format(why="the hub cannot be reached from this machine"))
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise CheckpointError(hint.format(why=f"the hub cannot be reached from this machine: {unreachable}"))
     try:
         files = HfApi().list_repo_files(repo_id)
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
@@ -117,20 +123,18 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(hint.format(why=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub endpoint, so that an offline machine fails at once rather than
-    after huggingface_hub's retries."""
-    import socket
-    from urllib.parse import urlparse
-
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub endpoint cannot be reached (None if it answers), asked once through huggingface_hub's
+    own HTTP session (so HTTPS_PROXY and the hub's settings apply), so that an offline machine fails at
+    once rather than after huggingface_hub's retries."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
-    url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # the HTTP library's connection errors (requests' or httpx's, by version)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 # ---- reading weights ----------------------------------------------------------------------
@@ -179,6 +183,22 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
         yield name, tensor, mapped
 
 
+def torch_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` this machine has; a :class:`UsageError` naming it otherwise
+    (instead of PyTorch's traceback at the first tensor moved there)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device}: not a device name (expected cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine "
+                             f"(PyTorch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -214,6 +234,7 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
     """
     from .quantize import FORMATS, quantize_model
 
+    torch_device(device)
     folder = resolve(path_or_id)
     config = load_config(folder)
     if weights is not None and weights not in FORMATS:
@@ -281,10 +302,10 @@ def _release_pages(t: torch.Tensor) -> None:
 
 
 def _load_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
-    from .quantize import quantize_model
+    from .quantize import DEFAULT_GROUP, quantize_model
 
     model = meta_model(config)
-    quantize_model(model, quant["format"], quant.get("group_size", 64), pack=False)
+    quantize_model(model, quant["format"], quant.get("group_size", DEFAULT_GROUP), pack=False)
     expected = model.state_dict()
     state = {}
     for file in weight_files(folder):
@@ -321,8 +342,9 @@ def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float3
         from .export.gguf import load_gguf_with_tokenizer
 
         return load_gguf_with_tokenizer(path_or_id, dtype=dtype or torch.float32, weights=weights, device=device)
+    torch_device(device)
     folder = resolve(path_or_id)
-    load_config(folder)  # cheap checks first: a bad folder fails before gigabytes are read
+    load_config(folder)  # cheap checks first: a bad folder or device fails before gigabytes are read
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype=dtype, device=device, weights=weights)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -338,59 +360,57 @@ def hf_state_dict(model: GPTNeoX) -> dict[str, torch.Tensor]:
 
 
 def save(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None,
-         dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
-    """Write an HF-layout checkpoint atomically: into a temporary folder beside ``out_dir``, then renamed.
+         dtype: torch.dtype | None = None, max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+    """Write an HF-layout checkpoint atomically (see :func:`staged_folder`, which also says which
+    existing ``out_dir`` may be replaced and what ``overwrite`` does).
 
     ``max_shard_bytes`` splits the weights into ``model-0000i-of-0000n.safetensors`` with an index.
-    An existing ``out_dir`` is replaced only once the new one is complete.
     """
+    with staged_folder(out_dir, overwrite) as tmp:
+        write_checkpoint(model, tmp, tokenizer_file, dtype, max_shard_bytes)
+    return Path(out_dir)
+
+
+def write_checkpoint(model: GPTNeoX, folder: Path, tokenizer_file: str | os.PathLike | None = None,
+                     dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+    """The files of an HF-layout checkpoint, written into ``folder`` (a staging folder: not atomic by itself)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        state = hf_state_dict(model)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        state = {k: v.cpu() for k, v in state.items()}
-        shards = _shard(state, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SAFETENSORS), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            _write_json(tmp / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        hf = model.config.to_hf()
-        hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        _write_json(tmp / "config.json", hf)
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-            _write_tokenizer_config(tmp)
-            write_hf_tokenizer(tmp)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    state = hf_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    state = {k: v.cpu() for k, v in state.items()}
+    shards = _shard(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SAFETENSORS), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        _write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    _write_json(folder / "config.json", hf)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
+        _write_tokenizer_config(folder)
+        write_hf_tokenizer(folder)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
 
 
-def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> Path:
+def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None,
+                   overwrite: bool = False) -> Path:
     """Write a model packed by :func:`jneox.quantize.quantize_model` so that it loads without
-    conversion (memory-mapped). Only jneox reads this format; config.json marks it as such."""
+    conversion (memory-mapped), atomically as :func:`save`. Only jneox reads this format; config.json
+    marks it as such."""
     from safetensors.torch import save_file
 
     fmt = getattr(model, "weight_format", None)
     if fmt is None:
         raise CheckpointError("the model is not quantized: use save() for float checkpoints")
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out_dir, overwrite) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / SAFETENSORS), metadata={"format": "pt", "jneox_format": fmt})
         hf = model.config.to_hf()
@@ -400,11 +420,7 @@ def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: s
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             _write_tokenizer_config(tmp)
             write_hf_tokenizer(tmp)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
@@ -422,26 +438,80 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
 
 
 def _write_tokenizer_config(folder: Path) -> None:
+    # the special tokens by the names the copied spiece.model gives them (rinna's: [UNK], [PAD]; ours:
+    # <unk>, <pad>), so transformers maps each to the right id
+    sp = load_tokenizer(folder).sp
+    special = {f"{kind}_token": sp.IdToPiece(i) for kind, i in
+               (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id())) if i >= 0}
     # the slow sentencepiece tokenizer class, with the card's use_fast=False, as rinna publishes it
     _write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "T5Tokenizer", "use_fast": False, "do_lower_case": False, "extra_ids": 0,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "additional_special_tokens": [], "sp_model_kwargs": {},
+        **special, "additional_special_tokens": [], "sp_model_kwargs": {},
     })
-    _write_json(folder / "special_tokens_map.json",
-                {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+    _write_json(folder / "special_tokens_map.json", special)
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# ---- replacing an output folder -------------------------------------------------------------
+# What jneox writes into a checkpoint or training-run folder. A folder holding only these is a
+# previous checkpoint (of this run, or one the user asks to write again) and is replaced without
+# asking; anything else in it means it is the user's folder, which is never deleted unless asked.
+STATE_FILE, LOG_FILE, REPORT_FILE = "trainer_state.pt", "train_log.jsonl", "loss.png"
+_OWN_FILES = re.compile("|".join([
+    r"config\.json", r"generation_config\.json", r"model(-\d{5}-of-\d{5})?\.safetensors", re.escape(SAFETENSORS_INDEX),
+    re.escape(TOKENIZER_FILE), r"tokenizer_config\.json", r"special_tokens_map\.json", r"tokenizer\.json",
+    re.escape(STATE_FILE), re.escape(LOG_FILE), re.escape(REPORT_FILE)]))
+_STAGING, _OLD = ".staging-", ".old-"
+
+
+def check_replaceable(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise :class:`CheckpointError` unless ``out`` may be replaced by a new checkpoint: it does not
+    exist, is empty, or holds only files jneox writes; ``overwrite`` allows any folder."""
+    out = Path(out)
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; choose another output folder, or pass "
+                              f"--overwrite to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _OWN_FILES.fullmatch(p.name)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CheckpointError(f"{out}: not a jneox checkpoint folder (it holds {shown}); refusing to replace it. "
+                              f"Choose another output folder, or pass --overwrite to replace it and everything in it")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Write a folder atomically: yields an empty staging folder beside ``out_dir``; when the block ends
+    without an error the staging folder takes ``out_dir``'s place (an old ``out_dir`` is renamed aside
+    first and deleted after), else it is deleted and ``out_dir`` is untouched. So a kill at any moment
+    leaves either the old folder or the new one. An existing ``out_dir`` must pass
+    :func:`check_replaceable` (checked before and after writing)."""
+    out = Path(out_dir)
+    check_replaceable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING}", dir=out.parent))
+    try:
+        yield tmp
+        check_replaceable(out, overwrite)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}{_OLD}{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_staging(out_dir: str | os.PathLike) -> None:
+    """Delete the staging and set-aside folders a killed :func:`staged_folder` left beside ``out_dir``."""
+    out = Path(out_dir)
+    for pattern in (f".{out.name}{_STAGING}*", f".{out.name}{_OLD}*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)

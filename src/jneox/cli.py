@@ -6,7 +6,12 @@ import os
 import sys
 import time
 
-DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+from .checkpoint import OFFICIAL_MODEL  # (importing jneox imports torch and these modules anyway)
+from .quantize import FORMATS
+
+DTYPES = (*FORMATS, "float16")  # the packed CPU formats, and float16 for plain PyTorch
+OVERWRITE_HELP = ("replace OUT even if it is not a jneox checkpoint folder, deleting everything in it (without it, "
+                  "OUT may be new, empty, or hold only a previous jneox checkpoint or run, which is replaced atomically)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,15 +46,15 @@ def _params(args):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-OFFICIAL_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
-
-
 def _load(args):
     import torch
 
     from .checkpoint import CheckpointError, default_model, load
+    from .errors import UsageError
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     target = args.model
     if target is None:
@@ -160,13 +165,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .checkpoint import load_model, load_tokenizer, resolve, save_quantized
+    from .checkpoint import check_replaceable, load_model, load_tokenizer, resolve, save_quantized
 
+    check_replaceable(args.out, args.overwrite)  # before minutes of loading
     folder = resolve(args.model)
     tokenizer = load_tokenizer(folder)
     t0 = time.perf_counter()
     model = load_model(folder, weights=args.dtype)
-    out = save_quantized(model, args.out, tokenizer_file=tokenizer.path)
+    out = save_quantized(model, args.out, tokenizer_file=tokenizer.path, overwrite=args.overwrite)
     print(f"wrote {args.dtype} checkpoint to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -182,7 +188,9 @@ def cmd_export(args) -> int:
         from .export.gguf import export_gguf
 
         if not args.out:
-            raise ValueError("--format gguf needs --out FILE.gguf")
+            from .errors import UsageError
+
+            raise UsageError("--format gguf needs --out FILE.gguf")
         out = export_gguf(args.model, args.out, type=args.type, tokenizer=args.tokenizer)
         print(f"wrote {args.type} GGUF to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
@@ -209,7 +217,8 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float, min_lr: float, warmup
                    help="bf16: autocast to bfloat16, fp32 weights (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT (an error if there is none)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
     p.add_argument("--report", action="store_true", help="draw the loss curves to OUT/loss.png at the end")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed data lines instead of stopping")
@@ -224,7 +233,7 @@ def _train_config(args):
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
                        seed=args.seed, device=args.device, precision=args.precision, save_dtype=args.save_dtype,
-                       compile=args.compile, resume=args.resume, fsdp=args.fsdp, report=args.report,
+                       compile=args.compile, resume=args.resume, overwrite=args.overwrite, fsdp=args.fsdp, report=args.report,
                        progress=not args.no_progress)
 
 
@@ -371,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
                         "(default: $JNEOX_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
@@ -393,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")
     p.add_argument("--model", "-m", required=True, help="float checkpoint folder or hub id")
-    p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "int8", "int4"))
+    p.add_argument("--dtype", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="for other tools: tokenizer.json for transformers (hf) or a GGUF file for llama.cpp")
@@ -423,14 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .tokenizer import TokenizerError
+    from .errors import JneoxError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+    except JneoxError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"jneox: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

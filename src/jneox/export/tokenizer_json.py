@@ -169,12 +169,11 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike | None = None
 
     With ``out`` omitted or equal to ``model_dir`` the two files are written in place (a rinna folder
     fixed with one command). Otherwise ``out`` must not exist yet: the files are copied (hard-linked
-    where the file system allows) into a temporary folder beside it, which is renamed when complete.
+    where the file system allows) into a staging folder beside it (:func:`jneox.checkpoint.staged_folder`).
     """
     import shutil
-    import tempfile
 
-    from ..checkpoint import resolve
+    from ..checkpoint import resolve, staged_folder
 
     src = resolve(model_dir)
     if out is None or (Path(out).exists() and Path(out).resolve() == src.resolve()):
@@ -183,9 +182,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike | None = None
     out = Path(out)
     if out.exists():
         raise TokenizerError(f"{out}: already exists; pass a new folder, or the model folder itself to update it in place")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file() and not f.name.startswith("."):
                 real = f.resolve()  # hub caches hold symlinks into blobs/
@@ -194,8 +191,4 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike | None = None
                 except OSError:
                     shutil.copyfile(real, tmp / f.name)
         write_hf_tokenizer(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -28,16 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import LOG_FILE, REPORT_FILE, STATE_FILE
+from ..errors import JneoxError, UsageError
 from . import distributed
 from .lora import lora_scales, lora_state, merge_lora_state
 
 IGNORE = -100
-STATE_FILE = "trainer_state.pt"
-LOG_FILE = "train_log.jsonl"
-REPORT_FILE = "loss.png"
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Collate = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainError(JneoxError):
+    """A run folder that cannot be resumed."""
 
 
 @dataclass
@@ -61,6 +64,7 @@ class TrainConfig:
     save_dtype: str = "float32"
     compile: bool = False
     resume: bool = False
+    overwrite: bool = False  # out may be a folder that is not a jneox run (everything in it is deleted)
     fsdp: bool = False
     report: bool = False
     progress: bool = True
@@ -68,13 +72,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.precision not in (None, "fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise UsageError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+            raise UsageError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min-lr ({self.min_lr}) is larger than lr ({self.lr})")
+            raise UsageError(f"min-lr ({self.min_lr}) is larger than lr ({self.lr})")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -97,7 +101,7 @@ class SampleOrder:
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         if n < 1:
-            raise ValueError("no training examples")
+            raise UsageError("no training examples")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self._epoch, self._perm = -1, None
 
@@ -118,7 +122,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
+        raise UsageError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     fused = device.type == "cuda" and not cfg.fsdp
@@ -139,6 +143,25 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def load_state(path: Path) -> dict:
+    """A ``trainer_state.pt`` read with ``weights_only=True``: tensors and plain Python values only
+    (what :meth:`Trainer.save` writes; the config is stored as strings and numbers), so a planted
+    file cannot run code when a run is resumed."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"{path}: not a trainer state jneox can load safely ({first}); start the run again "
+                         f"without --resume") from None
+    missing = [k for k in ("step", "position", "optimizer", "scheduler", "rng", "global_batch") if k not in state] \
+        if isinstance(state, dict) else ["(not a dict)"]
+    if missing:
+        raise TrainError(f"{path}: not a jneox trainer state (missing {', '.join(missing)})")
+    return state
+
+
 class Trainer:
     """One training run writing to ``cfg.out``. Build it first (it joins the torchrun group and picks
     the device), then load the model and data, then :meth:`fit`."""
@@ -155,13 +178,18 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if self.is_main:  # before the model is loaded, and before the log is written into OUT
+            from ..checkpoint import check_replaceable
+
+            check_replaceable(self.out, cfg.overwrite)
         self.state: dict | None = None
         if cfg.resume:
             path = self.out / STATE_FILE
-            if path.is_file():
-                self.state = torch.load(path, map_location="cpu", weights_only=False)
-            else:
-                self.print(f"--resume: {path} does not exist, starting from scratch")
+            if not path.is_file():
+                what = "the folder does not exist" if not self.out.exists() else f"it holds no {STATE_FILE}"
+                raise TrainError(f"--resume: nothing to resume in {self.out} ({what}); start without --resume, "
+                                 f"or give the --out of the run to continue")
+            self.state = load_state(path)
 
     @property
     def is_main(self) -> bool:
@@ -186,7 +214,7 @@ class Trainer:
         if "lora" in self.state:
             missing = set(lora_state(model.state_dict())) ^ set(self.state["lora"])
             if missing:
-                raise ValueError(f"{self.out / STATE_FILE}: LoRA layers differ from this run's ({len(missing)} names); "
+                raise UsageError(f"{self.out / STATE_FILE}: LoRA layers differ from this run's ({len(missing)} names); "
                                  f"resume with the same --lora-rank")
             model.load_state_dict(self.state["lora"], strict=False)
         elif "model" in self.state:
@@ -198,20 +226,24 @@ class Trainer:
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self, model: nn.Module, train_items: Sequence, val_items: Sequence, collate: Collate,
-            tokenizer_file: str | os.PathLike | None = None, shuffle: bool = True) -> dict:
+            tokenizer_file: str | os.PathLike | None = None, shuffle: bool = True,
+            frozen_weights: Callable[[], dict[str, torch.Tensor]] | None = None) -> dict:
         """Train ``model`` (a :class:`jneox.model.GPTNeoX`, possibly with LoRA layers, on CPU in fp32)
         and return the last eval metrics. ``collate(items) -> (inputs, targets)`` with targets
-        aligned to inputs and ``-100`` where no loss is wanted."""
+        aligned to inputs and ``-100`` where no loss is wanted. ``frozen_weights()`` returns the
+        original values of the frozen parameters, where the model holds them rounded (a LoRA base
+        cast to bf16): checkpoints are written from those, so frozen tensors stay exact."""
         cfg, d, device = self.cfg, self.dist, self.device
         self.config = model.config
         self.tokenizer_file = tokenizer_file
+        self.frozen_weights = frozen_weights
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.is_main:
+            from ..checkpoint import remove_stale_staging
+
             self.out.mkdir(parents=True, exist_ok=True)
-            for pattern in (f"*.{self.out.name}.staging-*", f".{self.out.name}.old-*"):  # left by a killed save
-                for stale in self.out.parent.glob(pattern):
-                    shutil.rmtree(stale, ignore_errors=True)
+            remove_stale_staging(self.out)  # left by a killed save
         self.restore_model(model)
         model.to(device)
         if cfg.fsdp and not d.enabled:
@@ -339,25 +371,29 @@ class Trainer:
     def save(self, model: nn.Module, optimizer, scheduler, step: int, position: int, final: bool = False) -> None:
         """Write OUT atomically: model files (HF layout, LoRA merged) + trainer_state.pt + the log, in a
         staging folder renamed over OUT, so a kill at any moment leaves a consistent checkpoint."""
-        from ..checkpoint import _replace_dir, save
+        from ..checkpoint import staged_folder, write_checkpoint
         from ..model import meta_model
 
         cfg = self.cfg
         model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP
         if self.is_main:
             scales = lora_scales(distributed.unwrap(model))
-            plain = merge_lora_state(model_state, scales) if scales else model_state
+            full = model_state
+            if self.frozen_weights is not None:  # merge against the original weights, not their bf16 copies
+                full = {**model_state, **{k: v for k, v in self.frozen_weights().items() if k in model_state}}
+            plain = merge_lora_state(full, scales) if scales else full
             shell = meta_model(self.config)
             shell.load_state_dict(plain, assign=True)
             if self.config.tie_word_embeddings:
                 shell.lm_head.weight = shell.embed.weight
-            staging = self.out.with_name(f".{self.out.name}.staging-{os.getpid()}")
-            try:
-                save(shell, staging, tokenizer_file=self.tokenizer_file, dtype=SAVE_DTYPES[cfg.save_dtype])
+            with staged_folder(self.out, cfg.overwrite) as staging:
+                write_checkpoint(shell, staging, tokenizer_file=self.tokenizer_file, dtype=SAVE_DTYPES[cfg.save_dtype])
                 state = {"step": step, "position": position, "optimizer": optim_state,
                          "scheduler": scheduler.state_dict(), "rng": rng_state(self.device),
                          "global_batch": cfg.batch_size * self.dist.world_size * cfg.grad_accum,
-                         "world_size": self.dist.world_size, "config": asdict(cfg), "kind": self.kind}
+                         "world_size": self.dist.world_size, "kind": self.kind,
+                         "config": {k: v if isinstance(v, (bool, int, float, type(None))) else str(v)
+                                    for k, v in asdict(cfg).items()}}
                 if scales:
                     state["lora"] = lora_state(model_state)  # the base comes from the original --model
                 elif cfg.save_dtype != "float32":
@@ -369,10 +405,6 @@ class Trainer:
                     from .report import plot_log
 
                     plot_log(staging / LOG_FILE, staging / REPORT_FILE)
-                _replace_dir(staging, self.out)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self.print(f"saved step {step} to {self.out}")
         distributed.barrier(self.dist)
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 # the linear layers of a GPT-NeoX block (attention qkv/proj, MLP fc/proj)
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
@@ -50,7 +52,7 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, targets=TARGETS) -> list[str]:
     """Freeze every parameter of ``model`` and wrap its target linears with LoRA; returns their names."""
     if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
+        raise UsageError(f"LoRA rank must be positive, got {rank}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -61,7 +63,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, targets=TARGETS
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
                 wrapped.append(full)
     if not wrapped:
-        raise ValueError(f"no linear layer matches the LoRA targets {targets}")
+        raise UsageError(f"no linear layer matches the LoRA targets {targets}")
     return wrapped
 
 

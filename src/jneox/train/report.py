@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def read_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """The train lines (with ``loss``) and the eval lines (with ``eval_loss``) of a log."""
@@ -15,7 +17,7 @@ def read_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            raise UsageError(f"{path}:{n}: not a JSON line ({e.msg})") from None
         if "loss" in record:
             train.append(record)
         if "eval_loss" in record:
@@ -32,7 +34,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, title: st
 
     train, evals = read_log(log_path)
     if not train and not evals:
-        raise ValueError(f"{log_path}: no loss lines to plot")
+        raise UsageError(f"{log_path}: no loss lines to plot")
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
