@@ -247,6 +247,19 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    from .train.ppo import PPOConfig, ppo
+
+    ppo_cfg = PPOConfig(kl_coef=args.kl_coef, ppo_epochs=args.ppo_epochs, cliprange=args.cliprange,
+                        vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
+                        missing_eos_penalty=args.missing_eos_penalty, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens)
+    ppo(args.model, args.reward_model, args.data, _train_config(args), ppo_cfg, max_len=args.max_len,
+        epochs=args.epochs, max_steps=args.max_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        skip_bad_lines=args.skip_bad_lines)
+    return 0
+
+
 def cmd_score(args) -> int:
     from .train.reward import score_file
 
@@ -272,8 +285,25 @@ def _add_preference_parsers(sub) -> None:
     p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid", help="(default: sigmoid, DPO's own)")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="assumed share of flipped labels, conservative DPO (sigmoid only; default: 0)")
-    _add_train_args(p, lr=5e-7, min_lr=5e-8, warmup=10, weight_decay=0.0)
+    _add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("ppo", help="PPO against a reward model, with a KL penalty to the starting model "
+                                   "(rollouts sampled at the card's settings)")
+    _add_finetune_args(p, "JSONL prompts: preference pairs, {\"prompt\"} lines or conversations", "prompts", epochs=1.0)
+    p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty per answer token (default: 0.05)")
+    p.add_argument("--ppo-epochs", type=int, default=4, help="optimizer steps on each rollout (default: 4)")
+    p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clipping (default: 0.2)")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (default: 0.1)")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount (default: 1)")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default: 0.95)")
+    p.add_argument("--missing-eos-penalty", type=float, default=1.0,
+                   help="subtracted from the score of an answer that never reached </s> (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="rollout sampling (default: 0.7, the card's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="rollout answer length (default: 128, the card's)")
+    _add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("score", help="score the answers of preference pairs with a reward model (JSON lines to stdout)")
     p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
