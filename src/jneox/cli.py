@@ -209,12 +209,13 @@ def cmd_sft(args) -> int:
     return 0
 
 
-def _add_finetune_args(p: argparse.ArgumentParser, data_help: str, what: str, epochs: float) -> None:
-    """The flags of every command that fine-tunes a checkpoint: sft, reward, dpo, ppo."""
+def _add_finetune_args(p: argparse.ArgumentParser, data_help: str, what: str, epochs: float, val: bool = True) -> None:
+    """The flags of every command that fine-tunes a checkpoint: sft, reward, dpo, ppo (which has no held-out set)."""
     p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id to start from")
     p.add_argument("--data", nargs="+", required=True, help=data_help)
-    p.add_argument("--val-data", nargs="+", help=f"held-out {what} (default: --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
+    if val:
+        p.add_argument("--val-data", nargs="+", help=f"held-out {what} (default: --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation; longer ones lose their oldest turns")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs:g})")
@@ -290,7 +291,7 @@ def _add_preference_parsers(sub) -> None:
 
     p = sub.add_parser("ppo", help="PPO against a reward model, with a KL penalty to the starting model "
                                    "(rollouts sampled at the card's settings)")
-    _add_finetune_args(p, "JSONL prompts: preference pairs, {\"prompt\"} lines or conversations", "prompts", epochs=1.0)
+    _add_finetune_args(p, "JSONL prompts: preference pairs, {\"prompt\"} lines or conversations", "prompts", epochs=1.0, val=False)
     p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
     p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty per answer token (default: 0.05)")
     p.add_argument("--ppo-epochs", type=int, default=4, help="optimizer steps on each rollout (default: 4)")

@@ -51,6 +51,8 @@ class DPOObjective(Objective):
     """A step averages the DPO loss over its pairs; batches come from :func:`collate_pairs` with the
     reference log-probabilities attached."""
 
+    per_token = False
+
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")

@@ -100,6 +100,8 @@ class Objective:
     over. Other objectives (``jneox.train.dpo``, ``reward``, ``ppo``) override these methods.
     """
 
+    per_token = True  # the loss is nats per token: eval also reports its perplexity
+
     def count(self, batch) -> float:
         """How many units (here target tokens) the loss sum of ``batch`` covers."""
         return float((batch[1] != IGNORE).sum())
@@ -407,12 +409,12 @@ class Trainer:
         totals = distributed.all_reduce_sum([loss_sum, n_targets] + [metric_sums[k] for k in names], d, self.device)
         loss_sum, n_targets = totals[:2]
         loss = loss_sum / max(n_targets, 1.0)
-        ppl = math.exp(min(loss, 50.0))
         extra = {f"eval_{k}": v / max(n_targets, 1.0) for k, v in zip(names, totals[2:])}
-        self.print(f"eval step {step} loss {loss:.4f} ppl {ppl:.2f}"
-                   + "".join(f" {k} {v:.4f}" for k, v in extra.items()))
-        self.log({"step": step, "eval_loss": loss, "eval_ppl": ppl, **extra, "time": time.time()})
-        return {"eval_loss": loss, "eval_ppl": ppl, **extra, "step": step}
+        if objective.per_token:
+            extra = {"eval_ppl": math.exp(min(loss, 50.0)), **extra}
+        self.print(f"eval step {step} loss {loss:.4f}" + "".join(f" {k.removeprefix('eval_')} {v:.4f}" for k, v in extra.items()))
+        self.log({"step": step, "eval_loss": loss, **extra, "time": time.time()})
+        return {"eval_loss": loss, **extra, "step": step}
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, model: nn.Module, optimizer, scheduler, step: int, position: int, final: bool = False) -> None:

@@ -135,6 +135,8 @@ class PPOObjective(Objective):
     score`` (a rule, e.g. a toy reward in a test); ``reference`` the frozen starting policy, or None
     with LoRA (the adapters are switched off instead)."""
 
+    per_token = False
+
     def __init__(self, model: PolicyWithValue, reward_model: nn.Module | Callable, reference: nn.Module | None,
                  cfg: PPOConfig, eos_id: int, pad_id: int, vocab_size: int, seed: int = 0, rank: int = 0):
         self.model, self.reward_model, self.reference, self.cfg = model, reward_model, reference, cfg

@@ -51,6 +51,8 @@ class RewardObjective(Objective):
     """A step averages the Bradley-Terry loss over its pairs; logs ``accuracy`` (chosen scored higher),
     ``margin`` (mean r_c - r_r) and the mean scores, as TRL's RewardTrainer does."""
 
+    per_token = False
+
     def count(self, batch) -> float:
         return float(PairBatch.of(batch).weight.sum())
 
