@@ -158,14 +158,14 @@ def main() -> None:
           f"parameters ({args.preset} shape, vocab {args.vocab_size}), {args.pairs} pairs of {args.prompt_len} prompt + "
           f"{args.answer_len} answer tokens, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"best of {args.rounds}")
-    print(f"| {'implementation':<34} | {'tokens/s':>9} | {'step (s)':>8} | {'peak RSS (MB)':>13} | {'first loss':>10} | {'vs TRL':>7} |")
-    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 12}|{'-' * 9}|")
+    print(f"| {'implementation':<40} | {'tokens/s':>9} | {'step (s)':>8} | {'peak RSS (MB)':>13} | {'first loss':>10} | {'vs TRL':>7} |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 12}|{'-' * 9}|")
     ref = best["trl"]["tokens_per_s"]
     names = {"jneox": "jneox (reference log-probs precomputed)", "trl": "TRL DPOTrainer (reference model)",
              "trl:precomputed": "TRL (precompute_ref_log_probs)"}
     for row in ROWS:
         b = best[row]
-        print(f"| {names[row]:<34} | {b['tokens_per_s']:>9.0f} | {b['step_s']:>8.2f} | {b['peak_rss_mb']:>13.0f} | "
+        print(f"| {names[row]:<40} | {b['tokens_per_s']:>9.0f} | {b['step_s']:>8.2f} | {b['peak_rss_mb']:>13.0f} | "
               f"{b['first_loss']:>10.4f} | {b['tokens_per_s'] / ref:>6.2f}x |")
     if args.json:
         with open(args.json, "w") as f:

@@ -6,7 +6,7 @@
 #   OUT      work folder (default ~/.cache/jneox/demo/preference); nothing is written into the repository
 #   MODEL    the SFT model to start from (default models/demo)
 #   DEVICE   cpu | cuda | auto (default cpu)
-#   PPO      1 to also run PPO (default 1)
+#   PPO      1 to also run PPO (default 0: not yet measured on the demo)
 #   PYTHON   interpreter with jneox installed (default python)
 # A step that finished is skipped when run again with the same OUT.
 #
@@ -19,7 +19,7 @@ RECIPE="$REPO/recipes/demo"
 OUT="${OUT:-$HOME/.cache/jneox/demo/preference}"
 MODEL="${MODEL:-$REPO/models/demo}"
 DEVICE="${DEVICE:-cpu}"
-PPO="${PPO:-1}"
+PPO="${PPO:-0}"
 PYTHON="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 mkdir -p "$OUT"

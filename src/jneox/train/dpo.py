@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import Objective, Trainer, TrainConfig
-from .preference import PairBatch, answer_logps, build_preference_data, collate_pairs
+from .loop import Trainer, TrainConfig
+from .preference import PairBatch, PairObjective, answer_logps, build_preference_data, collate_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -47,11 +47,9 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-class DPOObjective(Objective):
+class DPOObjective(PairObjective):
     """A step averages the DPO loss over its pairs; batches come from :func:`collate_pairs` with the
     reference log-probabilities attached."""
-
-    per_token = False
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
         if beta <= 0:
@@ -63,14 +61,6 @@ class DPOObjective(Objective):
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("label smoothing applies to the sigmoid loss only")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-
-    def count(self, batch) -> float:
-        return float(PairBatch.of(batch).weight.sum())
-
-    def drop_rows(self, batch, keep):
-        batch = PairBatch.of(batch)
-        batch.weight = batch.weight * keep
-        return batch
 
     def loss(self, call, batch):
         b = PairBatch.of(batch)

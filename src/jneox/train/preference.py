@@ -29,6 +29,7 @@ import torch
 from ..chat import SYSTEM, USER, ConversationError, Utterance, to_utterances
 from .data import (IGNORE_INDEX, DataError, DataStats, Example, _conversation, _fail, _fit, _jsonl_lines, _names,
                    _split_indices, collate)
+from .loop import Objective
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 HH_SPEAKERS = {"Human": USER, "Assistant": SYSTEM}
@@ -129,42 +130,39 @@ def _record(path: Path, number: int, obj) -> PreferenceRecord:
     return record
 
 
-def read_preferences(paths: Iterable, skip_bad_lines: bool = False, stats: DataStats | None = None) -> list[PreferenceRecord]:
-    """The preference records of JSONL files (see the module docstring for the shapes)."""
+def _read_lines(paths: Iterable, parse, what: str, skip_bad_lines: bool, stats: DataStats | None) -> list:
+    """``parse(path, line number, object)`` of every JSONL line of ``paths``; DataError: FILE:LINE."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out = []
     for p in paths:
         path = Path(p)
         for number, obj in _jsonl_lines(path, skip_bad_lines, stats):
             try:
-                out.append(_record(path, number, obj))
+                out.append(parse(path, number, obj))
             except DataError as e:
                 _fail(e, skip_bad_lines, stats)
     if not out:
-        raise DataError(_names(paths), None, "no preference pairs to train on")
+        raise DataError(_names(paths), None, f"no {what} to train on")
     return out
+
+
+def read_preferences(paths: Iterable, skip_bad_lines: bool = False, stats: DataStats | None = None) -> list[PreferenceRecord]:
+    """The preference records of JSONL files (see the module docstring for the shapes)."""
+    return _read_lines(paths, _record, "preference pairs", skip_bad_lines, stats)
 
 
 def read_prompts(paths: Iterable, skip_bad_lines: bool = False, stats: DataStats | None = None) -> list[list[Utterance]]:
     """Prompts for PPO: preference records (their prompt), ``{"prompt": ...}`` lines, or conversations
     in ``jneox sft``'s shapes (everything before the last システム turn)."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    out = []
-    for p in paths:
-        path = Path(p)
-        for number, obj in _jsonl_lines(path, skip_bad_lines, stats):
-            try:
-                if isinstance(obj, dict) and ("prompt" in obj or "chosen" in obj):
-                    out.append(_prompt(path, number, obj["prompt"]) if "prompt" in obj else _record(path, number, obj).prompt)
-                else:
-                    out.append(_conversation(path, number, obj, stats)[:-1])
-                    if not out[-1]:
-                        raise DataError(path, number, f"the conversation starts with a {SYSTEM} turn: no prompt")
-            except DataError as e:
-                _fail(e, skip_bad_lines, stats)
-    if not out:
-        raise DataError(_names(paths), None, "no prompts to train on")
-    return out
+    def parse(path: Path, number: int, obj) -> list[Utterance]:
+        if isinstance(obj, dict) and ("prompt" in obj or "chosen" in obj):
+            return _prompt(path, number, obj["prompt"]) if "prompt" in obj else _record(path, number, obj).prompt
+        prompt = _conversation(path, number, obj, stats)[:-1]
+        if not prompt:
+            raise DataError(path, number, f"the conversation starts with a {SYSTEM} turn: no prompt")
+        return prompt
+
+    return _read_lines(paths, parse, "prompts", skip_bad_lines, stats)
 
 
 def encode_answer(prompt: Sequence[Utterance], answer: str, tokenizer, max_len: int,
@@ -233,6 +231,20 @@ class PairBatch:
     @property
     def pairs(self) -> int:
         return self.margin.shape[0]
+
+
+class PairObjective(Objective):
+    """Base of the objectives that average a loss over preference pairs (reward, DPO)."""
+
+    per_token = False
+
+    def count(self, batch) -> float:
+        return float(PairBatch.of(batch).weight.sum())
+
+    def drop_rows(self, batch, keep):
+        batch = PairBatch.of(batch)
+        batch.weight = batch.weight * keep
+        return batch
 
 
 def collate_pairs(pairs: Sequence, pad_id: int) -> PairBatch:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import Objective, Trainer, TrainConfig
-from .preference import (PairBatch, PreferenceRecord, build_preference_data, collate_pairs, encode_answer,
-                         last_answer_index, read_preferences)
+from .loop import Trainer, TrainConfig
+from .preference import (PairBatch, PairObjective, PreferenceRecord, build_preference_data, collate_pairs,
+                         encode_answer, last_answer_index, read_preferences)
 
 
 def add_score_head(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -47,19 +47,9 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
     return -F.logsigmoid(diff)
 
 
-class RewardObjective(Objective):
+class RewardObjective(PairObjective):
     """A step averages the Bradley-Terry loss over its pairs; logs ``accuracy`` (chosen scored higher),
     ``margin`` (mean r_c - r_r) and the mean scores, as TRL's RewardTrainer does."""
-
-    per_token = False
-
-    def count(self, batch) -> float:
-        return float(PairBatch.of(batch).weight.sum())
-
-    def drop_rows(self, batch, keep):
-        batch = PairBatch.of(batch)
-        batch.weight = batch.weight * keep
-        return batch
 
     def loss(self, call, batch):
         b = PairBatch.of(batch)
