@@ -40,6 +40,10 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"embed": "gpt_neox.embed_in", "norm_f": "gpt_neox.final_layer_norm", "lm_head": "embed_out"}
 # transformers 5 calls the output head lm_head in memory (files keep embed_out): accept a raw state_dict too
 _HF_ALIASES = {"lm_head.weight": "embed_out.weight"}
+# a reward model (GPTNeoXForSequenceClassification, num_labels 1): the body's names plus this (1, hidden)
+# head, which jneox holds as the model's lm_head
+SCORE_HEAD = "score.weight"
+SEQUENCE_CLASSIFICATION = "GPTNeoXForSequenceClassification"
 # buffers that older transformers versions stored in checkpoints; they hold nothing we need
 _IGNORED_HF = re.compile(r".*(attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 
@@ -221,13 +225,14 @@ def quantization_of(folder: Path) -> dict | None:
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-               device: str | torch.device = "cpu", weights: str | None = None) -> GPTNeoX:
+               device: str | torch.device = "cpu", weights: str | None = None, score_head: bool = False) -> GPTNeoX:
     """A :class:`GPTNeoX` with the checkpoint's weights.
 
     ``dtype`` gives plain PyTorch modules in that dtype (None keeps the file's), for training and
     GPUs. ``weights`` ("float32", "bfloat16", "int8" or "int4") instead packs every linear layer
     for the fast CPU kernels (see :mod:`jneox.quantize`), converting layer by layer. A checkpoint
-    saved by :func:`save_quantized` loads in its own format without conversion.
+    saved by :func:`save_quantized` loads in its own format without conversion. ``score_head``
+    loads a reward model (see :func:`save_reward_model`): its ``lm_head`` is the (1, hidden) score head.
 
     Every tensor is checked: an unknown name, a wrong shape or a missing tensor is an error naming
     the file and the tensor. The model is built without allocating random weights first.
@@ -246,6 +251,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
                                   f"quantize the original checkpoint to {weights}")
         return _load_quantized(folder, config, quant).to(device)
     model = meta_model(config)
+    if score_head:
+        model.lm_head = torch.nn.Linear(config.hidden_size, 1, bias=False, device="meta")
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
     state: dict[str, torch.Tensor] = {}
     mapped: set[int] = set()
@@ -253,10 +260,12 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
         for name, tensor, is_mapped in read_tensors(file):
             if _IGNORED_HF.fullmatch(name):
                 continue
-            ours = jneox_name(name)
+            ours = "lm_head.weight" if score_head and name == SCORE_HEAD else jneox_name(name)
+            if score_head and name in ("embed_out.weight", "lm_head.weight"):
+                ours = None
             if ours is None:
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of a GPT-NeoX causal LM)")
-            if ours == "lm_head.weight" and config.tie_word_embeddings:
+            if ours == "lm_head.weight" and config.tie_word_embeddings and not score_head:
                 continue  # the output head is the input embedding
             if ours not in expected:
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} (config.json describes no such parameter: "
@@ -275,10 +284,11 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
     if missing:
         shown = ", ".join(repr(hf_name(n)) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the weights: {shown}")
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings and not score_head
+    if tied:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.embed.weight  # assign=True replaced the shared Parameter: share it again
     del state
     if weights is not None:
@@ -372,11 +382,13 @@ def save(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.Pa
 
 
 def write_checkpoint(model: GPTNeoX, folder: Path, tokenizer_file: str | os.PathLike | None = None,
-                     dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
-    """The files of an HF-layout checkpoint, written into ``folder`` (a staging folder: not atomic by itself)."""
+                     dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+                     state: dict[str, torch.Tensor] | None = None, hf_config: dict | None = None) -> None:
+    """The files of an HF-layout checkpoint, written into ``folder`` (a staging folder: not atomic by itself);
+    ``state`` and ``hf_config`` replace the model's own HF-named weights and config (a reward model's)."""
     from safetensors.torch import save_file
 
-    state = hf_state_dict(model)
+    state = hf_state_dict(model) if state is None else state
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     state = {k: v.cpu() for k, v in state.items()}
@@ -391,13 +403,52 @@ def write_checkpoint(model: GPTNeoX, folder: Path, tokenizer_file: str | os.Path
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in state.values())
         _write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    hf = model.config.to_hf()
+    hf = model.config.to_hf() if hf_config is None else hf_config
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     _write_json(folder / "config.json", hf)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
         _write_tokenizer_config(folder)
         write_hf_tokenizer(folder)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
+
+
+def load_reward_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+                      device: str | torch.device = "cpu") -> GPTNeoX:
+    """A reward model saved by :func:`save_reward_model` (or transformers): a :class:`GPTNeoX` whose
+    ``lm_head`` is the score head, so ``model(ids)[..., 0]`` is the score at every position."""
+    folder = resolve(path_or_id)
+    hf = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+    if SEQUENCE_CLASSIFICATION not in (hf.get("architectures") or []) or labels != 1:
+        raise CheckpointError(f"{folder / 'config.json'}: not a reward model (expected architectures "
+                              f"[{SEQUENCE_CLASSIFICATION!r}] with one label, as `jneox reward` writes)")
+    return load_model(folder, dtype=dtype, device=device, score_head=True)
+
+
+def save_reward_model(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None,
+                      dtype: torch.dtype | None = None, pad_token_id: int = 0, overwrite: bool = False) -> Path:
+    """Write a reward model (a :class:`GPTNeoX` whose ``lm_head`` is a (1, hidden) score head, no bias) in
+    the layout transformers loads as ``GPTNeoXForSequenceClassification`` with ``num_labels`` 1,
+    atomically as :func:`save`. It scores the last token that is not ``pad_token_id``: the config gets
+    ``pad_token_id`` (the padding jneox's batches use) when it has none."""
+    with staged_folder(out_dir, overwrite) as tmp:
+        write_reward_model(model, tmp, tokenizer_file, dtype, pad_token_id)
+    return Path(out_dir)
+
+
+def write_reward_model(model: GPTNeoX, folder: Path, tokenizer_file: str | os.PathLike | None = None,
+                       dtype: torch.dtype | None = None, pad_token_id: int = 0) -> None:
+    """The files of :func:`save_reward_model`, written into ``folder`` (a staging folder)."""
+    if tuple(model.lm_head.weight.shape) != (1, model.config.hidden_size):
+        raise CheckpointError(f"a reward model's head has shape (1, {model.config.hidden_size}), "
+                              f"got {tuple(model.lm_head.weight.shape)}")
+    hf = model.config.to_hf()
+    hf.update(architectures=[SEQUENCE_CLASSIFICATION], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if hf.get("pad_token_id") is None:
+        hf["pad_token_id"] = pad_token_id
+    state = {(SCORE_HEAD if n == "lm_head.weight" else hf_name(n)): p.detach().contiguous()
+             for n, p in model.named_parameters()}
+    write_checkpoint(model, folder, tokenizer_file, dtype, state=state, hf_config=hf)
 
 
 def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None,

@@ -249,10 +249,114 @@ def cmd_pretrain(args) -> int:
 def cmd_sft(args) -> int:
     from .train.sft import sft
 
-    sft(args.model, args.data, _train_config(args), val_data=args.val_data, val_fraction=args.val_fraction,
-        max_len=args.max_len, epochs=args.epochs, max_steps=args.max_steps, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, skip_bad_lines=args.skip_bad_lines)
+    sft(args.model, args.data, _train_config(args), **_finetune_kwargs(args))
     return 0
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, data_help: str, what: str, epochs: float, val: bool = True) -> None:
+    """The flags of every command that fine-tunes a checkpoint: sft, reward, dpo, ppo (which has no held-out set)."""
+    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id to start from")
+    p.add_argument("--data", nargs="+", required=True, help=data_help)
+    if val:
+        p.add_argument("--val-data", nargs="+", help=f"held-out {what} (default: --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation; longer ones lose their oldest turns")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs:g})")
+    length.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, merged on save (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default: 16)")
+
+
+def _finetune_kwargs(args) -> dict:
+    return dict(val_data=args.val_data, val_fraction=args.val_fraction, max_len=args.max_len, epochs=args.epochs,
+                max_steps=args.max_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                skip_bad_lines=args.skip_bad_lines)
+
+
+# ---- preference tuning (issue 12) -------------------------------------------------------------
+def cmd_reward(args) -> int:
+    from .train.reward import reward
+
+    metrics = reward(args.model, args.data, _train_config(args), **_finetune_kwargs(args))
+    if "eval_accuracy" in metrics:
+        print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}", file=sys.stderr)
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from .train.dpo import dpo
+
+    dpo(args.model, args.data, _train_config(args), beta=args.beta, loss_type=args.loss_type,
+        label_smoothing=args.label_smoothing, **_finetune_kwargs(args))
+    return 0
+
+
+def cmd_ppo(args) -> int:
+    from .train.ppo import PPOConfig, ppo
+
+    ppo_cfg = PPOConfig(kl_coef=args.kl_coef, ppo_epochs=args.ppo_epochs, cliprange=args.cliprange,
+                        vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
+                        missing_eos_penalty=args.missing_eos_penalty, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens)
+    ppo(args.model, args.reward_model, args.data, _train_config(args), ppo_cfg, max_len=args.max_len,
+        epochs=args.epochs, max_steps=args.max_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        skip_bad_lines=args.skip_bad_lines)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .train.reward import score_file
+
+    summary = score_file(args.reward_model, args.data, max_len=args.max_len, batch_size=args.batch_size,
+                         skip_bad_lines=args.skip_bad_lines)
+    print(f"{summary['pairs']} pairs: accuracy {summary['accuracy']:.3f}, mean margin {summary['mean_margin']:.3f}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_preference_parsers(sub) -> None:
+    pairs = 'JSONL preference pairs {"prompt", "chosen", "rejected"} or HH-RLHF {"chosen", "rejected"} records'
+    p = sub.add_parser("reward", help="train a reward model (Bradley-Terry) on preference pairs; "
+                                      "saved as transformers' GPTNeoXForSequenceClassification")
+    _add_finetune_args(p, pairs + ' (optional "margin")', "pairs", epochs=1.0)
+    _add_train_args(p, lr=1e-5, min_lr=1e-6, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_reward)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation on preference pairs (reference log-probs "
+                                   "computed once before training)")
+    _add_finetune_args(p, pairs, "pairs", epochs=1.0)
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the tie to the reference model (default: 0.1)")
+    p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid", help="(default: sigmoid, DPO's own)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="assumed share of flipped labels, conservative DPO (sigmoid only; default: 0)")
+    _add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("ppo", help="PPO against a reward model, with a KL penalty to the starting model "
+                                   "(rollouts sampled at the card's settings)")
+    _add_finetune_args(p, "JSONL prompts: preference pairs, {\"prompt\"} lines or conversations", "prompts", epochs=1.0, val=False)
+    p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty per answer token (default: 0.05)")
+    p.add_argument("--ppo-epochs", type=int, default=4, help="optimizer steps on each rollout (default: 4)")
+    p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clipping (default: 0.2)")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (default: 0.1)")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount (default: 1)")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default: 0.95)")
+    p.add_argument("--missing-eos-penalty", type=float, default=1.0,
+                   help="subtracted from the score of an answer that never reached </s> (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="rollout sampling (default: 0.7, the card's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="rollout answer length (default: 128, the card's)")
+    _add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("score", help="score the answers of preference pairs with a reward model (JSON lines to stdout)")
+    p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
+    p.add_argument("--data", nargs="+", required=True, help=pairs)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed data lines instead of stopping")
+    p.set_defaults(func=cmd_score)
 
 
 def cmd_train_report(args) -> int:
@@ -277,18 +381,10 @@ def _add_train_parsers(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on JSONL conversations (loss on システム turns only)")
-    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id to start from")
-    p.add_argument("--data", nargs="+", required=True, help="JSONL conversations (card shape or messages)")
-    p.add_argument("--val-data", nargs="+", help="held-out conversations (default: --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation; longer ones lose their oldest turns")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default: 3)")
-    length.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
-    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, merged on save (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default: 16)")
+    _add_finetune_args(p, "JSONL conversations (card shape or messages)", "conversations", epochs=3.0)
     _add_train_args(p, lr=1e-4, min_lr=1e-5, warmup=20, weight_decay=0.0)
     p.set_defaults(func=cmd_sft)
+    _add_preference_parsers(sub)
 
     p = sub.add_parser("train-report", help="draw the loss curves of a train_log.jsonl to a PNG")
     p.add_argument("log", help="train_log.jsonl")

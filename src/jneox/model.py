@@ -192,8 +192,9 @@ class GPTNeoX(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
-                cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Logits for token ids ``idx`` (B, T).
+                cache: list[KVCache] | None = None, head: bool = True) -> torch.Tensor:
+        """Logits for token ids ``idx`` (B, T); with ``head=False`` the final-norm hidden states instead
+        (what a PPO value head reads beside the LM head).
 
         Without ``input_pos`` the call is a plain causal pass (training, scoring). With it, keys and
         values go to ``cache`` (from :meth:`new_cache`): ``input_pos`` is (T,) when every row is at
@@ -228,7 +229,8 @@ class GPTNeoX(nn.Module):
             x = block(x, cos, sin, input_pos, layer_cache, end, mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        return self.lm_head(x) if head else x
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
