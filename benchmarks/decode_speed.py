@@ -4,8 +4,9 @@ Builds a random-weight checkpoint of japanese-gpt-neox-3.6b's shape (``--layers`
 for quick runs; every other dimension stays the published one), then runs each row in a fresh
 process on the same 128-token prompt: load time, prefill time, batch-1 greedy decode speed, peak
 RSS, and the fraction of the memory-bandwidth bound (bandwidth measured here, by this script).
-Peers: transformers (bf16, fp32) and CTranslate2 (int8, int8_bfloat16) when installed; a missing
-peer is skipped with a note. CTranslate2's converter needs transformers < 5: give a folder with it
+Peers: transformers (bf16, fp32), CTranslate2 (int8, int8_bfloat16) and llama.cpp (BF16, Q8_0, Q4_0
+GGUF files written by ``jneox export --format gguf``, run through llama-cpp-python with the token ids
+fed directly) when installed; a missing peer is skipped with a note. CTranslate2's converter needs transformers < 5: give a folder with it
 via ``--tf4`` (``pip install --target DIR "transformers<5"``).
 
 Quantized rows also report accuracy against jneox fp32 on the same model: the relative error of
@@ -29,8 +30,11 @@ from procstat import peak_rss_mb
 
 ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
         "jneox-pytorch:float32", "jneox-pytorch:bfloat16", "jneox-pytorch:int8", "jneox-pytorch:int4",
-        "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16"]
-BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, "int4": 0.5}
+        "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16",
+        "llama.cpp:bf16", "llama.cpp:q8_0", "llama.cpp:q4_0"]
+# GGUF blocks of 32 weights carry their fp16 scale: 34 bytes (Q8_0), 18 bytes (Q4_0)
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, "int4": 0.5,
+                    "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 # ---- the parent: set-up, one child per row, the table --------------------------------------
@@ -115,6 +119,22 @@ def convert_ct2(ckpt: Path, out: Path, tf4: Path | None) -> str | None:
     return None
 
 
+def export_llama_cpp(ckpt: Path, work: Path, layers: int, rows: list[str]) -> str | None:
+    """GGUF files of the checkpoint for the llama.cpp rows; None, or why they cannot run."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed (README: Interop)"
+    from jneox.export.gguf import export_gguf
+
+    for row in rows:
+        path = work / f"gguf-L{layers}-{row.split(':')[1]}.gguf"
+        if not path.exists():
+            print(f"writing {path.name} ...", flush=True)
+            export_gguf(ckpt, path, row.split(":")[1])
+    return None
+
+
 def run_child(row: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", row, "--ckpt", str(args.ckpt), "--prompt-tokens",
            str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--batch-sizes", args.batch_sizes,
@@ -159,6 +179,7 @@ def main() -> None:
     p.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--save-reference", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ct2", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,6 +204,12 @@ def main() -> None:
         if why:
             notes.append(f"CTranslate2 rows skipped: {why}")
             rows = [r for r in rows if not r.startswith("ctranslate2")]
+    llama_rows = [r for r in rows if r.startswith("llama.cpp")]
+    if llama_rows:
+        why = export_llama_cpp(args.ckpt, work, args.layers, llama_rows)
+        if why:
+            notes.append(f"llama.cpp rows skipped: {why}")
+            rows = [r for r in rows if r not in llama_rows]
     if "jneox:float32" in rows:  # the reference runs first
         rows.remove("jneox:float32")
         rows.insert(0, "jneox:float32")
@@ -191,8 +218,10 @@ def main() -> None:
         extra = []
         if row == "jneox:float32":
             extra = ["--save-reference", str(reference)]
-        elif runtime in ("jneox", "jneox-pytorch") and reference.exists():
+        elif runtime in ("jneox", "jneox-pytorch", "llama.cpp") and reference.exists():
             extra = ["--reference", str(reference)]
+        if runtime == "llama.cpp":
+            extra += ["--gguf", str(work / f"gguf-L{args.layers}-{row.split(':')[1]}.gguf")]
         elif runtime == "ctranslate2":
             extra = ["--ct2", str(ct2_dir)]
         res = run_child(row, args, extra)
@@ -236,7 +265,7 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 def child(args) -> dict:
     runtime, fmt = args.child.split(":")
     fn = {"jneox": child_jneox, "jneox-pytorch": child_jneox, "transformers": child_transformers,
-          "ctranslate2": child_ct2}[runtime]
+          "ctranslate2": child_ct2, "llama.cpp": child_llama_cpp}[runtime]
     res = fn(args, fmt)
     res.update(row=args.child, peak_rss_gb=peak_rss_mb() / 1024)
     return res
@@ -341,6 +370,41 @@ def child_ct2(args, fmt: str) -> dict:
     for _ in gen.generate_tokens(prompt, max_length=N, min_length=N, sampling_topk=1):
         times.append(time.perf_counter())
     return {"load_s": load_s, "prefill_ms": prefill_ms, "decode_tps": (len(times) - 1) / (times[-1] - times[0])}
+
+
+def child_llama_cpp(args, fmt: str) -> dict:
+    """llama.cpp through llama-cpp-python on jneox's GGUF export: token ids in, greedy ids out."""
+    import llama_cpp
+    import numpy as np
+
+    P, N = args.prompt_tokens, args.new_tokens
+    threads = args.threads or torch.get_num_threads()
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(str(args.gguf), n_ctx=2 * P + N, n_batch=max(P, 8), n_threads=threads,
+                          n_threads_batch=threads, logits_all=args.reference is not None, verbose=False)
+    load_s = time.perf_counter() - t
+    ids = prompt_ids(P, llm.n_vocab())
+    llm.eval(ids[:8])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    times = []
+    # generate() finds the prompt already in the KV cache and evaluates only its last token again
+    for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        times.append(time.perf_counter())
+        if len(times) == N:
+            break
+    res = {"load_s": load_s, "prefill_ms": prefill_ms, "decode_tps": (len(times) - 1) / (times[-1] - times[0])}
+    if args.reference:
+        ref = torch.load(args.reference)
+        seq = ref["seq"][0].tolist()
+        llm.reset()
+        llm.eval(seq[: len(seq) - 1])
+        got = torch.from_numpy(np.array(llm.scores[P - 1: len(seq) - 1], dtype=np.float32))
+        res["rel_err"] = float((got - ref["logits"]).norm() / ref["logits"].norm())
+        res["agree"] = float((got.argmax(-1) == ref["logits"].argmax(-1)).float().mean())
+    return res
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .errors import JneoxError, UsageError
+from .export.tokenizer_json import write_hf_tokenizer
 from .model import GPTNeoX, meta_model
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -345,8 +346,12 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
 
 def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
          device: str | torch.device = "cpu", weights: str | None = None) -> tuple[GPTNeoX, Tokenizer]:
-    """Model and tokenizer of a checkpoint folder or hub id, checked against each other.
-    ``dtype`` / ``weights`` as in :func:`load_model`."""
+    """Model and tokenizer of a checkpoint folder, hub id or GGUF file, checked against each other.
+    ``dtype`` / ``weights`` as in :func:`load_model` (for GGUF: :func:`jneox.export.gguf.load_gguf`)."""
+    if str(path_or_id).endswith(".gguf"):
+        from .export.gguf import load_gguf_with_tokenizer
+
+        return load_gguf_with_tokenizer(path_or_id, dtype=dtype or torch.float32, weights=weights, device=device)
     torch_device(device)
     folder = resolve(path_or_id)
     load_config(folder)  # cheap checks first: a bad folder or device fails before gigabytes are read
@@ -404,6 +409,7 @@ def write_checkpoint(model: GPTNeoX, folder: Path, tokenizer_file: str | os.Path
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
         _write_tokenizer_config(folder)
+        write_hf_tokenizer(folder)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
 
 
 def load_reward_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
@@ -464,6 +470,7 @@ def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: s
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             _write_tokenizer_config(tmp)
+            write_hf_tokenizer(tmp)  # tokenizer.json: transformers' fast tokenizer with sentencepiece's ids
     return Path(out_dir)
 
 

@@ -177,6 +177,25 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    t0 = time.perf_counter()
+    if args.format == "hf":
+        from .export.tokenizer_json import export_hf
+
+        out = export_hf(args.model, args.out)
+        print(f"wrote tokenizer.json and tokenizer_config.json to {out}", file=sys.stderr)
+    else:
+        from .export.gguf import export_gguf
+
+        if not args.out:
+            from .errors import UsageError
+
+            raise UsageError("--format gguf needs --out FILE.gguf")
+        out = export_gguf(args.model, args.out, type=args.type, tokenizer=args.tokenizer)
+        print(f"wrote {args.type} GGUF to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
 # ---- training (issue 4) ----------------------------------------------------------------------
 def _add_train_args(p: argparse.ArgumentParser, lr: float, min_lr: float, warmup: int, weight_decay: float) -> None:
     """The optimizer / eval / checkpoint / device flags shared by pretrain and sft."""
@@ -483,6 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="for other tools: tokenizer.json for transformers (hf) or a GGUF file for llama.cpp")
+    p.add_argument("--format", required=True, choices=("hf", "gguf"))
+    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id")
+    p.add_argument("--out", help="hf: a new folder (default: update --model in place); gguf: the .gguf file")
+    p.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "q4_0"), help="gguf weights (default: f16)")
+    p.add_argument("--tokenizer", default="ugm", choices=("ugm", "spm"),
+                   help="llama.cpp tokenizer written into the gguf (default: ugm, the closer to sentencepiece)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer with the card's options")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
