@@ -6,10 +6,10 @@ Both score the same (context, choice) pairs of a JCommonsenseQA-shaped file with
 - lm-eval: ``lm_eval.models.huggingface.HFLM`` over transformers' GPTNeoXForCausalLM, given the
   token ids directly (``HFLM._loglikelihood_tokens``, what its ``loglikelihood`` calls after
   encoding). transformers' tokenizer on a sentencepiece folder does not give sentencepiece's ids
-  (see /README "What is measured"), so both sides get jneox's ids: context and choice encoded
+  (it prepends "▁" and maps byte pieces to <unk>), so both sides get jneox's ids: context and choice encoded
   separately, as the harness encodes them;
-- jneox: :func:`jneox.evaluate.score_ids` (each context once, choices from the KV cache, packed
-  fp32 kernels as ``jneox eval`` loads them).
+- jneox: :func:`jneox.evaluate.score_ids` (each context once, choices from the KV cache; fp32
+  modules, as ``jneox eval`` loads them).
 
 It checks that the per-choice log-likelihoods agree and prints a table.
 
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(Path(tmp), args.hidden, args.layers) if args.hidden else Path(args.model)
-        model, tokenizer = load(folder, weights="float32")
+        model, tokenizer = load(folder)  # plain fp32 modules, as `jneox eval --dtype float32` loads them
         pairs = pairs_for(tokenizer, args.questions, args.shots)
         tokens = sum(len(c) + len(x) for c, x in pairs)
         score_ids(model, pairs[:10], batch_rows=args.batch_size)  # warm-up (kernels, allocator)

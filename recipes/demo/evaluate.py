@@ -1,19 +1,11 @@
 #!/usr/bin/env python3
 """Score the demo chat model on held-out conversations.
 
-Two measurements:
-
-* **Response perplexity** of the SFT model (and, with ``--pretrained``, of the model before SFT):
-  every システム answer of every held-out conversation, with the ``</s>`` that ends it, is scored
-  given exactly the prompt inference builds for it (``jneox.chat.format_prompt`` of the turns
-  before it).  Only answer tokens count, as in SFT's loss mask.
-* **Format compliance** of the answer to each held-out conversation's last question, decoded
-  greedily and with the model card's sampling settings (temperature 0.7, 128 new tokens, no
-  top-k/top-p).  An answer complies when it is non-empty, ends with ``</s>`` within 128 new
-  tokens, never starts a new ``ユーザー:`` turn, and is at least 80% Japanese: of the characters
-  that belong to a language (kana, kanji and letters of other scripts), at least 80% are Japanese.
-  Digits, punctuation and symbols count for neither side: counted against, they failed 7 of the 111
-  hand-written held-out answers (「1週間は168時間です。」), so the rule scored good Japanese as foreign.
+Two measurements, computed by the library (``jneox.evaluate.chat``, also ``jneox eval --task chat``):
+the **response perplexity** of the SFT model (and, with ``--pretrained``, of the model before SFT) on
+every held-out システム answer given the prompt inference builds for it, and the **format compliance**
+of the answer to each held-out conversation's last question, decoded greedily and with the model
+card's sampling settings (temperature 0.7, 128 new tokens). The rules are in that module.
 
     python recipes/demo/evaluate.py --model models/demo --pretrained OUT/pretrain --heldout OUT/sft/heldout.jsonl
 """

@@ -51,27 +51,28 @@ def score_ids(model: GPTNeoX, pairs: Sequence[tuple[Sequence[int], Sequence[int]
             raise ValueError(f"request {i}: the continuation has {len(continuation)} tokens, the window {window}")
         groups.setdefault(tuple(context), []).append(i)
     results = [0.0] * len(pairs)
+    caches: dict = {}  # reused from batch to batch: a fresh cache's pages are faulted in on first write
     batch: list[tuple[tuple[int, ...], list[int]]] = []
     rows = start = tail = 0  # a batch's rows run from their context's end to at most start + tail
     for context, members in groups.items():
         longest = max(len(pairs[i][1]) for i in members)
         context_start = min(len(context), window + 1 - longest) - 1
         if batch and (rows + len(members) > batch_rows or max(start, context_start) + max(tail, longest) > window):
-            _score_batch(model, pairs, batch, results)
+            _score_batch(model, pairs, batch, results, caches)
             if progress:
                 progress(rows)
             batch, rows, start, tail = [], 0, 0, 0
         batch.append((context, members))
         rows, start, tail = rows + len(members), max(start, context_start), max(tail, longest)
     if batch:
-        _score_batch(model, pairs, batch, results)
+        _score_batch(model, pairs, batch, results, caches)
         if progress:
             progress(rows)
     return results
 
 
 @torch.inference_mode()
-def _score_batch(model: GPTNeoX, pairs, batch, results: list[float]) -> None:
+def _score_batch(model: GPTNeoX, pairs, batch, results: list[float], caches: dict) -> None:
     window = model.config.max_position_embeddings
     device = model.embed.weight.device
     # the last context token is fed with the continuation: its logits predict the first continuation token
@@ -86,21 +87,17 @@ def _score_batch(model: GPTNeoX, pairs, batch, results: list[float]) -> None:
     prefix_len = max(len(c) for c in contexts)
     tail_len = max(len(r[2]) for r in rows)
     max_len = max(prefix_len, max(r[4] for r in rows) + tail_len)
-    cache = None
+    cache = _cache(model, caches, "rows", len(rows), max_len)
     if prefix_len:
         # every context from position 0, right-padded: causal attention keeps padding out of real tokens,
         # and the slots padding writes are overwritten below before any row can attend to them
         ids = torch.tensor([c + [0] * (prefix_len - len(c)) for c in contexts], device=device)
-        prefix_cache = model.new_cache(len(contexts), max_len)
+        prefix_cache = _cache(model, caches, "contexts", len(contexts), prefix_len)
         model(ids, input_pos=torch.arange(prefix_len, device=device), last_only=True, cache=prefix_cache)
         which = torch.tensor([r[0] for r in rows], device=device)
-        cache = model.new_cache(len(rows), max_len)
-        for src, dst in zip(prefix_cache, cache):
-            dst.k.copy_(src.k.index_select(0, which))
-            dst.v.copy_(src.v.index_select(0, which))
-        del prefix_cache
-    else:
-        cache = model.new_cache(len(rows), max_len)
+        for src, dst in zip(prefix_cache, cache):  # each question's keys and values to each of its choices' rows
+            dst.k[: len(rows), :, :prefix_len] = src.k[: len(contexts), :, :prefix_len].index_select(0, which)
+            dst.v[: len(rows), :, :prefix_len] = src.v[: len(contexts), :, :prefix_len].index_select(0, which)
     # each row at its own positions; padding goes on past the row's end (score_ids keeps that in the window)
     ids = torch.tensor([r[2] + [0] * (tail_len - len(r[2])) for r in rows], device=device)
     pos = torch.tensor([[r[4] + j for j in range(tail_len)] for r in rows], device=device)
@@ -109,6 +106,15 @@ def _score_batch(model: GPTNeoX, pairs, batch, results: list[float]) -> None:
     for b, (_, i, _, target, _) in enumerate(rows):
         t = torch.tensor(target, device=device)
         results[i] = float(log_probs[b, : len(target)].gather(-1, t[:, None]).sum())
+
+
+def _cache(model: GPTNeoX, caches: dict, name: str, rows: int, length: int):
+    """A KV cache of at least ``rows`` x ``length``, reused when the last one was big enough."""
+    cache = caches.get(name)
+    if cache is None or cache[0].k.shape[0] < rows or cache[0].max_len < length:
+        old = cache[0].k.shape[:3:2] if cache else (0, 0)
+        cache = caches[name] = model.new_cache(max(rows, old[0]), max(length, old[1]))
+    return cache
 
 
 def rolling_nll(model: GPTNeoX, ids: Sequence[int], prefix_id: int, stride: int | None = None,
