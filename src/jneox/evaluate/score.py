@@ -8,7 +8,7 @@ tokens run after it (batched across questions and choices, each row at its own p
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -150,7 +150,3 @@ def tqdm_progress(total: int, desc: str, enabled: bool = True):
     bar = tqdm(total=total, desc=desc, unit="req", leave=False)
     return bar, bar.update
 
-
-def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
