@@ -300,6 +300,7 @@ def cmd_serve(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
+    from .checkpoint import default_model
     from .evaluate import evaluate, format_table, write_json_atomic
 
     # float32 as plain PyTorch modules: scoring runs many rows at once, where MKL's matmul beat the
@@ -310,14 +311,11 @@ def cmd_eval(args) -> int:
     result = evaluate(model, tokenizer, args.task, args.data, num_fewshot=args.num_fewshot,
                       fewshot_data=args.fewshot_data, seed=args.seed, limit=args.limit, batch_rows=args.batch_rows,
                       text_field=args.text_field, stride=args.stride, progress=not args.no_progress)
-    from .checkpoint import default_model
-
     result["config"].update(model=args.model or str(default_model()), dtype=args.dtype,
                             seconds=round(time.perf_counter() - t0, 1))
     print(format_table([result]))
     if args.output:
-        print(f"wrote {write_json_atomic(result, args.output)}",
-              file=sys.stderr)
+        print(f"wrote {write_json_atomic(result, args.output)}", file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,11 @@ PUNCTUATION = frozenset("！？｡。＂＃＄％＆＇（）＊＋，－／：�
                         "–—‘’‛“”„‟…‧﹏." + string.punctuation)
 _EMOJI_RANGES = re.compile("[\U0001F600-\U0001F64F\U0001F300-\U0001F5FF\U0001F680-\U0001F6FF"
                            "\U0001F1E0-\U0001F1FF\U00002702-\U000027B0]+")
-JA_TOOLS = "pip install neologdn emoji fugashi unidic-lite (the jp-stable harness's 'ja' extra)"
+JA_TOOLS = "pip install 'jneox[ja]' (neologdn, emoji, fugashi, unidic-lite: the jp-stable harness's 'ja' extra)"
+
+
+class MissingTools(ValueError):
+    """A Japanese text tool JSQuAD's metric needs is not installed; the message says what to install."""
 
 
 def argmax(values: Sequence[float]) -> int:
@@ -65,7 +69,7 @@ def normalize_answer(text: str) -> str:
         import emoji
         import neologdn
     except ImportError as e:
-        raise ImportError(f"JSQuAD's metric normalises answers as the harness does: {JA_TOOLS} ({e})") from None
+        raise MissingTools(f"JSQuAD's metric normalises answers as the harness does: {JA_TOOLS} ({e})") from None
     text = "".join("" if emoji.is_emoji(c) else c for c in text)
     text = _EMOJI_RANGES.sub("", text)
     return " ".join(neologdn.normalize(text).split())
@@ -76,7 +80,7 @@ def _tagger():
     try:
         from fugashi import Tagger
     except ImportError as e:
-        raise ImportError(f"JSQuAD's F1 counts MeCab words as the harness does: {JA_TOOLS} ({e})") from None
+        raise MissingTools(f"JSQuAD's F1 counts MeCab words as the harness does: {JA_TOOLS} ({e})") from None
     return Tagger("-Owakati")
 
 
@@ -112,5 +116,5 @@ def mecab_available() -> bool:
     try:
         _tagger()
         return True
-    except (ImportError, RuntimeError):
+    except (MissingTools, RuntimeError):
         return False

@@ -110,6 +110,7 @@ def greedy_answer(model, tokenizer, context: str, max_new_tokens: int) -> str:
 
 
 def _generate_answers(model, tokenizer, task: Task, docs: Sequence[Doc], contexts: Sequence[str], progress: bool):
+    metrics.normalize_answer("")  # no neologdn: stop before generating anything
     words = metrics.mecab_available()
     bar, step = tqdm_progress(len(docs), task.name, progress)
     samples, totals = [], {}
