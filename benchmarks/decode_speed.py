@@ -28,6 +28,7 @@ import torch
 from procstat import peak_rss_mb
 
 ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
+        "jneox-pytorch:float32", "jneox-pytorch:bfloat16", "jneox-pytorch:int8", "jneox-pytorch:int4",
         "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16"]
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, "int4": 0.5}
 
@@ -121,7 +122,9 @@ def run_child(row: str, args, extra: list[str]) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"running {row} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # jneox-pytorch: jneox without its native kernels (no C compiler, or JNEOX_KERNELS=0)
+    env = {**os.environ, "JNEOX_KERNELS": "0"} if row.startswith("jneox-pytorch:") else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return {"row": row, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -188,7 +191,7 @@ def main() -> None:
         extra = []
         if row == "jneox:float32":
             extra = ["--save-reference", str(reference)]
-        elif runtime == "jneox" and reference.exists():
+        elif runtime in ("jneox", "jneox-pytorch") and reference.exists():
             extra = ["--reference", str(reference)]
         elif runtime == "ctranslate2":
             extra = ["--ct2", str(ct2_dir)]
@@ -232,7 +235,8 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 def child(args) -> dict:
     runtime, fmt = args.child.split(":")
-    fn = {"jneox": child_jneox, "transformers": child_transformers, "ctranslate2": child_ct2}[runtime]
+    fn = {"jneox": child_jneox, "jneox-pytorch": child_jneox, "transformers": child_transformers,
+          "ctranslate2": child_ct2}[runtime]
     res = fn(args, fmt)
     res.update(row=args.child, peak_rss_gb=peak_rss_mb() / 1024)
     return res

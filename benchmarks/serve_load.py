@@ -131,16 +131,21 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
         work = args.work.expanduser()
         model = str(make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers))  # shared with decode_speed.py
-    port = free_port()
-    cmd = [sys.executable, "-m", "jneox", "serve", "--model", model, "--dtype", args.dtype, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--model-name", "bench", "--log-level", "warning"]
+    opts = ["--model", model, "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue",
+            str(args.max_queue), "--model-name", "bench", "--log-level", "warning"]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
+        opts += ["--threads", str(args.threads)]
     if args.device:
-        cmd += ["--device", args.device]
-    proc = subprocess.Popen(cmd)
+        opts += ["--device", args.device]
+    return launch_server(opts)
+
+
+def launch_server(opts: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """``jneox serve OPTS`` in a subprocess on a free loopback port, once its /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jneox", "serve", "--port", str(port), *opts])
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
@@ -151,7 +156,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.5)
     proc.terminate()
-    raise SystemExit("the server did not come up within 10 minutes")
+    raise SystemExit(f"the server did not come up within {timeout:g} s")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ its engine; a second copy of the model (``reference``) computes what `jneox.gene
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class Live:
         self.engine.stop()
 
 
-def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True) -> Live:
+def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True, **app_options) -> Live:
+    """``app_options``: create_app's keyword options (request_timeout, cors_origins, ...)."""
     import uvicorn
 
     import jneox
@@ -54,7 +56,7 @@ def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_e
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     if start_engine:
         engine.start()
-    app = create_app(engine, model_id="tiny", api_key=api_key)
+    app = create_app(engine, model_id="tiny", api_key=api_key, **app_options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -67,6 +69,30 @@ def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_e
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     return Live(f"http://127.0.0.1:{port}", engine, server, thread)
+
+
+def spawn_serve(command: list[str], **popen_options) -> tuple[subprocess.Popen, str]:
+    """``command`` (a `jneox serve` command line without --port) in a subprocess on a free loopback port;
+    returns it and its URL once /health answers 200."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*command, "--port", str(port)], **popen_options)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jneox serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("jneox serve did not come up") from None
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -177,4 +177,4 @@ def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
     assert proc.stdout.strip() == "True"
     with torch.no_grad():
         want = load_model(folder, weights="int8")(torch.arange(4, 12)[None])
-    assert _rel(torch.load(tmp_path / "y.pt"), want) < 1e-5
+    assert _rel(torch.load(tmp_path / "y.pt"), want) < 1e-2  # PyTorch's int8 op takes bf16 activations

@@ -27,6 +27,12 @@ CASES = [
     ("message-not-object", CHAT, {"messages": ["hi"]}, 400, "messages[0]"),
     ("unknown-role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ("role-wrong-type", CHAT, {"messages": [{"role": 3, "content": "hi"}]}, 400, "messages[0].role"),
+    ("user-content-null", CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ("system-content-null", CHAT, {"messages": [{"role": "system", "content": None}, *USER]}, 400,
+     "messages[0].content"),
+    ("lone-surrogate", CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("huge-integer-penalty", CHAT, b'{"messages": [{"role": "user", "content": "a"}], "repetition_penalty": 1'
+     + b"0" * 400 + b"}", 400, "repetition_penalty"),
     ("content-wrong-type", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("image-content", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages[0].content"),
@@ -54,11 +60,11 @@ CASES = [
     ("seed-float", CHAT, {"messages": USER, "seed": 1.5}, 400, "seed"),
     ("stream-not-bool", CHAT, {"messages": USER, "stream": "yes"}, 400, "stream"),
     ("n-above-one", CHAT, {"messages": USER, "n": 3}, 400, "n"),
-    ("logprobs", CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs"),
+    ("logprobs-not-bool", CHAT, {"messages": USER, "logprobs": 5}, 400, "logprobs"),
     ("empty-prompt", COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     ("prompt-missing", COMPLETIONS, {"max_tokens": 3}, 400, "prompt"),
     ("prompt-wrong-type", COMPLETIONS, {"prompt": {"text": "a"}}, 400, "prompt"),
-    ("several-prompts", COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("several-prompts-streamed", COMPLETIONS, {"prompt": ["a", "b"], "stream": True}, 400, "stream"),
     ("token-id-outside-vocab", COMPLETIONS, {"prompt": [5, 10**9]}, 400, "prompt"),
     ("body-too-large", COMPLETIONS, b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, None),
 ]
@@ -96,3 +102,10 @@ def test_server_still_generates_after_the_bad_inputs(live):
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert live.engine.stats()["running"] == 0
+
+
+def test_assistant_message_may_have_null_content(live):
+    """OpenAI allows null content only on an assistant turn (one that called tools): taken as empty text."""
+    messages = [*USER, {"role": "assistant", "content": None}, *USER]
+    r = httpx.post(live.url + CHAT, json={"messages": messages, "max_tokens": 2}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text

@@ -107,10 +107,10 @@ class ChatSession:
     """A multi-turn conversation with a model: keeps the history, formats each prompt the card's way,
     streams the answer, and drops the oldest turns when the context window is full."""
 
-    def __init__(self, model, tokenizer, params=None):
+    def __init__(self, model, tokenizer, params=None, draft=None):
         from .generate import SamplingParams
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.draft = model, tokenizer, draft
         self.params = params or SamplingParams()
         self.history: list[Utterance] = []
         self.dropped_turns = 0
@@ -135,7 +135,7 @@ class ChatSession:
         prompt = self.prompt_for(user_text)
         params = self.params.with_(stop=tuple(dict.fromkeys((*self.params.stop, TURN_STOP))))
         pieces = []
-        for piece in stream(self.model, self.tokenizer, prompt, params):
+        for piece in stream(self.model, self.tokenizer, prompt, params, draft=self.draft):
             pieces.append(piece)
             yield piece
         self.history += [Utterance(USER, user_text), Utterance(SYSTEM, "".join(pieces))]

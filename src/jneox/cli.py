@@ -27,6 +27,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128, the card's")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+    p.add_argument("--speculate", metavar="lookup|DRAFT", help="speculative decoding, same output, fewer passes: "
+                   "'lookup' guesses tokens copied from the context; a folder or hub id names a smaller draft "
+                   "model with the same tokenizer")
+    p.add_argument("--draft-tokens", type=int, default=5, help="guesses checked per pass (default: 5)")
 
 
 def _params(args):
@@ -60,6 +64,20 @@ def _load(args, **options):
     return load(target, **(options or load_options(args.dtype, args.device)))
 
 
+def _draft(args, tokenizer):
+    """--speculate as a guesser for jneox.speculative; a draft model must share the target's tokenizer."""
+    from .checkpoint import CheckpointError, load_tokenizer, resolve
+    from .speculative import make_draft
+
+    if args.speculate is None or args.speculate == "lookup":
+        return make_draft(args.speculate, args.draft_tokens)
+    folder = resolve(args.speculate)
+    if load_tokenizer(folder).path.read_bytes() != tokenizer.path.read_bytes():
+        raise CheckpointError(f"--speculate {args.speculate}: its spiece.model differs from the model's; a draft "
+                              f"model must use the same tokenizer")
+    return make_draft(str(folder), args.draft_tokens, **load_options(args.dtype, args.device))
+
+
 def load_options(dtype: str, device: str) -> dict:
     """--dtype/--device as arguments of jneox.load: packed kernels on CPU, plain PyTorch elsewhere."""
     from .checkpoint import CheckpointError
@@ -82,7 +100,7 @@ def cmd_chat(args) -> int:
 
     params = _params(args)
     model, tokenizer = _load(args)
-    session = ChatSession(model, tokenizer, params)
+    session = ChatSession(model, tokenizer, params, draft=_draft(args, tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
         print("jneox chat: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -133,7 +151,7 @@ def cmd_generate(args) -> int:
         from .chat import TURN_STOP
         params = params.with_(stop=(*params.stop, TURN_STOP))
     t0, n = time.perf_counter(), 0
-    for piece in stream(model, tokenizer, prompt, params):
+    for piece in stream(model, tokenizer, prompt, params, draft=_draft(args, tokenizer)):
         n += 1
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -293,7 +311,10 @@ def cmd_serve(args) -> int:
     else:
         model_id = Path(default_model() or "jneox").name
     serve(model, tokenizer, model_id=model_id, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level)
+          max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
+          allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
+          request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
+          default_max_tokens=args.default_max_tokens)
     return 0
 
 
@@ -340,6 +361,20 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _non_negative(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jneox", description="Japanese GPT-NeoX instruction model: chat, generate, serve, quantize")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -362,13 +397,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $JNEOX_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
+                        "(default: $JNEOX_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (info logs every request)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host header is NAME (may be repeated; '*': any). By default "
+                        "only the --host address (and localhost on loopback) is, which stops DNS rebinding")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://example.com; '*': any) call the API "
+                        "(may be repeated; default: none)")
+    p.add_argument("--request-timeout", type=_non_negative, default=0, metavar="S",
+                   help="end a request that has not finished after S seconds, queueing included (default 0: no limit)")
+    p.add_argument("--shutdown-timeout", type=_non_negative, default=30, metavar="S",
+                   help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
+    p.add_argument("--default-max-tokens", type=_positive_int, metavar="N",
+                   help="longest answer when a request gives no max_tokens (default 512; never past the window)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")

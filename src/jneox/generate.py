@@ -71,15 +71,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, picked)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V), in the order transformers applies the rules:
-    repetition penalty, temperature, top-k, top-p."""
+def filtered_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-position logits (B, V) after the sampling rules, in the order transformers applies them:
+    repetition penalty, temperature, top-k, top-p (removed tokens at -inf). Greedy stops after the
+    penalty: its argmax is the token."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -90,6 +90,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         # drop a token once the tokens before it already hold top_p of the mass (the first always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V) (see :func:`filtered_logits`)."""
+    logits = filtered_logits(logits, params, seen)
+    if params.greedy:
+        return logits.argmax(dim=-1)
     return sample_categorical(logits.softmax(dim=-1), generator)
 
 
@@ -124,10 +133,16 @@ def check_prompt_fits(model: GPTNeoX, prompt_len: int) -> None:
 
 @torch.inference_mode()
 def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
-                    eos_id: int | None = None, vocab_size: int | None = None) -> Iterator[int]:
+                    eos_id: int | None = None, vocab_size: int | None = None, draft=None) -> Iterator[int]:
     """Yield new token ids one by one (EOS included, then stop). Stops after ``max_new_tokens`` or
     when the context window is full, whichever comes first. ``vocab_size`` keeps sampling to the
-    tokenizer's ids when the model's embedding is padded beyond them."""
+    tokenizer's ids when the model's embedding is padded beyond them. ``draft`` (see
+    :mod:`jneox.speculative`) guesses tokens for the model to check several at a time."""
+    if draft is not None:
+        from .speculative import speculative_tokens
+
+        yield from speculative_tokens(model, prompt_ids, params, draft, eos_id, vocab_size)
+        return
     check_prompt_fits(model, len(prompt_ids))
     device = model.embed.weight.device
     total = min(len(prompt_ids) + params.max_new_tokens, model.config.max_position_embeddings)
@@ -220,16 +235,18 @@ class TextAssembler:
 
 
 def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
-           params: SamplingParams = SamplingParams(), result: Completion | None = None) -> Iterator[str]:
+           params: SamplingParams = SamplingParams(), result: Completion | None = None,
+           draft=None) -> Iterator[str]:
     """Yield the answer's text piece by piece as it is generated; never half a character, never past a stop.
 
     ``prompt`` is text (encoded with the tokenizer) or token ids. If ``result`` is given, it is
-    filled in with the full completion once the stream ends.
+    filled in with the full completion once the stream ends. ``draft``: speculative decoding
+    (:mod:`jneox.speculative`), same output.
     """
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     text = TextAssembler(tokenizer, params.stop)
     texts: list[str] = []
-    for t in generate_tokens(model, prompt_ids, params, tokenizer.eos_id, tokenizer.vocab_size):
+    for t in generate_tokens(model, prompt_ids, params, tokenizer.eos_id, tokenizer.vocab_size, draft):
         piece = text.push(t)
         if piece:
             texts.append(piece)
@@ -246,9 +263,9 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
 
 
 def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | Sequence[int],
-             params: SamplingParams = SamplingParams()) -> Completion:
+             params: SamplingParams = SamplingParams(), draft=None) -> Completion:
     """The whole completion of ``prompt`` at once (see :func:`stream`)."""
     result = Completion("", [], 0, "length")
-    for _ in stream(model, tokenizer, prompt, params, result):
+    for _ in stream(model, tokenizer, prompt, params, result, draft):
         pass
     return result

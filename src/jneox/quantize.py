@@ -19,7 +19,8 @@ the CPU multiplies bf16 natively (AVX-512 BF16 / AMX: oneDNN), else to fp32. Mea
 of the 3.6B shape, 2 threads, PyTorch path -> kernel: a 128-token prompt fp32 625 -> 264 ms, bf16
 290 -> 175, int8 404 -> 196, int4 512 -> 238; 512 tokens bf16 711 -> 714, int8 849 -> 806 (about
 even: the limit); 1024 tokens fp32 2633 -> 2171. Without the native kernels everything runs
-through the PyTorch path.
+through PyTorch's own CPU ops on the weight converted once, at its first use, to the layout they take
+(see :meth:`PackedLinear._torch_form`), never widened per call.
 """
 from __future__ import annotations
 
@@ -108,6 +109,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
         self._scratch = None
+        self._torch = None  # without the native kernels: the weight as PyTorch's CPU ops take it (see _torch_form)
+        self.register_state_dict_post_hook(_tiles_in_state_dict)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = DEFAULT_GROUP) -> "PackedLinear":
@@ -147,6 +150,8 @@ class PackedLinear(nn.Module):
     def unpacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as an (out, in) matrix of ``dtype``, dequantized."""
         n = self.out_features
+        if self._torch is not None:
+            return self._torch_unpacked(dtype)
         if self.fmt in ("float32", "bfloat16"):
             return _untile(self.weight)[:n].to(dtype)
         if self.fmt == "int8":
@@ -156,6 +161,62 @@ class PackedLinear(nn.Module):
         q = torch.cat((b & 15, b >> 4), dim=-1).to(dtype) - 8
         scale = self.scale.transpose(1, 2).reshape(-1, k // g, 1).to(dtype)
         return (q * scale).reshape(-1, k)[:n]
+
+    # ---- without the native kernels: PyTorch's CPU ops, weight converted once -------------------
+    @torch.no_grad()
+    def _torch_form(self) -> dict:
+        """The weight in the layout PyTorch's own CPU ops take, made at the first call without the native
+        kernels; the tiled buffers are then freed (the state dict tiles it again, see
+        :func:`_tiles_in_state_dict`), so memory stays at one copy. Widening the packed weight at every
+        call instead, as before, made a 3.6B decode step read and write several times the weight bytes.
+        fp32 and bf16 take ``F.linear`` (bf16 activations for a bf16 weight, as transformers runs
+        bf16), int8 ``torch._weight_int8pack_mm`` and int4 ``torch._weight_int4pack_mm_for_cpu``, both
+        with bf16 activations (with fp32 ones both ops measured 7-200x slower on this CPU)."""
+        if self._torch is None:
+            n = self.out_features
+            form = {"weight": _untile(self.weight)[:n].contiguous()} if self.fmt != "int4" else {}
+            if self.fmt == "int8":
+                form["scale"] = self.scale[:n].to(torch.bfloat16)
+                form["scale32"] = self.scale.clone()  # every row, padding included, for the state dict
+            elif self.fmt == "int4":
+                g, k = self.group_size, self.in_features
+                form["scale16"] = self.scale.transpose(1, 2).reshape(-1, k // g).clone()  # (rows incl. padding, groups)
+                n16 = -(-n // 16) * 16  # the op packs 16 output rows at a time: pad with zero rows, slice after
+                scale = torch.cat((form["scale16"][:n].float(), torch.zeros(n16 - n, k // g)))
+                w = torch.cat((self.unpacked_weight(), torch.zeros(n16 - n, k)))
+                form["weight"] = torch._convert_weight_to_int4pack_for_cpu(_int4_codes(w, scale), 1)
+                form["scale"] = torch.stack((scale.T, torch.zeros_like(scale.T)), dim=-1).to(torch.bfloat16).contiguous()
+            self._torch = form
+            self.weight = torch.empty(0, dtype=self.weight.dtype)
+            if self.fmt in ("int8", "int4"):
+                self.scale = torch.empty(0, dtype=self.scale.dtype)
+        return self._torch
+
+    def _torch_linear(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._torch_form()
+        if self.fmt == "float32":
+            return F.linear(x.float(), t["weight"], self.bias)
+        xb = x.to(torch.bfloat16)
+        if self.fmt == "bfloat16":
+            y = F.linear(xb, t["weight"])
+        elif self.fmt == "int8":
+            y = torch._weight_int8pack_mm(xb, t["weight"], t["scale"])
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xb, t["weight"], self.group_size, t["scale"])[:, : self.out_features]
+        y = y.float()
+        return y if self.bias is None else y + self.bias
+
+    def _torch_unpacked(self, dtype: torch.dtype) -> torch.Tensor:
+        t, n, k = self._torch, self.out_features, self.in_features
+        if self.fmt in ("float32", "bfloat16"):
+            return t["weight"].to(dtype)
+        if self.fmt == "int8":
+            return t["weight"].to(dtype) * t["scale32"][:n, None].to(dtype)
+        # the op itself dequantizes: the identity times the weight, in fp32, is exact
+        g = self.group_size
+        scale = t["scale"].float()  # (groups, rows padded to 16, 2); bf16 holds the fp16 scales only roughly
+        scale[..., 0] = torch.cat((t["scale16"][:n].float(), torch.zeros(scale.shape[1] - n, k // g))).T
+        return torch._weight_int4pack_mm_for_cpu(torch.eye(k), t["weight"], g, scale)[:, :n].T.to(dtype)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """One PyTorch matrix multiply with the widened weight (prefill, autograd, no native kernels)."""
@@ -169,7 +230,11 @@ class PackedLinear(nn.Module):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         lib = kernels.library() if x.device.type == "cpu" else None
-        if lib is None or not self._kernel_takes(lib, x2.shape[0]) or (torch.is_grad_enabled() and x.requires_grad):
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = self._dense(x2)
+        elif lib is None and x.device.type == "cpu":
+            y = self._torch_linear(x2)
+        elif lib is None or not self._kernel_takes(lib, x2.shape[0]):
             y = self._dense(x2)
         else:
             x2 = x2.float().contiguous()
@@ -223,6 +288,38 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}"
+
+
+def _int4_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(rows, in) weight and (rows, groups) scales -> the stored codes 0..15 (value / scale + 8) as int32;
+    a group whose fp16 scale is 0 (all its weights 0) gets code 8."""
+    rows, k = w.shape
+    groups = w.reshape(rows, scale.shape[1], -1)
+    q = torch.where(scale[..., None] == 0, 0.0, torch.round(groups / scale[..., None]).clamp_(-8, 7))
+    return (q + 8).to(torch.int32).reshape(rows, k)
+
+
+def _tiles_in_state_dict(module: "PackedLinear", state: dict, prefix: str, local_metadata) -> None:
+    """A layer converted for PyTorch's ops (see :meth:`PackedLinear._torch_form`) saves the tiled layout
+    all the same, with its own scales, so a packed checkpoint reads the same whichever path ran."""
+    t = module._torch
+    if t is None:
+        return
+    n, k = module.out_features, module.in_features
+    n_pad = -(-n // TILE) * TILE
+    w = module.unpacked_weight()
+    w = torch.cat((w, w.new_zeros(n_pad - n, k)))
+    if module.fmt in ("float32", "bfloat16"):
+        state[prefix + "weight"] = _tile(w.to(t["weight"].dtype), 8)
+    elif module.fmt == "int8":
+        s32 = t["scale32"]
+        state[prefix + "weight"] = _tile(torch.round(w / s32[:, None]).clamp_(-127, 127).to(torch.int8), 8)
+        state[prefix + "scale"] = s32
+    else:
+        g = module.group_size
+        q = _int4_codes(w, t["scale16"].float()).to(torch.uint8).reshape(n_pad, k // g, g)
+        state[prefix + "weight"] = _tile((q[..., : g // 2] | (q[..., g // 2:] << 4)).reshape(n_pad, k // 2), g // 2)
+        state[prefix + "scale"] = t["scale16"].reshape(-1, TILE, k // g).transpose(1, 2).contiguous()
 
 
 INT4_CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)

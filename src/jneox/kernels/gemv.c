@@ -27,6 +27,10 @@
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(__AVX2__)
+#include <arm_neon.h>
+#define NEON 1         /* 64-bit ARM (Apple Silicon, Graviton): 2 x 4-lane FMAs per 8 weights */
+#endif
 
 #define RT 4           /* output rows per tile */
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -73,6 +77,20 @@ static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+#endif
+#ifdef NEON
+/* the four rows of a chunk of 8 k: 8 registers w[2r], w[2r+1]; a[i][0..1]: row i's two half-sums */
+#define NEON_FMA_ROWS(w, x, m, a)                                                          \
+    do {                                                                                   \
+        float32x4_t x0_ = vld1q_f32(x), x1_ = vld1q_f32((x) + 4);                          \
+        for (int r_ = 0; r_ < RT; r_++) {                                                  \
+            a[(m) * 4 + r_][0] = vfmaq_f32(a[(m) * 4 + r_][0], w[2 * r_], x0_);             \
+            a[(m) * 4 + r_][1] = vfmaq_f32(a[(m) * 4 + r_][1], w[2 * r_ + 1], x1_);         \
+        }                                                                                  \
+    } while (0)
+#define NEON_ZERO(a) for (int i_ = 0; i_ < 8; i_++) a[i_][0] = a[i_][1] = vdupq_n_f32(0.f)
+#define NEON_SUM(a, i) vaddvq_f32(vaddq_f32(a[i][0], a[i][1]))
+static inline float32x4_t neon_bf16x4(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 #endif
 
 /* Streaming the weights from memory and the arithmetic must overlap. The L1 prefetch (PREFETCH
@@ -122,6 +140,16 @@ ALWAYS_INLINE void f32_tile(const float *x, int NM, const float *w, const char *
         if (NM == 2) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + K + k), (a + 4)); }
     }
     for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(a[i]);
+#elif defined(NEON)
+    (void)next;
+    float32x4_t a[8][2], wv[8];
+    NEON_ZERO(a);
+    for (int k = 0; k < K; k += 8, w += 32) {
+        __builtin_prefetch((const char *)w + PREFETCH);
+        for (int i = 0; i < 8; i++) wv[i] = vld1q_f32(w + 4 * i);
+        for (int m = 0; m < NM; m++) NEON_FMA_ROWS(wv, x + (size_t)m * K + k, m, a);
+    }
+    for (int i = 0; i < 4 * NM; i++) dot[i] = NEON_SUM(a, i);
 #else
     for (int i = 0; i < 4 * NM; i++) dot[i] = 0.f;
     for (int k = 0; k < K; k += 8, w += 32)
@@ -144,6 +172,16 @@ ALWAYS_INLINE void bf16_tile(const float *x, int NM, const uint16_t *w, const ch
         if (NM == 2) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + K + k), (a + 4)); }
     }
     for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(a[i]);
+#elif defined(NEON)
+    (void)next;
+    float32x4_t a[8][2], wv[8];
+    NEON_ZERO(a);
+    for (int k = 0; k < K; k += 8, w += 32) {
+        __builtin_prefetch((const char *)w + PREFETCH);
+        for (int i = 0; i < 8; i++) wv[i] = neon_bf16x4(w + 4 * i);
+        for (int m = 0; m < NM; m++) NEON_FMA_ROWS(wv, x + (size_t)m * K + k, m, a);
+    }
+    for (int i = 0; i < 4 * NM; i++) dot[i] = NEON_SUM(a, i);
 #else
     for (int i = 0; i < 4 * NM; i++) dot[i] = 0.f;
     for (int k = 0; k < K; k += 8, w += 32)
@@ -167,6 +205,19 @@ ALWAYS_INLINE void int8_tile(const float *x, int NM, const int8_t *w, int K, con
         if (NM == 2) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + K + k), (a + 4)); }
     }
     for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(a[i]) * scale[i % 4];
+#elif defined(NEON)
+    float32x4_t a[8][2], wv[8];
+    NEON_ZERO(a);
+    for (int k = 0; k < K; k += 8, w += 32) {
+        __builtin_prefetch((const char *)w + 2 * PREFETCH);
+        for (int r = 0; r < RT; r++) {
+            int16x8_t q = vmovl_s8(vld1_s8(w + 8 * r));
+            wv[2 * r] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(q)));
+            wv[2 * r + 1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(q)));
+        }
+        for (int m = 0; m < NM; m++) NEON_FMA_ROWS(wv, x + (size_t)m * K + k, m, a);
+    }
+    for (int i = 0; i < 4 * NM; i++) dot[i] = NEON_SUM(a, i) * scale[i % 4];
 #else
     for (int i = 0; i < 4 * NM; i++) dot[i] = 0.f;
     for (int k = 0; k < K; k += 8, w += 32)
@@ -213,6 +264,34 @@ ALWAYS_INLINE void int4_tile(const float *x, const float *xsum, int NM, const ui
         }
     }
     for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(tot[i]) - 8.f * corr[i];
+#elif defined(NEON)
+    const uint8x8_t low = vdup_n_u8(15);
+    float tot[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int g = 0; g < groups; g++, s += RT) {
+        for (int r = 0; r < RT; r++, w += half) {
+            __builtin_prefetch((const char *)w + 2 * PREFETCH);
+            float sc = f16_f32(s[r]);
+            float32x4_t acc[2][2];
+            for (int m = 0; m < 2; m++) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
+            for (int j = 0; j < half; j += 8) {
+                uint8x8_t q = vld1_u8(w + j);
+                uint16x8_t lo = vmovl_u8(vand_u8(q, low)), hi = vmovl_u8(vshr_n_u8(q, 4));
+                float32x4_t l0 = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))), l1 = vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo)));
+                float32x4_t h0 = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))), h1 = vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi)));
+                for (int m = 0; m < NM; m++) {
+                    const float *xg = x + (size_t)m * K + (size_t)g * G;
+                    acc[m][0] = vfmaq_f32(vfmaq_f32(acc[m][0], l0, vld1q_f32(xg + j)), l1, vld1q_f32(xg + j + 4));
+                    acc[m][1] = vfmaq_f32(vfmaq_f32(acc[m][1], h0, vld1q_f32(xg + j + half)), h1,
+                                          vld1q_f32(xg + j + half + 4));
+                }
+            }
+            for (int m = 0; m < NM; m++) {
+                tot[m * 4 + r] += sc * vaddvq_f32(vaddq_f32(acc[m][0], acc[m][1]));
+                corr[m * 4 + r] += sc * xsum[m * groups + g];
+            }
+        }
+    }
+    for (int i = 0; i < 4 * NM; i++) dot[i] = tot[i] - 8.f * corr[i];
 #else
     float tot[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int g = 0; g < groups; g++, s += RT) {
@@ -549,6 +628,10 @@ static inline float dot_f32(const float *a, const float *b, int n) {
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     s = hsum8(acc);
+#elif defined(NEON)
+    float32x4_t acc = vdupq_n_f32(0.f);
+    for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(a + i), vld1q_f32(b + i));
+    s = vaddvq_f32(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -559,6 +642,8 @@ static inline void axpy_f32(float *y, float a, const float *x, int n) {
 #ifdef __AVX2__
     __m256 av = _mm256_set1_ps(a);
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#elif defined(NEON)
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
 #endif
     for (; i < n; i++) y[i] += a * x[i];
 }
@@ -610,7 +695,7 @@ void jneox_decode_attention(const float *qkv, const float *cos, const float *sin
 }
 
 /* 4 with AVX-512 BF16 (also the prompt kernels), 3 with AVX-512 (the batch path), 2 with AVX2/FMA,
- * 0 for the portable loops */
+ * 1 with NEON (64-bit ARM), 0 for the portable loops */
 int jneox_kernels_simd(void) {
 #if defined(BF16_DOT)
     return 4;
@@ -618,6 +703,8 @@ int jneox_kernels_simd(void) {
     return 3;
 #elif defined(__AVX2__)
     return 2;
+#elif defined(NEON)
+    return 1;
 #else
     return 0;
 #endif

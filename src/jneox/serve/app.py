@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+import logging
+import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from .protocol import APIError, GenerationRequest, parse_chat, parse_completion, parse_json
-from .scheduler import Engine, Event, QueueFull
+from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, parse_chat,
+                       parse_completion, parse_json, too_large)
+from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
+from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
 
 STATIC = Path(__file__).with_name("static")
 RETRY_AFTER_S = 1
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+WILDCARD = ("0.0.0.0", "::")  # listening on every address of the machine
+log = logging.getLogger("jneox.serve")
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -25,26 +37,113 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 class Listener:
-    """Carries one request's events from the engine thread into the event loop."""
+    """Carries one request's events from the engine thread into the event loop; past ``timeout``
+    seconds (None: no limit) it ends the request with an error event of its own."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float | None = None):
         self.loop, self.queue = loop, asyncio.Queue()
+        self.timeout, self.timed_out = timeout, False
+        self.deadline = None if timeout is None else loop.time() + timeout
 
     def __call__(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def events(self):
         while True:
-            event = await self.queue.get()
+            try:
+                if self.deadline is None:
+                    event = await self.queue.get()
+                else:
+                    event = await asyncio.wait_for(self.queue.get(), max(self.deadline - self.loop.time(), 0))
+            except asyncio.TimeoutError:
+                self.timed_out = True
+                yield Event(error=f"the request took longer than {self.timeout:g} s (--request-timeout)")
+                return
             yield event
             if event.final:
                 return
 
 
-def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = None) -> FastAPI:
-    """The server's app. ``engine`` must be started (``engine.start()``) before requests arrive."""
+@dataclass
+class Answer:
+    """One prompt's answer, gathered from its events."""
+
+    text: str = ""
+    final: Event | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        self.text += event.text
+        self.logprobs += event.logprobs
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.final:
+            self.final = event
+
+
+def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
+    """Whether a request's ``Host`` header names this server: a name in ``allowed`` (with any port), or
+    any IP address when ``allowed`` holds a wildcard address. A web page that rebinds its own DNS name
+    to this machine sends that name, so it is refused (DNS rebinding); an IP address cannot be rebound."""
+    if "*" in allowed:
+        return True
+    name = host_header.strip().lower()
+    if name.startswith("["):  # [::1]:8000
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    if name in allowed:
+        return True
+    if not allowed.intersection(WILDCARD):
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """ASGI middleware: refuses a request whose Host header is not one of this server's names."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if not host_allowed(host, self.allowed):
+                e = APIError(400, f"Host {host[:100]!r} is not a name of this server (start it with --allowed-host "
+                             f"NAME to accept it)", code="invalid_host")
+                await error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = None, *, host: str = "127.0.0.1",
+               allowed_hosts: Iterable[str] = (), cors_origins: Iterable[str] = (),
+               request_timeout: float | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """The server's app. ``engine`` must be started (``engine.start()``) before requests arrive.
+
+    ``host`` is the address the server listens on: requests must name it (or, on a loopback or
+    wildcard address, ``localhost`` and the loopback addresses; on a wildcard, any IP address) or one
+    of ``allowed_hosts`` (``*``: any) in their Host header. ``cors_origins`` are the web origins whose
+    pages may call the API from a browser (none by default). ``request_timeout`` (seconds, None: no
+    limit) ends a request that has not finished by then; ``default_max_tokens`` caps an answer whose
+    request gives no ``max_tokens``.
+    """
     app = FastAPI(title="jneox", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    names = {host.strip("[]").lower(), *(h.lower() for h in allowed_hosts)}
+    if names.intersection(LOOPBACK + WILDCARD):
+        names.update(LOOPBACK)
+    cors_origins = list(cors_origins)
+    if cors_origins:  # added first, so the Host check below runs before it
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostCheck, allowed=frozenset(names))
     window = engine.window
     tokenizer = engine.tokenizer
     created = int(time.time())
@@ -60,7 +159,9 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):  # a bug: say so in the same shape, keep serving
-        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        # no exception text to the client (paths, internals); starlette re-raises it after this answer, so
+        # uvicorn logs the traceback
+        return error_response(APIError(500, "internal error (the server log has the details)", type="server_error"))
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -73,37 +174,82 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
                            type="authentication_error", code="invalid_api_key")
 
     async def read_body(request: Request) -> dict:
+        """The JSON body, read up to MAX_BODY_BYTES: a larger one is refused before it is buffered (by its
+        Content-Length, or as soon as a body without one passes the limit)."""
         check_key(request)
-        return parse_json(await request.body())
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":  # a browser's cross-origin "simple" POST cannot send this type
+            raise APIError(415, f"Content-Type must be application/json, got {media_type[:100]!r}",
+                           code="unsupported_media_type")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise too_large(f"{int(length)} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large(f"more than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
 
     def submit(req: GenerationRequest, listener: Listener):
         try:
-            return engine.submit(req.prompt_ids, req.params, listener)
+            return engine.submit(req.prompt_ids, req.params, listener, logprobs=req.logprobs,
+                                 prompt_logprobs=req.echo, generate=req.generate)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry in a moment", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except Unavailable as e:
+            raise APIError(503, str(e), type="server_error", code="unavailable") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def run(request: Request, req: GenerationRequest, chunk, final, opening: bool = False):
-        """Submit ``req`` and answer: SSE chunks made by ``chunk(id, text, finish_reason)`` (and first an
-        opening one if ``opening``), or one JSON body made by ``final(id, text, finish_reason, usage)``."""
-        listener = Listener(asyncio.get_running_loop())
-        seq = submit(req, listener)
+    async def collect(request: Request, listener: Listener) -> Answer | None:
+        """One request's answer, or None if the client left first."""
+        answer = Answer()
+        async for event in _until_disconnect(request, listener.events()):
+            if event.error:
+                if listener.timed_out:
+                    raise APIError(504, event.error, type="server_error", code="timeout")
+                raise APIError(500, event.error, type="server_error")
+            answer.add(event)
+            if event.final:
+                return answer
+        return None
+
+    async def run(request: Request, reqs: list[GenerationRequest], chunk, final, opening: bool = False):
+        """Submit ``reqs`` (one per prompt) and answer: for one streamed request SSE chunks made by
+        ``chunk(id, text, finish_reason, event=...)`` (and first an opening one ``first=True`` if
+        ``opening``), else one JSON body made by ``final(id, answers, usage)``."""
+        if len(reqs) > engine.max_batch + engine.max_queue:
+            raise APIError(400, f"{len(reqs)} prompts in one request; this server takes at most "
+                           f"{engine.max_batch + engine.max_queue} at once", "prompt", "invalid_value")
+        seqs, listeners = [], []
+        try:
+            for req in reqs:
+                listeners.append(Listener(asyncio.get_running_loop(), request_timeout))
+                seqs.append(submit(req, listeners[-1]))
+        except APIError:
+            for seq in seqs:
+                engine.cancel(seq)
+            raise
         rid = uuid.uuid4().hex[:24]
 
-        if not req.stream:
-            texts = []
+        if not reqs[0].stream:
             try:
-                async for event in _until_disconnect(request, listener.events()):
-                    texts.append(event.text)
-                    if event.error:
-                        raise APIError(500, event.error, type="server_error")
-                    if event.final:
-                        return JSONResponse(final(rid, "".join(texts), event.finish_reason, _usage(event)))
+                answers = await asyncio.gather(*(collect(request, li) for li in listeners), return_exceptions=True)
             finally:
-                engine.cancel(seq)  # no-op once finished; frees the slot if the client left
-            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+                for seq in seqs:
+                    engine.cancel(seq)  # no-op once finished; frees the slot if the client left
+            for a in answers:
+                if isinstance(a, BaseException):
+                    raise a
+            if any(a is None for a in answers):
+                return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+            usage = _usage(*(a.final for a in answers))
+            return JSONResponse(final(rid, answers, usage))
+
+        req, seq, listener = reqs[0], seqs[0], listeners[0]
 
         async def sse():
             try:
@@ -111,10 +257,11 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
                     yield _sse(chunk(rid, None, None, first=True))
                 async for event in listener.events():
                     if event.error:
-                        yield _sse(APIError(500, event.error, type="server_error").body())
+                        code = "timeout" if listener.timed_out else None
+                        yield _sse(APIError(500, event.error, type="server_error", code=code).body())
                         break
-                    if event.text:
-                        yield _sse(chunk(rid, event.text, None))
+                    if event.text or event.logprobs or event.prompt_logprobs is not None:
+                        yield _sse(chunk(rid, event.text, None, event=event))
                     if event.finish_reason:
                         yield _sse(chunk(rid, None, event.finish_reason))
                         if req.include_usage:
@@ -128,34 +275,74 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(await read_body(request), tokenizer, window)
+        req = parse_chat(await read_body(request), tokenizer, window, default_max_tokens)
 
-        def chunk(rid, text, finish, first=False):
+        def logprobs(entries):
+            return None if req.logprobs is None else {"content": chat_logprobs(tokenizer, entries)}
+
+        def chunk(rid, text, finish, first=False, event=None):
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": model_id, "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(event.logprobs) if event else None,
+                                 "finish_reason": finish}]}
 
-        def final(rid, text, finish, usage):
+        def final(rid, answers, usage):
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
                     "model": model_id, "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": finish}], "usage": usage}
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answers[0].text},
+                                 "logprobs": logprobs(answers[0].logprobs), "finish_reason": answers[0].final.finish_reason}],
+                    "usage": usage}
 
-        return await run(request, req, chunk, final, opening=True)
+        return await run(request, [req], chunk, final, opening=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion(await read_body(request), tokenizer, window)
+        reqs = parse_completion(await read_body(request), tokenizer, window, default_max_tokens)
+        echoed = [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
 
-        def chunk(rid, text, finish):
+        def logprobs(req, prompt_entries, entries, offsets: Offsets):
+            """The legacy shape over the prompt's tokens (echo) and then the generated ones."""
+            if req.logprobs is None:
+                return None
+            parts = [completion_logprobs(tokenizer, prompt_entries, Offsets(tokenizer))] if prompt_entries else []
+            parts.append(completion_logprobs(tokenizer, entries, offsets))
+            return {k: [x for part in parts for x in part[k]] for k in parts[-1]}
+
+        def head(rid, choices):
             return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_id,
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+                    "choices": choices}
 
-        def final(rid, text, finish, usage):
-            return {**chunk(rid, text, finish), "usage": usage}
+        offsets = Offsets(tokenizer, len(echoed[0]))  # the stream's generated text so far
 
-        return await run(request, req, chunk, final)
+        def chunk(rid, text, finish, first=False, event=None):
+            prompt = event.prompt_logprobs if event is not None else None
+            if first or prompt is not None:  # echo: the prompt comes first
+                text = echoed[0] + (text or "")
+            lp = logprobs(reqs[0], prompt, event.logprobs, offsets) if event is not None else None
+            return head(rid, [{"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}])
+
+        def final(rid, answers, usage):
+            return {**head(rid, [{"index": i, "text": echoed[i] + a.text,
+                                  "logprobs": logprobs(r, a.prompt_logprobs, a.logprobs, Offsets(tokenizer, len(echoed[i]))),
+                                  "finish_reason": a.final.finish_reason}
+                                 for i, (r, a) in enumerate(zip(reqs, answers))]), "usage": usage}
+
+        # echo without logprobs: the engine sends no prompt event, so the prompt opens the stream
+        return await run(request, reqs, chunk, final, opening=reqs[0].echo and reqs[0].logprobs is None)
+
+    @app.post("/tokenize")
+    async def tokenize_(request: Request):
+        return tokenize(await read_body(request), tokenizer, window)
+
+    @app.post("/detokenize")
+    async def detokenize_(request: Request):
+        return detokenize(await read_body(request), tokenizer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_(request: Request):
+        check_key(request)
+        return tokenizer_info(tokenizer, window)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -165,8 +352,9 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.get("/health")
     async def health():
-        alive = engine.thread is not None and engine.thread.is_alive()
-        body = {"status": "ok" if alive else "engine stopped", "model": model_id, **engine.stats()}
+        status = engine.status  # ok, draining (shutting down), stopped, failed, not started
+        alive = status == "ok" and engine.thread.is_alive()
+        body = {"status": status if status != "ok" or alive else "failed", "model": model_id, **engine.stats()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/")
@@ -176,9 +364,39 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     return app
 
 
-def _usage(event: Event) -> dict:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first SIGTERM/SIGINT drains the engine before uvicorn shuts down.
+
+    uvicorn alone closes the listening socket at once (new clients are refused, not told 503), and
+    after shutting down raises the signal again, so SIGTERM ended the process with status -15.
+    Here the listener stays open while the engine drains (new requests get 503, /health says
+    "draining"), then uvicorn stops as usual and :func:`~jneox.serve.serve` returns. A second signal
+    stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self.drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.drainer is None:
+            self.drainer = threading.Thread(target=self._drain, name="jneox-drain", daemon=True)
+            self.drainer.start()
+        else:
+            self.should_exit = self.force_exit = True
+
+    def _drain(self) -> None:
+        log.warning("shutting down: finishing the requests already accepted (up to %g s; a second signal "
+                    "stops at once)", self.shutdown_timeout)
+        self.engine.drain(self.shutdown_timeout)
+        self.should_exit = True
+
+
+def _usage(*events: Event) -> dict:
+    """Token counts from the final events of one request's answers (several prompts: summed)."""
+    prompt, completion = sum(e.prompt_tokens for e in events), sum(e.completion_tokens for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _sse(obj: dict) -> str:

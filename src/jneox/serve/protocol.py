@@ -1,22 +1,28 @@
 """The OpenAI request fields jneox understands, checked by hand so every mistake gets a 4xx that names it.
 
 OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. Unknown fields are
-ignored (clients send many); fields jneox cannot honour (``n`` > 1, ``logprobs``, non-zero
-frequency/presence penalties, ``echo``) are refused rather than silently ignored.
+ignored (clients send many); fields jneox cannot honour (``n`` > 1, non-zero frequency/presence
+penalties, ``echo`` in chat, ``stream`` with several prompts) are refused rather than silently ignored.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
 from ..generate import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
+# what an answer may cost when the request does not say: the rest of the window is ~2000 tokens on
+# the 3.6B model, minutes per request on a CPU (other servers cap the default too)
+DEFAULT_MAX_TOKENS = 512
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit for both endpoints)
 SYSTEM_ROLES = ("system", "developer")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class APIError(Exception):
@@ -36,10 +42,15 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param, code)
 
 
+def too_large(size: str) -> APIError:
+    """413 for a body of ``size`` (e.g. "2097152 bytes", "more than 1048576 bytes")."""
+    return APIError(413, f"the request body is {size}; at most {MAX_BODY_BYTES} bytes are accepted",
+                    code="request_too_large")
+
+
 def parse_json(raw: bytes) -> dict:
     if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted",
-                       code="request_too_large")
+        raise too_large(f"{len(raw)} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -53,6 +64,12 @@ def parse_json(raw: bytes) -> dict:
         raise bad(f"the request body cannot be read as JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(text):  # "\ud800" unpaired is a string no text encoding can hold
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair)",
+                      code="invalid_utf8") from None
     return body
 
 
@@ -70,8 +87,10 @@ def _number(body: dict, name: str, default, lo: float | None = None, hi: float |
     kind = "an integer" if integer else "a number"
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise bad(f"{name} must be {kind}, got {_type_name(v)} {v!r}"[:200], name, "invalid_type")
-    if not math.isfinite(v):
+    if isinstance(v, float) and not math.isfinite(v):
         raise bad(f"{name} must be finite, got {v!r}", name, "invalid_value")
+    if not integer and abs(v) > 1e300:  # an integer too large for a float (JSON has no limit)
+        raise bad(f"{name} is out of range, got {str(v)[:40]}", name, "invalid_value")
     if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
         lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
         hi_s = "" if hi is None else f"{hi}]"
@@ -115,11 +134,6 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0) != 0:
             raise bad(f"{name} is not supported; use repetition_penalty (> 1 penalizes repeats)", name, "unsupported")
-    lp = body.get("logprobs")
-    if lp not in (None, False, 0):
-        raise bad("logprobs are not supported", "logprobs", "unsupported")
-    if body.get("echo") not in (None, False):
-        raise bad("echo is not supported", "echo", "unsupported")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"model must be a string, got {_type_name(model)}", "model", "invalid_type")
@@ -133,11 +147,15 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k best alternatives
+    echo: bool = False  # the answer starts with the prompt (and its tokens' logprobs, if asked for)
+    generate: bool = True  # False: max_tokens 0 with echo, the prompt is only scored
 
 
 def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
-             prompt_param: str = "prompt") -> SamplingParams:
-    """SamplingParams from the request's fields; ``max_tokens`` defaults to the rest of the window."""
+             prompt_param: str = "prompt", default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
+    """SamplingParams from the request's fields; ``max_tokens`` defaults to ``default_max_tokens`` or the
+    rest of the window, whichever is smaller."""
     if prompt_len == 0:
         raise bad("the prompt is empty", prompt_param, "invalid_value")
     if prompt_len >= window:
@@ -148,7 +166,7 @@ def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ..
     top_k = _number(body, "top_k", 0, -1, integer=True)
     penalty = _number(body, "repetition_penalty", 1.0, 0, lo_open=True)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, window - prompt_len, 1, integer=True)
+    max_tokens = _number(body, name, min(default_max_tokens, window - prompt_len), 1, integer=True)
     if prompt_len + max_tokens > window:
         raise bad(f"{name} is {max_tokens} but the prompt has {prompt_len} tokens and the context window is "
                   f"{window}: at most {window - prompt_len} tokens can be generated", name, "context_length_exceeded")
@@ -173,8 +191,11 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
 # ---- chat ----------------------------------------------------------------------------------------
 def _content(m: dict, i: int) -> str:
     c = m.get("content")
-    if c is None:
-        return ""
+    if c is None:  # OpenAI's rule: only an assistant turn (one that made tool calls) may have none
+        if m.get("role") == "assistant":
+            return ""
+        raise bad(f"messages[{i}].content is required for a {str(m.get('role'))[:40]!r} message (only an "
+                  f"assistant message may have null content)", f"messages[{i}].content", "missing")
     if isinstance(c, str):
         return c
     if isinstance(c, list):  # content parts: only text
@@ -229,33 +250,82 @@ def chat_utterances(messages) -> list[Utterance]:
     return utts
 
 
-def parse_chat(body: dict, tokenizer, window: int) -> GenerationRequest:
+def _chat_logprobs(body: dict) -> int | None:
+    """``logprobs: true`` and ``top_logprobs`` (0-20, needs logprobs) as a count of alternatives."""
+    top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if not _bool(body, "logprobs"):
+        if top is not None:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+        return None
+    return top or 0
+
+
+def parse_chat(body: dict, tokenizer, window: int, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationRequest:
     _refuse_unsupported(body)
+    if body.get("echo") not in (None, False):
+        raise bad("echo is not supported in chat; use /v1/completions", "echo", "unsupported")
+    logprobs = _chat_logprobs(body)
     prompt = format_prompt(chat_utterances(body.get("messages")))
     ids = tokenizer.encode(prompt)
     # the model sometimes writes the user's next turn itself: the answer ends there
-    params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages")
-    return GenerationRequest(ids, params, *_stream_options(body))
+    params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages",
+                      default_max_tokens=default_max_tokens)
+    return GenerationRequest(ids, params, *_stream_options(body), logprobs=logprobs)
 
 
-def parse_completion(body: dict, tokenizer, window: int) -> GenerationRequest:
+def token_ids(v, tokenizer, param: str) -> list[int]:
+    """A non-empty array of token ids in the tokenizer's vocabulary."""
+    if not (isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)):
+        raise bad(f"{param} must be a non-empty array of token ids, got {_type_name(v)}", param,
+                  "missing" if v is None else "invalid_type")
+    outside = [t for t in v if not 0 <= t < tokenizer.vocab_size]
+    if outside:
+        raise bad(f"{param}: token id {outside[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", param,
+                  "invalid_value")
+    return list(v)
+
+
+def _prompts(p, tokenizer) -> list[list[int]]:
+    """The completions ``prompt``: a string, token ids, or an array of either (one answer each)."""
+    if isinstance(p, str):
+        return [tokenizer.encode(p)]
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return [token_ids(p, tokenizer, "prompt")]
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        return [tokenizer.encode(x) if isinstance(x, str) else token_ids(x, tokenizer, f"prompt[{i}]")
+                for i, x in enumerate(p)]
+    if p is None:
+        raise bad("prompt is required", "prompt", "missing")
+    raise bad("prompt must be a string, an array of token ids, or an array of strings or of token id arrays "
+              "(one answer each)", "prompt", "invalid_type")
+
+
+def parse_completion(body: dict, tokenizer, window: int,
+                     default_max_tokens: int = DEFAULT_MAX_TOKENS) -> list[GenerationRequest]:
+    """One request per prompt (``prompt`` may hold several; they are answered as ``choices[i]``)."""
     _refuse_unsupported(body)
     if body.get("suffix") is not None:
         raise bad("suffix is not supported", "suffix", "unsupported")
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-        p = p[0]
-    if isinstance(p, str):
-        ids = tokenizer.encode(p)
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        bad_ids = [t for t in p if not 0 <= t < tokenizer.vocab_size]
-        if bad_ids:
-            raise bad(f"prompt token id {bad_ids[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
-                      "prompt", "invalid_value")
-        ids = list(p)
-    elif p is None:
-        raise bad("prompt is required", "prompt", "missing")
-    else:
-        raise bad("prompt must be a string, an array with one string, or an array of token ids "
-                  "(one prompt per request)", "prompt", "invalid_type")
-    return GenerationRequest(ids, sampling(body, len(ids), window), *_stream_options(body))
+    logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    echo = _bool(body, "echo")
+    stream = _stream_options(body)
+    prompts = _prompts(body.get("prompt"), tokenizer)
+    if stream[0] and len(prompts) > 1:
+        raise bad(f"stream with {len(prompts)} prompts is not supported: send one prompt per streamed request",
+                  "stream", "unsupported")
+    # max_tokens 0 with echo and logprobs (vLLM's scoring request): score the prompt, generate nothing
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    zero = type(body.get(name)) is int and body[name] == 0
+    score_only = zero and echo and logprobs is not None
+    if score_only:
+        body = {**body, name: None}  # the rest is checked as for any request
+    elif zero:
+        raise bad(f"{name} must be >= 1 (0, to score the prompt only, needs echo: true and logprobs)", name,
+                  "invalid_value")
+    reqs = []
+    for i, ids in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        reqs.append(GenerationRequest(ids, sampling(body, len(ids), window, prompt_param=param,
+                                                              default_max_tokens=default_max_tokens), *stream,
+                                      logprobs=logprobs, echo=echo, generate=not score_only))
+    return reqs

@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -38,16 +38,38 @@ class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is full: the caller should retry later."""
 
 
+class Unavailable(RuntimeError):
+    """The engine takes no more requests: it is shutting down, or its thread stopped after an error."""
+
+
+ENGINE_FAILED = "the generation engine stopped after an internal error (see the server log)"
+SHUTTING_DOWN = "the server is shutting down"
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model and its ``top`` alternatives ((id, logprob), most
+    likely first). The first prompt token has ``logprob`` None: nothing predicts it."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 @dataclass
 class Event:
     """What a request hears from the engine: a text piece, then one final event (``finish_reason`` set,
-    or ``error`` set)."""
+    or ``error`` set). With logprobs asked for, ``logprobs`` holds the generated tokens released with
+    this event (a token whose text is still held back comes with a later one) and the first event
+    ``prompt_logprobs`` (``echo``)."""
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def final(self) -> bool:
@@ -71,6 +93,10 @@ class Request:
     next_token: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k best alternatives
+    prompt_logprobs: bool = False  # score the prompt's tokens too (echo)
+    generate: bool = True  # False: score the prompt only (max_tokens 0), generate nothing
+    pending: list[TokenLogprob] = field(default_factory=list)  # generated tokens' logprobs not yet sent
 
 
 class _RowsView(KVCache):
@@ -109,6 +135,9 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.draining = False  # shutting down gracefully: running and waiting requests finish, no new ones
+        self.failed = False  # the engine thread stopped after an error outside any one request's step
+        self.finished = False  # the engine thread has ended: nothing will ever be answered again
         self.thread: threading.Thread | None = None
         self.ids = itertools.count(1)
         self.steps = 0  # decode steps run (for tests and stats)
@@ -127,19 +156,61 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 10) -> None:
+        """Stop the engine thread; requests still running or waiting end with an error event."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
-        """Queue a request; raises ValueError for a prompt that does not fit and QueueFull when full."""
-        check_prompt_fits(self.model, len(prompt_ids))
-        seq = Request(list(prompt_ids), params, on_event)
+    def drain(self, timeout: float) -> bool:
+        """Graceful shutdown: refuse new requests, let the running and waiting ones finish for up to
+        ``timeout`` seconds, then stop (what is left ends with an error event). True if all finished."""
+        deadline = time.monotonic() + timeout
         with self.cond:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
+            self.draining = True
+            while (self.waiting or self.running_count()) and not self.finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            idle = not self.waiting and self.running_count() == 0
+        self.stop()
+        return idle
+
+    @property
+    def status(self) -> str:
+        """"ok", "draining", "stopped", "failed" (the thread died: see the log) or "not started"."""
+        with self.cond:
+            if self.failed:
+                return "failed"
+            if self.finished or self.stopping:
+                return "stopped"
+            if self.thread is None:
+                return "not started"
+            return "draining" if self.draining else "ok"
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
+               logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True) -> Request:
+        """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when full and
+        Unavailable when the engine takes no more requests.
+
+        ``logprobs`` (k >= 0) adds each generated token's log-probability and its k most likely
+        alternatives to the events; ``prompt_logprobs`` also those of the prompt's tokens (first event);
+        ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``)."""
+        if generate:
+            check_prompt_fits(self.model, len(prompt_ids))
+        elif not prompt_logprobs or logprobs is None:
+            raise ValueError("a request that generates nothing must ask for the prompt's logprobs")
+        elif not 0 < len(prompt_ids) <= self.window:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; 1 to {self.window} can be scored")
+        seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
+                      prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate)
+        with self.cond:
+            if self.failed:
+                raise Unavailable(ENGINE_FAILED)
+            if self.stopping or self.draining or self.finished:
+                raise Unavailable(SHUTTING_DOWN)
             if self.running_count() + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_batch} requests are running and {len(self.waiting)} waiting "
                                 f"(--max-queue {self.max_queue})")
@@ -166,6 +237,28 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        """The engine thread. Whatever ends it (stop, or an error outside one request's step: a bug in
+        admission or cancellation), every request still queued or running hears a final error event,
+        and ``submit`` refuses from then on, so no client waits for an answer that cannot come."""
+        reason = SHUTTING_DOWN
+        try:
+            self._serve_forever()
+        except BaseException:
+            traceback.print_exc()
+            reason = ENGINE_FAILED
+            with self.cond:
+                self.failed = True
+        finally:
+            with self.cond:
+                self.finished = True
+                rest = [*self.waiting, *(s for s in self.slots if s is not None)]
+                self.waiting.clear()
+                self.slots = [None] * self.max_batch
+                self.cond.notify_all()
+            for seq in rest:
+                self._send(seq, Event(error=reason))
+
+    def _serve_forever(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cond:
@@ -185,18 +278,16 @@ class Engine:
                 running = [s for s in self.slots if s is not None and not s.cancelled]
                 if running:
                     self._guarded(lambda: self._decode_step(running), running)
-            for seq in [*self.waiting, *(s for s in self.slots if s is not None)]:
-                self._send(seq, Event(error="the server is shutting down"))
 
     def _guarded(self, fn, seqs: list[Request]) -> None:
         """Run one step; if it fails, fail only the requests it touched and keep serving the rest."""
         try:
             fn()
-        except Exception as e:  # a bug or out of memory: the server must stay up
-            traceback.print_exc()
+        except Exception:  # a bug or out of memory: the server must stay up
+            traceback.print_exc()  # the details go to the log, not to the client
             for seq in seqs:
                 self._free(seq)
-                self._send(seq, Event(error=f"generation failed: {type(e).__name__}: {e}"))
+                self._send(seq, Event(error="generation failed (the server log has the details)"))
 
     def _drop_cancelled(self) -> None:
         for seq in self.slots:
@@ -208,6 +299,7 @@ class Engine:
             if 0 <= seq.slot < self.max_batch and self.slots[seq.slot] is seq:
                 self.slots[seq.slot] = None
             seq.slot = -1
+            self.cond.notify_all()  # drain() waits for the last slot to be freed
 
     def _send(self, seq: Request, event: Event) -> None:
         if seq.cancelled:
@@ -216,6 +308,11 @@ class Engine:
             seq.on_event(event)
         except Exception:  # the listener is gone; nothing to tell it
             seq.cancelled = True
+
+    @staticmethod
+    def _released(seq: Request) -> list[TokenLogprob]:
+        out, seq.pending = seq.pending, []
+        return out
 
     def _rows(self, a: int, b: int) -> list[KVCache]:
         return [_RowsView(c, a, b) for c in self.caches]
@@ -236,15 +333,25 @@ class Engine:
             seq.seen = ids
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = self._rows(seq.slot, seq.slot + 1)
+        scored = [TokenLogprob(seq.prompt_ids[0], None)] if seq.prompt_logprobs else None
         for a in range(0, ids.shape[1], self.prefill_chunk):
             b = min(a + self.prefill_chunk, ids.shape[1])
-            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device), last_only=True,
-                                cache=rows)
+            # echo: every position's logits, from the same pass that fills the cache
+            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device),
+                                last_only=scored is None, cache=rows)
+            if scored is not None:
+                scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
         seq.pos = ids.shape[1]
-        self._take(seq, logits[:, -1])
         self.counters["prefill_tokens"] += ids.shape[1]
         self.counters["prefill_s"] += time.perf_counter() - t0
         self.counters["prefill_cpu_s"] += time.thread_time() - c0
+        if scored is not None:
+            self._send(seq, Event(prompt_logprobs=scored))
+        if not seq.generate:
+            self._free(seq)
+            self._send(seq, Event(finish_reason="length", prompt_tokens=len(seq.prompt_ids)))
+            return
+        self._take(seq, logits[:, -1])
 
     def _decode_step(self, running: list[Request]) -> None:
         """One new token for every running request, rows at their own positions."""
@@ -269,21 +376,37 @@ class Engine:
         self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_cpu_s"] += time.thread_time() - c0
 
+    def _logprobs(self, logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
+        """Log-probabilities of ``targets[i]`` under ``logits[i]`` (rows past the targets are ignored) and
+        the ``k`` most likely tokens of each row.
+
+        The model's distribution: log-softmax of the raw logits over the model's whole output, before
+        repetition penalty, temperature, top-k or top-p (what a direct forward pass and lm-eval's own
+        models compute). Alternatives come from the tokenizer's ids, which are all the sampler draws."""
+        n = len(targets)
+        lp = torch.log_softmax(logits[:n].float(), dim=-1)
+        chosen = lp.gather(-1, torch.tensor(targets, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+        top_v, top_i = lp[:, : self.vocab_size].topk(k, dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        return [TokenLogprob(t, c, list(zip(ti, tv))) for t, c, ti, tv in zip(targets, chosen, top_i, top_v)]
+
     def _take(self, seq: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
         p = seq.params
         token = sample_next(logits[:, : self.vocab_size], p, seq.generator, seq.seen)
         t = int(token)
         seq.completion_tokens += 1
+        if seq.logprobs is not None:
+            seq.pending += self._logprobs(logits, [t], seq.logprobs)
         piece = seq.text.push(t)
         if not seq.text.done and seq.pos + 1 >= seq.total:
             piece += seq.text.finish("length")
         if piece:
-            self._send(seq, Event(text=piece))
+            self._send(seq, Event(text=piece, logprobs=self._released(seq)))
         if seq.text.done:  # the slot is free before the client hears that the answer is complete
             self._free(seq)
             self._send(seq, Event(finish_reason=seq.text.finish_reason, prompt_tokens=len(seq.prompt_ids),
-                                  completion_tokens=seq.completion_tokens))
+                                  completion_tokens=seq.completion_tokens, logprobs=self._released(seq)))
             return
         seq.next_token = t
         if seq.seen is not None:

@@ -1,0 +1,50 @@
+"""gemv.c's linear kernels checked by a stand-alone C program (tests/kernels/check_kernels.c): natively at
+every SIMD level this compiler can build for this CPU, and as 64-bit ARM (NEON and portable) under
+qemu-user with Debian's cross compiler, since these machines are x86."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [str(ROOT / "tests" / "kernels" / "check_kernels.c"), str(ROOT / "src" / "jneox" / "kernels" / "gemv.c")]
+CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wno-unknown-pragmas"]
+
+
+def _require(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        why = f"{', '.join(missing)} not installed (Debian: gcc-aarch64-linux-gnu qemu-user)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why + "; .ci/run installs them")
+        pytest.skip(why)
+
+
+def _run(cmd, tmp_path, flags, runner=()):
+    exe = tmp_path / "check"
+    subprocess.run([cmd, *CFLAGS, *flags, *SOURCES, "-lm", "-o", str(exe)], check=True, capture_output=True, text=True)
+    out = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") == 5, out.stdout
+    return out.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("flags, level", [(["-march=native"], None), (["-mavx2", "-mfma", "-mf16c"], 2), ([], 0)],
+                         ids=["native", "avx2", "portable"])
+def test_x86_kernels(tmp_path, flags, level):
+    _require("cc")
+    if level == 2 and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    first = _run("cc", tmp_path, flags)
+    if level is not None:
+        assert first == f"kernels built at SIMD level {level}"
+
+
+@pytest.mark.parametrize("flags, level", [(["-march=armv8-a"], 1), (["-march=armv8-a+nosimd"], 0)],
+                         ids=["neon", "portable"])
+def test_arm64_kernels_under_qemu(tmp_path, flags, level):
+    _require("aarch64-linux-gnu-gcc", "qemu-aarch64")
+    assert _run("aarch64-linux-gnu-gcc", tmp_path, [*flags, "-static"], ["qemu-aarch64"]) == \
+        f"kernels built at SIMD level {level}"
