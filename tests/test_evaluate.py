@@ -339,3 +339,19 @@ def test_chat_task_in_the_library(demo):
     assert math.isfinite(m["response_perplexity"]) and m["response_perplexity"] > 1
     assert result["config"]["response_tokens"] == len(tokenizer.encode("東京です。")) + 1  # the answer and its </s>
     assert 0 <= m["greedy_compliant"] <= 1 and [s["decoding"] for s in result["samples"]] == ["greedy", "sampling"]
+
+
+def test_the_lm_eval_sample_task_as_a_jneox_spec(demo):
+    """tests/data/lm_eval_mc.jsonl (what lm-eval scores through `jneox serve` in test_serve_logprobs.py)
+    with jneox's spec of the same prompt: every choice's log-likelihood is transformers'."""
+    hf, model, tokenizer, sp = demo
+    data = Path(__file__).parent / "data" / "lm_eval_mc.jsonl"
+    result = evaluate(model, tokenizer, EVAL / "lm_eval_mc.yaml", data, seed=0)
+    docs = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    assert len(result["samples"]) == len(docs)
+    for s in result["samples"]:
+        doc = docs[int(s["source"].rsplit(":", 1)[1]) - 1]
+        assert s["choices"] == doc["choices"] and s["gold"] == doc["label"]
+        context = f"ユーザー: {doc['question']}<NL>システム: 答えは"  # the template's newline is <NL>
+        expected = [reference_loglikelihood(hf, sp, context, c) for c in doc["choices"]]
+        assert s["loglikelihoods"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
