@@ -13,9 +13,8 @@ import torch
 
 from conftest import make_hf_model, save_hf
 from jneox.checkpoint import load
-from jneox.evaluate import evaluate, get_task, loglikelihoods, score_ids
+from jneox.evaluate import evaluate, get_task, loglikelihoods
 from jneox.evaluate import metrics
-from jneox.evaluate.run import greedy_answer
 from jneox.evaluate.tasks import FewshotSampler
 from jneox.train.data import DataError
 

@@ -15,8 +15,6 @@ from . import metrics
 from .score import rolling_nll, score_ids, tqdm_progress
 from .tasks import Doc, FewshotSampler, Task, get_task
 
-SPECIAL_TASKS = ("perplexity", "chat")
-
 
 def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Sequence, *, num_fewshot: int | None = None,
              fewshot_data: str | os.PathLike | None = None, seed: int = 42, limit: int | None = None,
