@@ -40,14 +40,23 @@ def hf_config(**overrides):
     rotary_pct = overrides.pop("rotary_pct", 1.0)
     kw.update(overrides)
     kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary_pct}
-    return GPTNeoXConfig(**kw)
+    config = GPTNeoXConfig(**kw)
+    config.test_rotary_pct = rotary_pct  # checked against the built reference by make_hf_model
+    return config
 
 
 def make_hf_model(seed: int = 0, **overrides):
     from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(hf_config(**overrides)).eval()
+    config = hf_config(**overrides)
+    model = GPTNeoXForCausalLM(config).eval()
+    # the reference must rotate the share of each head the test asked for (rope_parameters is
+    # transformers 5's name; an older transformers would ignore it and silently rotate all of it)
+    head_dim = config.hidden_size // config.num_attention_heads
+    inv_freq = [b for n, b in model.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(2 * f.numel() == int(head_dim * config.test_rotary_pct) for f in inv_freq), \
+        f"transformers {__import__('transformers').__version__} did not take rotary_pct={config.test_rotary_pct}"
     with torch.no_grad():  # transformers zero-inits biases and sets norms to 1: perturb them so they matter
         for name, p in model.named_parameters():
             if p.dim() == 1:

@@ -48,3 +48,24 @@ def test_arm64_kernels_under_qemu(tmp_path, flags, level):
     _require("aarch64-linux-gnu-gcc", "qemu-aarch64")
     assert _run("aarch64-linux-gnu-gcc", tmp_path, [*flags, "-static"], ["qemu-aarch64"]) == \
         f"kernels built at SIMD level {level}"
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch):
+    """Apple's clang refuses -fopenmp: the kernels are built without it (one thread), with a warning."""
+    import ctypes
+    import sys
+
+    from jneox import kernels
+
+    _require("cc")
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && { echo 'unsupported option' >&2; exit 1; }; "
+                    "done\nexec cc \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("JNEOX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("JNEOX_OPENMP", raising=False)
+    with pytest.warns(UserWarning, match="one thread"):
+        path = kernels.build(str(fake))
+    assert ctypes.CDLL(str(path)).jneox_kernels_simd() >= 0
+    with pytest.raises(RuntimeError, match="compiling gemv.c failed"):  # a broken compiler still says so
+        kernels.build(f"{sys.executable} -c 'raise SystemExit(1)'")

@@ -81,7 +81,7 @@ def test_bf16_load_is_close(tmp_path):
     with torch.no_grad():
         got, expected = model(ids).float(), ref(ids).logits
     rel = (got - expected).norm() / expected.norm()
-    assert rel < 0.05
+    assert rel < 0.02  # bf16 rounding of weights and activations: measured 0.011-0.017 over three inputs
 
 
 @pytest.mark.parametrize("weights", [None, "int8"])

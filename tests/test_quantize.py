@@ -24,6 +24,20 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _library(level=None):
+    """The kernels (at most ``level``), or a visible skip; under CI a missing compiler is a failure."""
+    if level is not None and not kernels.simd_forcible():
+        pytest.skip("JNEOX_SIMD levels are x86-64 builds (test_kernels_c.py covers NEON and portable on ARM)")
+    lib = kernels.library(level)
+    if lib is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("native kernels unavailable (no C compiler?): CI must build and test them")
+        pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
+    if level is not None and kernels.simd_level(lib) < kernels.SIMD_LEVELS[level]:
+        pytest.skip(f"this CPU lacks {level} (the kernels build for level {kernels.simd_level(lib)} at most)")
+    return lib
+
+
 FORMAT_CASES = [(f, 64) for f in FORMATS] + [("int4", 32)]  # int4 with group 64 takes the integer kernel
 
 
@@ -53,9 +67,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
     different paths for 1-2 rows and for batches (8 rows per pass with AVX-512), with the same
     arithmetic per row, so a decode row's output may not depend on what else is in the batch; and a
     prompt gives the same bits whole or in the server's chunks."""
-    lib = kernels.library()
-    if lib is None:
-        pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
+    lib = _library()
     torch.manual_seed(1)
     lin = nn.Linear(256, 84)
     packed = PackedLinear.from_linear(lin, fmt, group_size=group)
@@ -68,11 +80,63 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
         # prompts the kernels take (AVX-512): fp32 any length in chunks of 128, bf16 up to
         # PROMPT_DOT_ROWS (int8 too) with bf16 dot products where the CPU has them, int4 up to 128
         if not kernels.has_batch_path(lib):
-            return
+            pytest.skip("decode batches checked; this CPU has no AVX-512 batch path, so prompts take PyTorch's ops")
         longest = 300 if fmt == "float32" or (fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib)) else PREFILL_CHUNK
         whole = packed(x[:longest])
         for rows in (MAX_KERNEL_ROWS + 1, 100, PREFILL_CHUNK):
             assert torch.equal(packed(x[:rows]), whole[:rows]), rows
+
+
+@pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
+def test_every_kernel_path_is_exact_and_batch_invariant(level, fmt, group):
+    """Each instruction-set path of gemv.c (forced as JNEOX_SIMD does; see the table in gemv.c), on
+    every machine that can run it: the dequantized product, and a row's bits whatever the batch
+    (decode batches of 1-16 rows; prompts in the next test)."""
+    lib = _library(level)
+    torch.manual_seed(2)
+    lin = nn.Linear(256, 84)
+    packed = PackedLinear.from_linear(lin, fmt, group_size=group)
+    x = torch.randn(PREFILL_CHUNK, 256)
+    with torch.no_grad():
+        exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
+        alone = torch.cat([packed._kernel(lib, x[i : i + 1]) for i in range(MAX_KERNEL_ROWS)])
+        # int4 with groups of 64 rounds activations to int8 where the CPU has AVX2 (not in portable C)
+        rounds = fmt == "int4" and group == 64 and kernels.SIMD_LEVELS[level] >= 2
+        assert _rel(alone, exact[:MAX_KERNEL_ROWS]) < (1e-2 if rounds else 1e-5)
+        for rows in range(2, MAX_KERNEL_ROWS + 1):
+            assert torch.equal(packed._kernel(lib, x[:rows]), alone[:rows]), rows
+            assert torch.equal(packed._kernel(lib, x[MAX_KERNEL_ROWS - rows : MAX_KERNEL_ROWS]),
+                               alone[MAX_KERNEL_ROWS - rows :]), rows
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx512bf16"])  # below AVX-512 prompts take PyTorch's ops
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
+def test_every_prompt_kernel_path_is_exact_and_chunk_invariant(level, fmt, group):
+    lib = _library(level)
+    torch.manual_seed(3)
+    packed = PackedLinear.from_linear(nn.Linear(256, 84), fmt, group_size=group)
+    x = torch.randn(PREFILL_CHUNK, 256)
+    with torch.no_grad():
+        exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
+        whole = packed._kernel(lib, x)
+        rounds = (fmt == "int4" and group == 64) or (fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib))
+        assert _rel(whole, exact) < (1e-2 if rounds else 1e-5)
+        for rows in (MAX_KERNEL_ROWS + 1, 100):
+            assert torch.equal(packed._kernel(lib, x[:rows]), whole[:rows]), rows
+
+
+def test_simd_level_comes_from_the_environment(monkeypatch):
+    """JNEOX_SIMD forces the level the whole process uses (capped at the CPU's); a bad value is named."""
+    native = kernels.simd_level(_library())
+    _library("portable")  # skips where levels cannot be forced
+    monkeypatch.setenv("JNEOX_SIMD", "portable")
+    assert kernels.simd_level(_library()) == 0
+    monkeypatch.setenv("JNEOX_SIMD", "avx512bf16")
+    assert kernels.simd_level(_library()) == native  # never more than the CPU has
+    monkeypatch.setenv("JNEOX_SIMD", "avx3000")
+    with pytest.raises(ValueError, match="JNEOX_SIMD='avx3000': expected one of native, portable"):
+        kernels.library()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -119,8 +183,8 @@ def test_quantized_model_logits_and_greedy_tokens(folder, fmt):
     got = list(generate_tokens(model, ids[0].tolist(), params))
     if fmt in ("float32", "bfloat16"):
         assert got == want
-    else:  # lossy formats: the greedy path may part ways eventually, but not at once
-        assert got[:4] == want[:4]
+    else:  # lossy formats: the greedy path may part ways at a near-tie, but not early (this input: all 24 agree)
+        assert got[:16] == want[:16]
 
 
 def test_loading_from_memory_map_equals_quantizing_in_memory(folder):

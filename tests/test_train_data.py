@@ -272,7 +272,7 @@ def test_collate_pads_on_the_right_without_loss():
 def test_train_tokenizer_cli_has_the_card_options(tmp_path, capsys):
     from jneox.cli import main
     from jneox.tokenizer import NL, Tokenizer
-    from tests.conftest import DATA
+    from conftest import DATA
 
     word = "ジェイネオックス"  # only in the JSONL file: it must be part of the training text
     jsonl = write_jsonl(tmp_path / "extra.jsonl", [{"text": f"{word}は速い。\n{word}は小さい。"}] * 30)
@@ -295,7 +295,7 @@ def test_train_tokenizer_cli_has_the_card_options(tmp_path, capsys):
 def test_train_tokenizer_cli_seed_makes_the_vocabulary_reproducible(tmp_path, capsys):
     from jneox.cli import main
     from jneox.tokenizer import Tokenizer
-    from tests.conftest import DATA
+    from conftest import DATA
 
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": f"{i}番目の文です。\n{i * 7}個目の行。"} for i in range(40)])
 

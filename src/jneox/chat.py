@@ -9,16 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from .errors import JneoxError
+from .tokenizer import NL  # the piece that stands for a newline
+
 USER = "ユーザー"
 SYSTEM = "システム"
 SPEAKERS = (USER, SYSTEM)
-NL = "<NL>"
 # the model sometimes goes on to write the user's next turn itself; an answer stops there
 TURN_STOP = "\n" + USER + ":"
 ROLE_TO_SPEAKER = {"user": USER, "assistant": SYSTEM}
 
 
-class ConversationError(ValueError):
+class ConversationError(JneoxError):
     pass
 
 

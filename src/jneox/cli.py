@@ -6,7 +6,12 @@ import os
 import sys
 import time
 
-DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+from .checkpoint import OFFICIAL_MODEL  # (importing jneox imports torch and these modules anyway)
+from .quantize import FORMATS
+
+DTYPES = (*FORMATS, "float16")  # the packed CPU formats, and float16 for plain PyTorch
+OVERWRITE_HELP = ("replace OUT even if it is not a jneox checkpoint folder, deleting everything in it (without it, "
+                  "OUT may be new, empty, or hold only a previous jneox checkpoint or run, which is replaced atomically)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,17 +46,17 @@ def _params(args):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-OFFICIAL_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
-
-
 def _load(args, **options):
     """The model and tokenizer of --model (the demo model without it); ``options`` replace the
     load options that --dtype/--device give."""
     import torch
 
     from .checkpoint import CheckpointError, default_model, load
+    from .errors import UsageError
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     target = args.model
     if target is None:
@@ -162,13 +167,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .checkpoint import load_model, load_tokenizer, resolve, save_quantized
+    from .checkpoint import check_replaceable, load_model, load_tokenizer, resolve, save_quantized
 
+    check_replaceable(args.out, args.overwrite)  # before minutes of loading
     folder = resolve(args.model)
     tokenizer = load_tokenizer(folder)
     t0 = time.perf_counter()
     model = load_model(folder, weights=args.dtype)
-    out = save_quantized(model, args.out, tokenizer_file=tokenizer.path)
+    out = save_quantized(model, args.out, tokenizer_file=tokenizer.path, overwrite=args.overwrite)
     print(f"wrote {args.dtype} checkpoint to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -194,7 +200,8 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float, min_lr: float, warmup
                    help="bf16: autocast to bfloat16, fp32 weights (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT (an error if there is none)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
     p.add_argument("--report", action="store_true", help="draw the loss curves to OUT/loss.png at the end")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed data lines instead of stopping")
@@ -209,7 +216,7 @@ def _train_config(args):
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
                        seed=args.seed, device=args.device, precision=args.precision, save_dtype=args.save_dtype,
-                       compile=args.compile, resume=args.resume, fsdp=args.fsdp, report=args.report,
+                       compile=args.compile, resume=args.resume, overwrite=args.overwrite, fsdp=args.fsdp, report=args.report,
                        progress=not args.no_progress)
 
 
@@ -225,10 +232,114 @@ def cmd_pretrain(args) -> int:
 def cmd_sft(args) -> int:
     from .train.sft import sft
 
-    sft(args.model, args.data, _train_config(args), val_data=args.val_data, val_fraction=args.val_fraction,
-        max_len=args.max_len, epochs=args.epochs, max_steps=args.max_steps, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, skip_bad_lines=args.skip_bad_lines)
+    sft(args.model, args.data, _train_config(args), **_finetune_kwargs(args))
     return 0
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, data_help: str, what: str, epochs: float, val: bool = True) -> None:
+    """The flags of every command that fine-tunes a checkpoint: sft, reward, dpo, ppo (which has no held-out set)."""
+    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id to start from")
+    p.add_argument("--data", nargs="+", required=True, help=data_help)
+    if val:
+        p.add_argument("--val-data", nargs="+", help=f"held-out {what} (default: --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation; longer ones lose their oldest turns")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs:g})")
+    length.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, merged on save (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default: 16)")
+
+
+def _finetune_kwargs(args) -> dict:
+    return dict(val_data=args.val_data, val_fraction=args.val_fraction, max_len=args.max_len, epochs=args.epochs,
+                max_steps=args.max_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                skip_bad_lines=args.skip_bad_lines)
+
+
+# ---- preference tuning (issue 12) -------------------------------------------------------------
+def cmd_reward(args) -> int:
+    from .train.reward import reward
+
+    metrics = reward(args.model, args.data, _train_config(args), **_finetune_kwargs(args))
+    if "eval_accuracy" in metrics:
+        print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}", file=sys.stderr)
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from .train.dpo import dpo
+
+    dpo(args.model, args.data, _train_config(args), beta=args.beta, loss_type=args.loss_type,
+        label_smoothing=args.label_smoothing, **_finetune_kwargs(args))
+    return 0
+
+
+def cmd_ppo(args) -> int:
+    from .train.ppo import PPOConfig, ppo
+
+    ppo_cfg = PPOConfig(kl_coef=args.kl_coef, ppo_epochs=args.ppo_epochs, cliprange=args.cliprange,
+                        vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
+                        missing_eos_penalty=args.missing_eos_penalty, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens)
+    ppo(args.model, args.reward_model, args.data, _train_config(args), ppo_cfg, max_len=args.max_len,
+        epochs=args.epochs, max_steps=args.max_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        skip_bad_lines=args.skip_bad_lines)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .train.reward import score_file
+
+    summary = score_file(args.reward_model, args.data, max_len=args.max_len, batch_size=args.batch_size,
+                         skip_bad_lines=args.skip_bad_lines)
+    print(f"{summary['pairs']} pairs: accuracy {summary['accuracy']:.3f}, mean margin {summary['mean_margin']:.3f}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_preference_parsers(sub) -> None:
+    pairs = 'JSONL preference pairs {"prompt", "chosen", "rejected"} or HH-RLHF {"chosen", "rejected"} records'
+    p = sub.add_parser("reward", help="train a reward model (Bradley-Terry) on preference pairs; "
+                                      "saved as transformers' GPTNeoXForSequenceClassification")
+    _add_finetune_args(p, pairs + ' (optional "margin")', "pairs", epochs=1.0)
+    _add_train_args(p, lr=1e-5, min_lr=1e-6, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_reward)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation on preference pairs (reference log-probs "
+                                   "computed once before training)")
+    _add_finetune_args(p, pairs, "pairs", epochs=1.0)
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the tie to the reference model (default: 0.1)")
+    p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid", help="(default: sigmoid, DPO's own)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="assumed share of flipped labels, conservative DPO (sigmoid only; default: 0)")
+    _add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("ppo", help="PPO against a reward model, with a KL penalty to the starting model "
+                                   "(rollouts sampled at the card's settings)")
+    _add_finetune_args(p, "JSONL prompts: preference pairs, {\"prompt\"} lines or conversations", "prompts", epochs=1.0, val=False)
+    p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty per answer token (default: 0.05)")
+    p.add_argument("--ppo-epochs", type=int, default=4, help="optimizer steps on each rollout (default: 4)")
+    p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clipping (default: 0.2)")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (default: 0.1)")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount (default: 1)")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default: 0.95)")
+    p.add_argument("--missing-eos-penalty", type=float, default=1.0,
+                   help="subtracted from the score of an answer that never reached </s> (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="rollout sampling (default: 0.7, the card's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="rollout answer length (default: 128, the card's)")
+    _add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("score", help="score the answers of preference pairs with a reward model (JSON lines to stdout)")
+    p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
+    p.add_argument("--data", nargs="+", required=True, help=pairs)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed data lines instead of stopping")
+    p.set_defaults(func=cmd_score)
 
 
 def cmd_train_report(args) -> int:
@@ -253,18 +364,10 @@ def _add_train_parsers(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on JSONL conversations (loss on システム turns only)")
-    p.add_argument("--model", "-m", required=True, help="checkpoint folder or hub id to start from")
-    p.add_argument("--data", nargs="+", required=True, help="JSONL conversations (card shape or messages)")
-    p.add_argument("--val-data", nargs="+", help="held-out conversations (default: --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="(default: 0.05)")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per conversation; longer ones lose their oldest turns")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default: 3)")
-    length.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
-    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, merged on save (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default: 16)")
+    _add_finetune_args(p, "JSONL conversations (card shape or messages)", "conversations", epochs=3.0)
     _add_train_args(p, lr=1e-4, min_lr=1e-5, warmup=20, weight_decay=0.0)
     p.set_defaults(func=cmd_sft)
+    _add_preference_parsers(sub)
 
     p = sub.add_parser("train-report", help="draw the loss curves of a train_log.jsonl to a PNG")
     p.add_argument("log", help="train_log.jsonl")
@@ -399,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
                         "(default: $JNEOX_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
@@ -421,8 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")
     p.add_argument("--model", "-m", required=True, help="float checkpoint folder or hub id")
-    p.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "int8", "int4"))
+    p.add_argument("--dtype", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer with the card's options")
@@ -443,14 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .tokenizer import TokenizerError
+    from .errors import JneoxError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+    except JneoxError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"jneox: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

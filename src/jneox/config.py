@@ -9,8 +9,10 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from .errors import JneoxError
 
-class ConfigError(ValueError):
+
+class ConfigError(JneoxError):
     """A config.json that jneox cannot run: wrong architecture or an unsupported option."""
 
 

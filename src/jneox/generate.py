@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import UsageError
 from .model import GPTNeoX
 from .tokenizer import Tokenizer
 
@@ -44,7 +45,7 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop must be a list of non-empty strings")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UsageError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:
@@ -125,9 +126,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 def check_prompt_fits(model: GPTNeoX, prompt_len: int) -> None:
     window = model.config.max_position_embeddings
     if prompt_len == 0:
-        raise ValueError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     if prompt_len >= window:
-        raise ValueError(f"the prompt has {prompt_len} tokens; the context window is {window} tokens "
+        raise UsageError(f"the prompt has {prompt_len} tokens; the context window is {window} tokens "
                          f"and at least one must be left for the answer")
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .errors import JneoxError
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 MAX_KERNEL_ROWS = 16  # the native kernel always takes this many rows (decode, the server's prompt chunks)
@@ -45,7 +46,7 @@ def kernel_prompt_rows() -> int:
     return PREFILL_CHUNK if lib is not None and kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
 
 
-class QuantizationError(ValueError):
+class QuantizationError(JneoxError):
     pass
 
 
@@ -377,9 +378,9 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, 
             elif isinstance(child, nn.LayerNorm):
                 child.float()
     emb = model.embed
-    new = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim, device="meta")
-    new.weight = nn.Parameter(emb.weight.detach().to(torch.float32 if fmt == "float32" else torch.bfloat16),
-                              requires_grad=False)
-    model.embed = new
+    # given its weight, nn.Embedding skips its own initialisation (normal_ on a meta tensor imports torch._dynamo)
+    weight = emb.weight.detach().to(torch.float32 if fmt == "float32" else torch.bfloat16)
+    model.embed = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim,
+                                                                        _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
     return model.eval()

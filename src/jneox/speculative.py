@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import UsageError
 from .generate import SamplingParams, check_prompt_fits, filtered_logits, sample_categorical
 from .model import GPTNeoX
 
@@ -30,7 +31,7 @@ class PromptLookup:
 
     def __init__(self, num_tokens: int = DEFAULT_DRAFT_TOKENS, max_ngram: int = 3, min_ngram: int = 1):
         if num_tokens < 1 or not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need num_tokens >= 1 and 1 <= min_ngram <= max_ngram, got {num_tokens}, "
+            raise UsageError(f"need num_tokens >= 1 and 1 <= min_ngram <= max_ngram, got {num_tokens}, "
                              f"{min_ngram}, {max_ngram}")
         self.num_tokens, self.max_ngram, self.min_ngram = num_tokens, max_ngram, min_ngram
 
@@ -55,7 +56,7 @@ class DraftModel:
 
     def __init__(self, model: GPTNeoX, num_tokens: int = DEFAULT_DRAFT_TOKENS):
         if num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+            raise UsageError(f"num_tokens must be >= 1, got {num_tokens}")
         self.model, self.num_tokens = model.eval(), num_tokens
         self.cache, self.fed = None, []
 

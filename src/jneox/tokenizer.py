@@ -18,11 +18,13 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .errors import JneoxError
+
 NL = "<NL>"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(JneoxError):
     pass
 
 

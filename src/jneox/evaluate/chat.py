@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..chat import SYSTEM, USER, Utterance, escape, format_prompt
+from ..errors import JneoxError
 from ..generate import SamplingParams, generate
 from .japanese import japanese_letter_ratio
 from .score import score_ids
@@ -51,7 +52,7 @@ def response_nll(model, tokenizer, conversations: Sequence[Sequence[Utterance]])
 def response_perplexity(model, tokenizer, conversations: Sequence[Sequence[Utterance]]) -> float:
     nll, tokens = response_nll(model, tokenizer, conversations)
     if tokens == 0:
-        raise ValueError("no システム answers to score")
+        raise JneoxError("no システム answers to score")
     return math.exp(nll / tokens)
 
 
@@ -109,7 +110,7 @@ def compliance_summary(answers: Sequence[Answer]) -> dict[str, float]:
     """Share of answers meeting each rule and all of them."""
     n = len(answers)
     if n == 0:
-        raise ValueError("no answers to score")
+        raise JneoxError("no answers to score")
     summary = {name: sum(getattr(a.check, name) for a in answers) / n for name in RULES}
     summary["compliant"] = sum(a.check.compliant for a in answers) / n
     return summary
@@ -123,7 +124,7 @@ def evaluate_chat(model, tokenizer, conversations: Sequence[Sequence[Utterance]]
 
     nll, tokens = response_nll(model, tokenizer, conversations)
     if tokens == 0:
-        raise ValueError("no システム answers to score")
+        raise JneoxError("no システム answers to score")
     result: dict = {"conversations": len(conversations), "response_tokens": tokens,
                     "response_perplexity": math.exp(nll / tokens)}
     for name, params in (decodings or {"greedy": GREEDY, "sampling": CARD_SAMPLING}).items():

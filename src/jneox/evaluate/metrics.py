@@ -18,6 +18,8 @@ from collections import Counter
 from functools import lru_cache
 from typing import Sequence
 
+from ..errors import JneoxError
+
 # the harness's remove_punc list (lm_eval/jasquad/evaluate.py), plus ASCII punctuation
 PUNCTUATION = frozenset("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿"
                         "–—‘’‛“”„‟…‧﹏." + string.punctuation)
@@ -26,7 +28,7 @@ _EMOJI_RANGES = re.compile("[\U0001F600-\U0001F64F\U0001F300-\U0001F5FF\U0001F68
 JA_TOOLS = "pip install 'jneox[ja]' (neologdn, emoji, fugashi, unidic-lite: the jp-stable harness's 'ja' extra)"
 
 
-class MissingTools(ValueError):
+class MissingTools(JneoxError):
     """A Japanese text tool JSQuAD's metric needs is not installed; the message says what to install."""
 
 

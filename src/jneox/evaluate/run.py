@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import UsageError
 from ..generate import SamplingParams, generate_tokens
 from ..train.data import DataError, read_conversations, read_documents
 from . import metrics
@@ -50,7 +51,7 @@ def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Seque
     if num_fewshot is None:
         num_fewshot = task.default_fewshot if fewshot_data else 0
     if num_fewshot and not fewshot_data:
-        raise ValueError(f"{task.name}: {num_fewshot}-shot needs --fewshot-data (the training split), or use "
+        raise UsageError(f"{task.name}: {num_fewshot}-shot needs --fewshot-data (the training split), or use "
                          f"--num-fewshot 0")
     rnd = random.Random(seed)
     rnd.shuffle(docs)

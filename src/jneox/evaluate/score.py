@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import JneoxError
 from ..model import GPTNeoX
 from ..tokenizer import Tokenizer
 
@@ -44,11 +45,11 @@ def score_ids(model: GPTNeoX, pairs: Sequence[tuple[Sequence[int], Sequence[int]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context, continuation) in enumerate(pairs):
         if not context:
-            raise ValueError(f"request {i}: empty context (use [eos_id] for the start of a text)")
+            raise JneoxError(f"request {i}: empty context (use [eos_id] for the start of a text)")
         if not continuation:
-            raise ValueError(f"request {i}: empty continuation")
+            raise JneoxError(f"request {i}: empty continuation (an empty choice?)")
         if len(continuation) > window:
-            raise ValueError(f"request {i}: the continuation has {len(continuation)} tokens, the window {window}")
+            raise JneoxError(f"request {i}: the continuation has {len(continuation)} tokens, the window {window}")
         groups.setdefault(tuple(context), []).append(i)
     results = [0.0] * len(pairs)
     caches: dict = {}  # reused from batch to batch: a fresh cache's pages are faulted in on first write
@@ -129,7 +130,7 @@ def rolling_nll(model: GPTNeoX, ids: Sequence[int], prefix_id: int, stride: int 
     window = model.config.max_position_embeddings
     stride = stride or window
     if not 0 < stride <= window:
-        raise ValueError(f"stride must be in 1..{window}, got {stride}")
+        raise JneoxError(f"stride must be in 1..{window}, got {stride}")
     tokens = [prefix_id, *ids]
     pairs, done = [], 0  # (context ids, continuation ids): one per window
     while done < len(ids):

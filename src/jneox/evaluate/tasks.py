@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..chat import NL
+from ..errors import UsageError
 from ..train.data import DataError, _jsonl_lines
 
 SYSTEM_OK = f"システム: 分かりました。{NL}"  # every 0.4 description ends with the system agreeing
@@ -337,7 +338,7 @@ def get_task(name_or_spec: str | Path) -> Task:
         return TASKS[str(name_or_spec)]()
     if str(name_or_spec).endswith((".yaml", ".yml")):
         return CustomTask(name_or_spec)
-    raise ValueError(f"unknown task {name_or_spec!r}: expected one of {', '.join(TASKS)}, perplexity, chat "
+    raise UsageError(f"unknown task {name_or_spec!r}: expected one of {', '.join(TASKS)}, perplexity, chat "
                      f"or a .yaml spec of a multiple-choice task")
 
 
@@ -361,7 +362,7 @@ class FewshotSampler:
         if k == 0:
             return []
         if k > len(self.train):
-            raise ValueError(f"{k} few-shot examples asked for, the few-shot data has {len(self.train)}")
+            raise UsageError(f"{k} few-shot examples asked for, the few-shot data has {len(self.train)}")
         if not self.task.stratified:
             return self.rnd.sample(self.train, k)
         counts = {t: int(len(docs) / len(self.train) * k) for t, docs in self.by_target.items()}

@@ -5,6 +5,15 @@ where the CPU lacks them, built with the system C compiler (``cc -O3 -march=nati
 a cache folder and loaded with ctypes after torch, so it shares torch's OpenMP runtime. Without a
 compiler, or with ``JNEOX_KERNELS=0``, :func:`library` returns None and jneox uses PyTorch's own ops
 instead (correct, slower).
+
+``JNEOX_SIMD=portable|avx2|avx512|avx512bf16`` builds the kernels for at most that instruction set
+(on x86-64; never more than the CPU has), so that every path can be run and tested on one machine
+(the table at the top of gemv.c says which path needs what).
+
+The cache folder (``$JNEOX_CACHE``, else ``$XDG_CACHE_HOME/jneox``) is created private (0o700). A
+library is loaded from it only if the folder and the file belong to the current user and no one
+else may write them; otherwise it is rebuilt (a shared or group-writable cache would let another
+user plant code that jneox then runs).
 """
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +30,10 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+# OpenMP, as JNEOX_OPENMP's shell words (Apple's clang has no runtime of its own: with Homebrew's libomp,
+# JNEOX_OPENMP="-Xpreprocessor -fopenmp -I$(brew --prefix libomp)/include -L$(brew --prefix libomp)/lib -lomp")
+OPENMP = "-fopenmp"
 LIBS = ["-lm"]
 P, I = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
@@ -33,6 +46,28 @@ SIGNATURES = {
     "jneox_prompt_bf16": [P, P, P, P, I, I, I, I],
     "jneox_prompt_int8": [P, P, P, P, P, I, I, I, I],
 }
+
+
+# JNEOX_SIMD level -> what jneox_kernels_simd() returns, and the flags that cap -march=native there
+# (x86-64 only: elsewhere the build is -march=native, e.g. NEON on 64-bit ARM, level 1)
+SIMD_LEVELS = {"portable": 0, "avx2": 2, "avx512": 3, "avx512bf16": 4}
+_CAP_FLAGS = {"portable": ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c"], "avx2": ["-mno-avx512f"],
+              "avx512": ["-mno-avx512bf16"], "avx512bf16": []}
+
+
+def simd_forcible() -> bool:
+    """Whether JNEOX_SIMD can cap the build on this machine (x86-64)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def requested_simd() -> str | None:
+    """The level ``JNEOX_SIMD`` asks for (None: whatever the CPU has)."""
+    level = os.environ.get("JNEOX_SIMD", "").strip().lower() or None
+    if level not in (None, "native") and level not in SIMD_LEVELS:
+        from ..errors import UsageError
+
+        raise UsageError(f"JNEOX_SIMD={level!r}: expected one of native, {', '.join(SIMD_LEVELS)}")
+    return None if level == "native" else level
 
 
 def cache_dir() -> Path:
@@ -50,41 +85,99 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile gemv.c (if not already built for this source, compiler flags and CPU) and return the .so path."""
-    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+def _private(path: Path) -> str | None:
+    """Why ``path`` may not be trusted (None if it belongs to this user and no one else may write it)."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user"
+    if st.st_mode & 0o022:
+        return f"{path} may be written by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _cache_folder() -> Path:
+    """The cache folder, created 0o700; a private temporary folder where the cache cannot be trusted."""
+    folder = cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    why = _private(folder)
+    if why is None:
+        return folder
+    warnings.warn(f"jneox: not using the kernel cache: {why}; building in a private temporary folder "
+                  f"(set JNEOX_CACHE to a folder of your own)", stacklevel=3)
+    return Path(tempfile.mkdtemp(prefix="jneox-kernels-"))
+
+
+def build(compiler: str | None = None, level: str | None = None) -> Path:
+    """Compile gemv.c (if not already built for this source, compiler, flags, CPU and ``level``, one
+    of :data:`SIMD_LEVELS`, None for all the CPU has) and return the .so path. ``compiler`` (default
+    ``$CC``, else cc or gcc) is a shell word list, e.g. ``ccache gcc``."""
+    command = shlex.split(compiler or os.environ.get("CC") or "") or \
+        [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not command:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
-    if target.is_file():
+    flags = FLAGS + (_CAP_FLAGS[level] if level is not None and simd_forcible() else [])
+    openmp = shlex.split(os.environ.get("JNEOX_OPENMP", OPENMP))
+    try:
+        return _compile(command, flags + openmp)
+    except RuntimeError as e:
+        if not openmp:
+            raise
+        try:  # a compiler without OpenMP (Apple's clang): the same kernels on one thread beat PyTorch's ops
+            path = _compile(command, flags)
+        except RuntimeError:
+            raise e from None
+        warnings.warn(f"jneox: the C compiler refused {shlex.join(openmp)!r}; the kernels run on one thread "
+                      f"(set JNEOX_OPENMP to the flags that enable OpenMP)", stacklevel=2)
+        return path
+
+
+def _compile(command: list[str], flags: list[str]) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command + flags + LIBS).encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    folder = _cache_folder()
+    target = folder / f"gemv-{key}.so"
+    if target.is_file() and _private(target) is None:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([*command, *flags, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot run the C compiler {shlex.join(command)!r}: {e}") from None
         if proc.returncode:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
-        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+        os.chmod(tmp, 0o700)  # whatever the umask: a group-writable library would be refused next time
+        os.replace(tmp, target)  # atomic (also over a refused file): a concurrent build writes the same bytes
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (kernels disabled or not buildable: PyTorch fallback)."""
+def library(level: str | None = None) -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (kernels disabled or not buildable: PyTorch fallback).
+    ``level`` (default ``$JNEOX_SIMD``) caps the instruction set it is built for."""
     if os.environ.get("JNEOX_KERNELS", "1") == "0":
         return None
+    level = level or requested_simd()
+    if level is not None and level not in SIMD_LEVELS:
+        raise ValueError(f"unknown SIMD level {level!r}; expected one of {', '.join(SIMD_LEVELS)}")
+    return _load(level)
+
+
+@lru_cache(maxsize=None)
+def _load(level: str | None) -> ctypes.CDLL | None:
     import torch  # noqa: F401  (load torch's libgomp first so the kernels share its thread pool)
 
     try:
-        lib = ctypes.CDLL(str(build()))
+        path = build(level=level)
+        lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as e:
-        warnings.warn(f"jneox: native CPU kernels unavailable, using PyTorch ops instead ({e})", stacklevel=2)
+        warnings.warn(f"jneox: native CPU kernels unavailable, using PyTorch ops instead ({e})", stacklevel=3)
         return None
+    if path.parent != cache_dir():  # built in a private temporary folder: loaded, so no longer needed
+        shutil.rmtree(path.parent, ignore_errors=True)
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args

@@ -20,6 +20,23 @@
  * batches of 3+ rows (the server's decode steps) take an 8-rows-per-pass path that computes every
  * row bit for bit as the 1-2 row path does, and with AVX-512 BF16, prompts with bf16 or int8
  * weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8).
+ *
+ * Paths, what each needs, and how it is tested on every machine (JNEOX_SIMD=LEVEL caps the build
+ * with -mno-* flags; tests/test_quantize.py forces each level the CPU can run, and skips, with the
+ * reason shown, the ones it cannot):
+ *   JNEOX_SIMD  simd()  CPU flags needed     paths
+ *   portable    0       none                 scalar loops, 1-2 rows per pass, int4 in fp32;
+ *                                            prompts (> 16 rows) go to PyTorch
+ *   avx2        2       avx2 fma f16c        8-wide FMA tiles, 1-2 rows per pass; int4 with G == 64
+ *                                            in integers (int8 activations); prompts to PyTorch
+ *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (same bits per
+ *                                            row), prompts in chunks of 128 rows
+ *   avx512bf16  4       avx512f avx512_bf16  + bf16/int8 prompts with bf16 dot products (vdpbf16ps)
+ *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; not
+ *                                            forcible by JNEOX_SIMD: tests/test_kernels_c.py under qemu
+ * Tests: test_every_kernel_path_is_exact_and_batch_invariant[LEVEL-*] (decode rows 1..16, each
+ * level), test_every_prompt_kernel_path_is_exact_and_chunk_invariant[LEVEL-*] (avx512, avx512bf16),
+ * test_simd_level_comes_from_the_environment; `JNEOX_SIMD=avx2 make test` runs the whole suite so.
  */
 #include <stdint.h>
 #include <math.h>

@@ -28,11 +28,12 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from ..chat import NL, SYSTEM, USER, ConversationError, Utterance, escape, to_utterances
+from ..errors import JneoxError, UsageError
 
 IGNORE_INDEX = -100  # the label of a position without loss (torch's cross_entropy default)
 
 
-class DataError(ValueError):
+class DataError(JneoxError):
     """Bad training data; the message names the file and line: ``path:LINE: problem``."""
 
     def __init__(self, path, line: int | None, problem: str):
@@ -176,7 +177,7 @@ def pack_documents(docs_token_ids: Iterable[Sequence[int]], block_size: int, eos
     """Concatenate documents, each followed by ``</s>``, and cut the stream into rows of
     ``block_size + 1`` tokens (inputs ``row[:-1]``, targets ``row[1:]``); the remainder is dropped."""
     if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
+        raise UsageError(f"block_size must be at least 1, got {block_size}")
     stream = array("q")
     for ids in docs_token_ids:
         stream.extend(ids)
@@ -195,7 +196,7 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     least one is kept for training.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
@@ -376,7 +377,7 @@ def encode_conversation(turns: Sequence, tokenizer, max_len: int) -> tuple[list[
 def _fit(utts: list[Utterance], tokenizer, max_len: int) -> tuple[list[int], list[int], int, bool]:
     """encode_conversation, plus whether the last exchange had to be cut."""
     if max_len < 2:
-        raise ValueError(f"max_len must be at least 2, got {max_len}")
+        raise UsageError(f"max_len must be at least 2, got {max_len}")
     dropped = 0
     while True:
         ids, labels = _encode_turns(utts, tokenizer, tokenizer.eos_id)

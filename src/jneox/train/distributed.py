@@ -32,10 +32,9 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return d
+    from ..checkpoint import torch_device
+
+    return torch_device(device)
 
 
 def setup(device: torch.device) -> tuple[Dist, torch.device]:

@@ -28,16 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import LOG_FILE, REPORT_FILE, STATE_FILE
+from ..errors import JneoxError, UsageError
 from . import distributed
 from .lora import lora_scales, lora_state, merge_lora_state
 
 IGNORE = -100
-STATE_FILE = "trainer_state.pt"
-LOG_FILE = "train_log.jsonl"
-REPORT_FILE = "loss.png"
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Collate = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainError(JneoxError):
+    """A run folder that cannot be resumed."""
 
 
 @dataclass
@@ -61,6 +64,7 @@ class TrainConfig:
     save_dtype: str = "float32"
     compile: bool = False
     resume: bool = False
+    overwrite: bool = False  # out may be a folder that is not a jneox run (everything in it is deleted)
     fsdp: bool = False
     report: bool = False
     progress: bool = True
@@ -68,13 +72,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.precision not in (None, "fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise UsageError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+            raise UsageError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.min_lr > self.lr:
-            raise ValueError(f"min-lr ({self.min_lr}) is larger than lr ({self.lr})")
+            raise UsageError(f"min-lr ({self.min_lr}) is larger than lr ({self.lr})")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -92,12 +96,77 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+class Objective:
+    """What a training step minimises; this base class is next-token cross-entropy (pretrain, sft).
+
+    A step's loss is ``sum(loss sums) / sum(counts)`` over all its micro-batches and ranks, so the
+    unit of :meth:`count` (target tokens here, preference pairs for DPO) is what the step averages
+    over. Other objectives (``jneox.train.dpo``, ``reward``, ``ppo``) override these methods.
+    """
+
+    per_token = True  # the loss is nats per token: eval also reports its perplexity
+
+    def count(self, batch) -> float:
+        """How many units (here target tokens) the loss sum of ``batch`` covers."""
+        return float((batch[1] != IGNORE).sum())
+
+    def loss(self, call: Callable, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the units, {metric name: its sum over the units}); ``call(x)`` runs the
+        model under the trainer's autocast."""
+        x, y = batch
+        return token_loss_sum(call(x), y), {}
+
+    def drop_rows(self, batch, keep: torch.Tensor):
+        """``batch`` with the rows where ``keep`` is False weighing nothing (eval's wrap-around rows)."""
+        x, y = batch
+        y = y.clone()
+        y[~keep] = IGNORE
+        return x, y
+
+    def prepare(self, step: int, batches: list, model: nn.Module) -> list:
+        """The micro-batches step ``step`` trains on, made from the collated ones (PPO samples here)."""
+        return batches
+
+    def step_metrics(self) -> dict:
+        """Figures of the last :meth:`prepare` to log with the step (e.g. PPO's rollout scores)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the model and optimizer (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def write_model(self, state: dict, config, folder: Path, tokenizer_file, dtype: torch.dtype) -> None:
+        """Write the (LoRA-merged, full) state dict's checkpoint files into ``folder`` (the checkpoint's
+        staging folder): here a causal LM."""
+        from ..checkpoint import write_checkpoint
+        from ..model import meta_model
+
+        shell = meta_model(config)
+        shell.load_state_dict(state, assign=True)
+        if config.tie_word_embeddings:
+            shell.lm_head.weight = shell.embed.weight
+        write_checkpoint(shell, folder, tokenizer_file=tokenizer_file, dtype=dtype)
+
+    def read_model(self, folder: Path) -> dict:
+        """The state dict of a checkpoint that :meth:`write_model` wrote."""
+        from ..checkpoint import load_model
+
+        return load_model(folder, dtype=torch.float32).state_dict()
+
+
+def _to_device(batch, device: torch.device):
+    return tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
+
+
 class SampleOrder:
     """Sample ``p`` of an endless stream over ``n`` items, reshuffled every epoch from the seed."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         if n < 1:
-            raise ValueError("no training examples")
+            raise UsageError("no training examples")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self._epoch, self._perm = -1, None
 
@@ -118,7 +187,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
+        raise UsageError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     fused = device.type == "cuda" and not cfg.fsdp
@@ -139,6 +208,25 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def load_state(path: Path) -> dict:
+    """A ``trainer_state.pt`` read with ``weights_only=True``: tensors and plain Python values only
+    (what :meth:`Trainer.save` writes; the config is stored as strings and numbers), so a planted
+    file cannot run code when a run is resumed."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"{path}: not a trainer state jneox can load safely ({first}); start the run again "
+                         f"without --resume") from None
+    missing = [k for k in ("step", "position", "optimizer", "scheduler", "rng", "global_batch") if k not in state] \
+        if isinstance(state, dict) else ["(not a dict)"]
+    if missing:
+        raise TrainError(f"{path}: not a jneox trainer state (missing {', '.join(missing)})")
+    return state
+
+
 class Trainer:
     """One training run writing to ``cfg.out``. Build it first (it joins the torchrun group and picks
     the device), then load the model and data, then :meth:`fit`."""
@@ -155,13 +243,18 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if self.is_main:  # before the model is loaded, and before the log is written into OUT
+            from ..checkpoint import check_replaceable
+
+            check_replaceable(self.out, cfg.overwrite)
         self.state: dict | None = None
         if cfg.resume:
             path = self.out / STATE_FILE
-            if path.is_file():
-                self.state = torch.load(path, map_location="cpu", weights_only=False)
-            else:
-                self.print(f"--resume: {path} does not exist, starting from scratch")
+            if not path.is_file():
+                what = "the folder does not exist" if not self.out.exists() else f"it holds no {STATE_FILE}"
+                raise TrainError(f"--resume: nothing to resume in {self.out} ({what}); start without --resume, "
+                                 f"or give the --out of the run to continue")
+            self.state = load_state(path)
 
     @property
     def is_main(self) -> bool:
@@ -186,32 +279,38 @@ class Trainer:
         if "lora" in self.state:
             missing = set(lora_state(model.state_dict())) ^ set(self.state["lora"])
             if missing:
-                raise ValueError(f"{self.out / STATE_FILE}: LoRA layers differ from this run's ({len(missing)} names); "
+                raise UsageError(f"{self.out / STATE_FILE}: LoRA layers differ from this run's ({len(missing)} names); "
                                  f"resume with the same --lora-rank")
             model.load_state_dict(self.state["lora"], strict=False)
         elif "model" in self.state:
             model.load_state_dict(self.state["model"])
         else:
-            from ..checkpoint import load_model
-
-            model.load_state_dict(load_model(self.out, dtype=torch.float32).state_dict())
+            model.load_state_dict(self.objective.read_model(self.out))
+        self.objective.load_state_dict(self.state.get("objective", {}))
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self, model: nn.Module, train_items: Sequence, val_items: Sequence, collate: Collate,
-            tokenizer_file: str | os.PathLike | None = None, shuffle: bool = True) -> dict:
+            tokenizer_file: str | os.PathLike | None = None, shuffle: bool = True,
+            frozen_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
+            objective: Objective | None = None) -> dict:
         """Train ``model`` (a :class:`jneox.model.GPTNeoX`, possibly with LoRA layers, on CPU in fp32)
         and return the last eval metrics. ``collate(items) -> (inputs, targets)`` with targets
-        aligned to inputs and ``-100`` where no loss is wanted."""
+        aligned to inputs and ``-100`` where no loss is wanted; another ``objective`` defines its
+        own batches (their first element is the input ids). ``frozen_weights()`` returns the
+        original values of the frozen parameters, where the model holds them rounded (a LoRA base
+        cast to bf16): checkpoints are written from those, so frozen tensors stay exact."""
         cfg, d, device = self.cfg, self.dist, self.device
+        self.objective = objective = objective or Objective()
         self.config = model.config
         self.tokenizer_file = tokenizer_file
+        self.frozen_weights = frozen_weights
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.is_main:
+            from ..checkpoint import remove_stale_staging
+
             self.out.mkdir(parents=True, exist_ok=True)
-            for pattern in (f"*.{self.out.name}.staging-*", f".{self.out.name}.old-*"):  # left by a killed save
-                for stale in self.out.parent.glob(pattern):
-                    shutil.rmtree(stale, ignore_errors=True)
+            remove_stale_staging(self.out)  # left by a killed save
         self.restore_model(model)
         model.to(device)
         if cfg.fsdp and not d.enabled:
@@ -257,21 +356,22 @@ class Trainer:
             for a in range(cfg.grad_accum):
                 start = position + a * micro + d.rank * cfg.batch_size
                 batches.append(collate([train_items[order(p)] for p in range(start, start + cfg.batch_size)]))
-            local_targets = sum(int((t != IGNORE).sum()) for _, t in batches)
+            batches = objective.prepare(step, [_to_device(b, device) for b in batches], wrapped)
+            local_targets = sum(objective.count(b) for b in batches)
             n_targets = distributed.all_reduce_sum([float(local_targets)], d, device)[0]
             wrapped.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for a, (x, y) in enumerate(batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            metric_sums: dict[str, torch.Tensor] = {}
+            for a, batch in enumerate(batches):
                 sync = a == cfg.grad_accum - 1 or not (d.enabled and not cfg.fsdp)
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    with self.autocast():
-                        logits = forward(x)
-                    loss = token_loss_sum(logits, y)
+                    loss, sums = objective.loss(self._autocast_call(forward), batch)
                     # DDP and FSDP average gradients over ranks: scale so the result is the global token mean
                     (loss * (d.world_size / max(n_targets, 1.0))).backward()
                 loss_sum += loss.detach().double()
-                tokens_since += x.numel() * d.world_size
+                for k, v in sums.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
+                tokens_since += batch[0].numel() * d.world_size
             # kept as a tensor until a log line needs it: no GPU sync on every step
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             lr = scheduler.get_last_lr()[0]
@@ -282,14 +382,18 @@ class Trainer:
             position += micro * cfg.grad_accum
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                loss_value = distributed.all_reduce_sum([float(loss_sum)], d, device)[0] / max(n_targets, 1.0)
+                names = sorted(metric_sums)
+                totals = distributed.all_reduce_sum([float(loss_sum)] + [float(metric_sums[k]) for k in names], d, device)
+                loss_value = totals[0] / max(n_targets, 1.0)
                 now = time.perf_counter()
                 tok_s = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
                 self.print(f"step {step} loss {loss_value:.4f} lr {lr:.3e} tok/s {tok_s:.0f}")
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 self.log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
-                          "grad_norm": None if grad_norm is None else float(grad_norm), "time": time.time()})
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          **{k: v / max(n_targets, 1.0) for k, v in zip(names, totals[1:])},
+                          **objective.step_metrics(), "time": time.time()})
             last = step == cfg.max_steps
             if len(val_items) and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
                 t0 = time.perf_counter()
@@ -302,6 +406,12 @@ class Trainer:
         bar.close()
         distributed.barrier(d)
         return metrics
+
+    def _autocast_call(self, forward: nn.Module) -> Callable:
+        def call(*args, **kwargs):
+            with self.autocast():
+                return forward(*args, **kwargs)
+        return call
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -316,48 +426,53 @@ class Trainer:
         forward.eval()
         micro = cfg.batch_size * d.world_size
         n_batches = min(cfg.eval_batches, math.ceil(len(val_items) / micro))
-        loss_sum, n_targets = 0.0, 0.0
+        objective = self.objective
+        loss_sum, n_targets, metric_sums = 0.0, 0.0, {}
         for b in range(n_batches):
             idx = [b * micro + d.rank * cfg.batch_size + j for j in range(cfg.batch_size)]
             # every rank runs every batch (FSDP gathers parameters collectively); rows past the end weigh 0
-            x, y = collate([val_items[i % len(val_items)] for i in idx])
-            y = y.clone()
-            y[torch.tensor([i >= len(val_items) for i in idx])] = IGNORE
-            x, y = x.to(self.device), y.to(self.device)
-            with self.autocast():
-                logits = forward(x)
-            loss_sum += float(token_loss_sum(logits, y))
-            n_targets += float((y != IGNORE).sum())
-        loss_sum, n_targets = distributed.all_reduce_sum([loss_sum, n_targets], d, self.device)
+            batch = collate([val_items[i % len(val_items)] for i in idx])
+            batch = _to_device(objective.drop_rows(batch, torch.tensor([i < len(val_items) for i in idx])), self.device)
+            loss, sums = objective.loss(self._autocast_call(forward), batch)
+            loss_sum += float(loss)
+            n_targets += objective.count(batch)
+            for k, v in sums.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+        names = sorted(metric_sums)
+        totals = distributed.all_reduce_sum([loss_sum, n_targets] + [metric_sums[k] for k in names], d, self.device)
+        loss_sum, n_targets = totals[:2]
         loss = loss_sum / max(n_targets, 1.0)
-        ppl = math.exp(min(loss, 50.0))
-        self.print(f"eval step {step} loss {loss:.4f} ppl {ppl:.2f}")
-        self.log({"step": step, "eval_loss": loss, "eval_ppl": ppl, "time": time.time()})
-        return {"eval_loss": loss, "eval_ppl": ppl, "step": step}
+        extra = {f"eval_{k}": v / max(n_targets, 1.0) for k, v in zip(names, totals[2:])}
+        if objective.per_token:
+            extra = {"eval_ppl": math.exp(min(loss, 50.0)), **extra}
+        self.print(f"eval step {step} loss {loss:.4f}" + "".join(f" {k.removeprefix('eval_')} {v:.4f}" for k, v in extra.items()))
+        self.log({"step": step, "eval_loss": loss, **extra, "time": time.time()})
+        return {"eval_loss": loss, **extra, "step": step}
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, model: nn.Module, optimizer, scheduler, step: int, position: int, final: bool = False) -> None:
         """Write OUT atomically: model files (HF layout, LoRA merged) + trainer_state.pt + the log, in a
         staging folder renamed over OUT, so a kill at any moment leaves a consistent checkpoint."""
-        from ..checkpoint import _replace_dir, save
-        from ..model import meta_model
+        from ..checkpoint import staged_folder
 
         cfg = self.cfg
         model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP
         if self.is_main:
             scales = lora_scales(distributed.unwrap(model))
-            plain = merge_lora_state(model_state, scales) if scales else model_state
-            shell = meta_model(self.config)
-            shell.load_state_dict(plain, assign=True)
-            if self.config.tie_word_embeddings:
-                shell.lm_head.weight = shell.embed.weight
-            staging = self.out.with_name(f".{self.out.name}.staging-{os.getpid()}")
-            try:
-                save(shell, staging, tokenizer_file=self.tokenizer_file, dtype=SAVE_DTYPES[cfg.save_dtype])
+            full = model_state
+            if self.frozen_weights is not None:  # merge against the original weights, not their bf16 copies
+                full = {**model_state, **{k: v for k, v in self.frozen_weights().items()
+                                          if k in model_state and v.shape == model_state[k].shape}}
+            plain = merge_lora_state(full, scales) if scales else full
+            with staged_folder(self.out, cfg.overwrite) as staging:
+                self.objective.write_model(plain, self.config, staging, self.tokenizer_file, SAVE_DTYPES[cfg.save_dtype])
                 state = {"step": step, "position": position, "optimizer": optim_state,
                          "scheduler": scheduler.state_dict(), "rng": rng_state(self.device),
                          "global_batch": cfg.batch_size * self.dist.world_size * cfg.grad_accum,
-                         "world_size": self.dist.world_size, "config": asdict(cfg), "kind": self.kind}
+                         "world_size": self.dist.world_size, "kind": self.kind,
+                         "config": {k: v if isinstance(v, (bool, int, float, type(None))) else str(v)
+                                    for k, v in asdict(cfg).items()},
+                         "objective": self.objective.state_dict()}
                 if scales:
                     state["lora"] = lora_state(model_state)  # the base comes from the original --model
                 elif cfg.save_dtype != "float32":
@@ -369,10 +484,6 @@ class Trainer:
                     from .report import plot_log
 
                     plot_log(staging / LOG_FILE, staging / REPORT_FILE)
-                _replace_dir(staging, self.out)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self.print(f"saved step {step} to {self.out}")
         distributed.barrier(self.dist)
 

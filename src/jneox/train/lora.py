@@ -7,11 +7,14 @@ update into the weights when saving, and the saved folder is an ordinary checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import UsageError
 
 # the linear layers of a GPT-NeoX block (attention qkv/proj, MLP fc/proj)
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -30,12 +33,15 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.rank, self.scale = rank, alpha / rank
+        self.enabled = True  # False: the base layer alone (see adapters_off)
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         return F.linear(x, self.weight, self.bias) + update * self.scale
 
@@ -50,7 +56,7 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, targets=TARGETS) -> list[str]:
     """Freeze every parameter of ``model`` and wrap its target linears with LoRA; returns their names."""
     if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
+        raise UsageError(f"LoRA rank must be positive, got {rank}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -61,7 +67,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, targets=TARGETS
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
                 wrapped.append(full)
     if not wrapped:
-        raise ValueError(f"no linear layer matches the LoRA targets {targets}")
+        raise UsageError(f"no linear layer matches the LoRA targets {targets}")
     return wrapped
 
 
@@ -92,3 +98,17 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Run ``model`` as its base model inside the block (every LoRA update off): with LoRA, the
+    reference model of DPO and PPO is the same weights without a second copy."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..errors import UsageError
 from ..model import meta_model
 from ..tokenizer import Tokenizer
 from .loop import Trainer, TrainConfig
@@ -49,7 +50,7 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
 
         model = load_model(init, dtype=torch.float32)
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"--init {init}: the model has {model.config.vocab_size} token embeddings, "
+            raise UsageError(f"--init {init}: the model has {model.config.vocab_size} token embeddings, "
                              f"the tokenizer {tokenizer.vocab_size} pieces")
     else:
         config = model_config(model_config_name, tokenizer)
@@ -57,7 +58,7 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
         model = model.to_empty(device="cpu")
         model.init_weights(seed=cfg.seed)
     if block_size > model.config.max_position_embeddings:
-        raise ValueError(f"--block-size {block_size} is longer than the model's {model.config.max_position_embeddings} positions")
+        raise UsageError(f"--block-size {block_size} is longer than the model's {model.config.max_position_embeddings} positions")
     train_blocks, val_blocks = build_pretrain_data(data, tokenizer, block_size, val_fraction=val_fraction, seed=cfg.seed,
                                                    text_field=text_field, skip_bad_lines=skip_bad_lines)
     return trainer.fit(model, train_blocks, val_blocks, collate_blocks, tokenizer_file=tokenizer.path)

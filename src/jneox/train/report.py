@@ -5,6 +5,12 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import UsageError
+
+
+PREFERENCE_CURVES = ("rewards/margins", "rewards/accuracies", "accuracy", "margin", "objective/scores",
+                     "objective/kl", "objective/rlhf_reward")
+
 
 def read_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """The train lines (with ``loss``) and the eval lines (with ``eval_loss``) of a log."""
@@ -15,7 +21,7 @@ def read_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            raise UsageError(f"{path}:{n}: not a JSON line ({e.msg})") from None
         if "loss" in record:
             train.append(record)
         if "eval_loss" in record:
@@ -32,8 +38,19 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, title: st
 
     train, evals = read_log(log_path)
     if not train and not evals:
-        raise ValueError(f"{log_path}: no loss lines to plot")
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        raise UsageError(f"{log_path}: no loss lines to plot")
+    # preference tuning's curves (reward, dpo, ppo) get a panel of their own
+    extra = [k for k in PREFERENCE_CURVES if any(k in r for r in train)]
+    rows = 3 if extra else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 6 + 2 * (rows - 2)), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 2, 1][:rows] if extra else [3, 1]})
+    ax, ax_lr = axes[0], axes[-1]
+    if extra:
+        for k in extra:
+            points = [(r["step"], r[k]) for r in train if k in r]
+            axes[1].plot(*zip(*points), label=k, lw=1)
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(fontsize="small")
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
         ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", lw=1)
