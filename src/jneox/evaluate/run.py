@@ -1,0 +1,190 @@
+"""Running a task: prompts, scoring or generation, metrics, per-sample records, results JSON, a table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UsageError
+from ..generate import SamplingParams, generate_tokens
+from ..train.data import DataError, read_conversations, read_documents
+from . import metrics
+from .score import rolling_nll, score_ids, tqdm_progress
+from .tasks import Doc, FewshotSampler, Task, get_task
+
+
+def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Sequence, *, num_fewshot: int | None = None,
+             fewshot_data: str | os.PathLike | None = None, seed: int = 42, limit: int | None = None,
+             batch_rows: int = 16, text_field: str = "text", stride: int | None = None, progress: bool = False) -> dict:
+    """Evaluate ``model`` on one task and return ``{"task", "metrics", "config", "samples"}``.
+
+    ``task``: jcommonsenseqa, jnli, marc_ja, jsquad, a custom task's YAML spec (or a :class:`Task`),
+    perplexity (``data``: text or JSONL files) or chat (``data``: JSONL conversations).
+    Multiple-choice and JSQuAD documents are shuffled with ``random.Random(seed)`` and the first
+    ``limit`` kept; few-shot examples come from ``fewshot_data`` drawn from that same generator,
+    as the jp-stable harness does (``num_fewshot`` defaults to rinna's setting for the JGLUE tasks
+    when ``fewshot_data`` is given, else 0).
+    """
+    if task == "perplexity":
+        return evaluate_perplexity(model, tokenizer, data, text_field=text_field, stride=stride, limit=limit,
+                                   batch_rows=batch_rows)
+    if task == "chat":
+        from .chat import RULES, evaluate_chat
+
+        conversations = read_conversations(data)[:limit] if limit else read_conversations(data)
+        bar, step = tqdm_progress(2 * len(conversations), "chat", progress)
+        result = evaluate_chat(model, tokenizer, conversations, seed=seed, progress=step)
+        if bar:
+            bar.close()
+        samples = {k: result[k].pop("answers") for k in ("greedy", "sampling")}
+        flat = {"response_perplexity": result["response_perplexity"],
+                **{f"{k}_{m}": result[k][m] for k in ("greedy", "sampling") for m in ("compliant", *RULES)}}
+        return {"task": "chat", "metrics": flat, "config": {"data": _paths(data), "seed": seed, "limit": limit,
+                                                            "response_tokens": result["response_tokens"]},
+                "samples": [dict(decoding=k, **a) for k, answers in samples.items() for a in answers]}
+    task = get_task(task) if not isinstance(task, Task) else task
+    docs = [d for path in ([data] if isinstance(data, (str, os.PathLike)) else data) for d in task.read(path)]
+    if num_fewshot is None:
+        num_fewshot = task.default_fewshot if fewshot_data else 0
+    if num_fewshot and not fewshot_data:
+        raise UsageError(f"{task.name}: {num_fewshot}-shot needs --fewshot-data (the training split), or use "
+                         f"--num-fewshot 0")
+    rnd = random.Random(seed)
+    rnd.shuffle(docs)
+    docs = docs[:limit] if limit else docs
+    sampler = FewshotSampler(task, task.read(fewshot_data) if num_fewshot else [], rnd)
+    contexts = [task.context(d, sampler.draw(num_fewshot)) for d in docs]
+    config = {"data": _paths(data), "fewshot_data": str(fewshot_data) if fewshot_data else None,
+              "num_fewshot": num_fewshot, "seed": seed, "limit": limit, "documents": len(docs)}
+    if task.kind == "generation":
+        samples, scores = _generate_answers(model, tokenizer, task, docs, contexts, progress)
+        return {"task": task.name, "metrics": scores, "config": config, "samples": samples}
+    pairs, owner = [], []
+    for q, (doc, context) in enumerate(zip(docs, contexts)):
+        context_ids = tokenizer.encode(context)
+        for choice in doc.choices:
+            pairs.append((context_ids, tokenizer.encode(choice)))
+            owner.append(q)
+    bar, step = tqdm_progress(len(pairs), task.name, progress)
+    lls = score_ids(model, pairs, batch_rows=batch_rows, progress=step)
+    if bar:
+        bar.close()
+    samples, golds, preds, preds_norm = [], [], [], []
+    start = 0
+    for doc, context in zip(docs, contexts):
+        ll = lls[start : start + len(doc.choices)]
+        start += len(doc.choices)
+        pred, pred_norm = metrics.choice_predictions(ll, doc.choices)
+        golds.append(doc.gold), preds.append(pred), preds_norm.append(pred_norm)
+        samples.append({"source": doc.source, "id": doc.id, "context": context, "choices": doc.choices,
+                        "loglikelihoods": ll, "prediction": pred, "prediction_norm": pred_norm, "gold": doc.gold})
+    scores = {"acc": metrics.accuracy(golds, preds), "acc_norm": metrics.accuracy(golds, preds_norm)}
+    if task.balanced:
+        scores["balanced_acc"] = metrics.balanced_accuracy(golds, preds)
+        scores["macro_f1"] = metrics.macro_f1(golds, preds)
+    return {"task": task.name, "metrics": scores, "config": config, "samples": samples}
+
+
+def _paths(data) -> list[str] | str:
+    return [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)
+
+
+def greedy_answer(model, tokenizer, context: str, max_new_tokens: int) -> str:
+    """Greedy text after ``context`` up to ``<NL>`` or ``</s>`` (neither included), at most
+    ``max_new_tokens`` tokens; the context keeps its last tokens if it would not fit with them
+    (the harness keeps ``context[max_gen_toks - max_length:]``)."""
+    window = model.config.max_position_embeddings
+    ids = tokenizer.encode(context)[-(window - max_new_tokens):]
+    out = []
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    for t in generate_tokens(model, ids, params, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size):
+        if t in (tokenizer.eos_id, tokenizer.nl_id):
+            break
+        out.append(t)
+    return tokenizer.decode(out)
+
+
+def _generate_answers(model, tokenizer, task: Task, docs: Sequence[Doc], contexts: Sequence[str], progress: bool):
+    metrics.normalize_answer("")  # no neologdn: stop before generating anything
+    words = metrics.mecab_available()
+    bar, step = tqdm_progress(len(docs), task.name, progress)
+    samples, totals = [], {}
+    for doc, context in zip(docs, contexts):
+        # as long as the longest reference answer (the harness's DYNAMIC_MAX_LENGTH default)
+        budget = max(len(tokenizer.encode(a)) for a in doc.answers)
+        text = greedy_answer(model, tokenizer, context, max(budget, 1))
+        scores = metrics.squad_scores(text, doc.answers, words=words)
+        for k, v in scores.items():
+            totals[k] = totals.get(k, 0.0) + v
+        samples.append({"source": doc.source, "id": doc.id, "context": context, "generated": text,
+                        "references": doc.answers, **scores})
+        if step:
+            step(1)
+    if bar:
+        bar.close()
+    result = {k: 100.0 * v / len(docs) for k, v in totals.items()}
+    if not words:
+        result["f1"] = None  # MeCab missing: see metrics.JA_TOOLS
+    return samples, result
+
+
+def evaluate_perplexity(model, tokenizer, data, text_field: str = "text", stride: int | None = None,
+                        limit: int | None = None, batch_rows: int = 8) -> dict:
+    """Token perplexity, bits per UTF-8 byte and token count of text files or JSONL documents.
+
+    Each document is scored on its own, its first token predicted after ``</s>`` (lm-eval's rolling
+    log-likelihood with the end-of-text token as prefix); long ones in windows (see :func:`rolling_nll`).
+    Bits per byte divides the summed NLL (in bits) by the documents' UTF-8 bytes, so models with
+    different tokenizers compare.
+    """
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    documents = list(read_documents(paths, text_field))
+    documents = documents[:limit] if limit else documents
+    total_nll, tokens, n_bytes, samples = 0.0, 0, 0, []
+    for text in documents:
+        ids = tokenizer.encode(text)
+        if not ids:
+            continue
+        nll = rolling_nll(model, ids, tokenizer.eos_id, stride=stride, batch_rows=batch_rows)
+        size = len(text.encode("utf-8"))
+        total_nll, tokens, n_bytes = total_nll + nll, tokens + len(ids), n_bytes + size
+        samples.append({"tokens": len(ids), "bytes": size, "nll": nll})
+    if not tokens:
+        raise DataError(_paths(data), None, "no text to score")
+    scores = {"token_perplexity": math.exp(total_nll / tokens), "bits_per_byte": total_nll / math.log(2) / n_bytes,
+              "tokens": tokens, "bytes": n_bytes, "documents": len(samples)}
+    return {"task": "perplexity", "metrics": scores,
+            "config": {"data": _paths(data), "text_field": text_field, "stride": stride, "limit": limit},
+            "samples": samples}
+
+
+# ---- output -------------------------------------------------------------------------------------
+def write_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temporary file in the same folder and a rename:
+    a reader never sees half a file, and an error leaves any previous file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as writer:
+            json.dump(obj, writer, ensure_ascii=False, indent=1)
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    return path
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """One line per task and metric, as a Markdown table."""
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for r in results:
+        for name, value in r["metrics"].items():
+            shown = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+            lines.append(f"| {r['task']} | {name} | {shown} |")
+    return "\n".join(lines)
