@@ -240,7 +240,7 @@ def demo_live():
 def test_lm_eval_local_completions_scores_as_a_direct_computation(demo_live, tmp_path, monkeypatch):
     """lm-eval's own `local-completions` model with its remote tokenizer, on a custom YAML task: the same
     per-choice log-likelihoods (context and choice encoded separately by jneox's tokenizer, summed
-    log-softmax of a forward pass) and the same accuracy."""
+    log-softmax of a forward pass) and the same accuracy, as `jneox eval` also gets."""
     yaml = pytest.importorskip("yaml")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -279,3 +279,12 @@ def test_lm_eval_local_completions_scores_as_a_direct_computation(demo_live, tmp
         assert sample["acc"] == float(predicted == doc["label"])
         correct += predicted == doc["label"]
     assert results["results"]["jneox_mc_sample"]["acc,none"] == pytest.approx(correct / len(docs))
+    # `jneox eval` on jneox's spec of the same task (tests/data/eval/lm_eval_mc.yaml) agrees with lm-eval
+    from jneox.evaluate import evaluate
+
+    ours = evaluate(model, tokenizer, DATA / "eval" / "lm_eval_mc.yaml", DATA / "lm_eval_mc.jsonl", seed=0)
+    by_doc = {int(s["source"].rsplit(":", 1)[1]) - 1: s for s in ours["samples"]}
+    for sample in samples:
+        assert by_doc[sample["doc_id"]]["loglikelihoods"] == pytest.approx([r[0] for r in sample["filtered_resps"]],
+                                                                          abs=TOL)
+    assert ours["metrics"]["acc"] == pytest.approx(results["results"]["jneox_mc_sample"]["acc,none"])
