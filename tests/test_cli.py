@@ -3,8 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from jneox import SamplingParams, format_prompt, generate, load
 from jneox.chat import TURN_STOP
 from jneox.cli import main

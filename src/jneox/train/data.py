@@ -403,17 +403,23 @@ def _cut_exchange(ids: list[int], labels: list[int], max_len: int) -> tuple[list
     return ids[start:start + max_len], labels[start:start + max_len]
 
 
+def split_records(records: list, val_records: list | None, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): all of ``records`` and ``val_records`` when a held-out file gave them, else a seeded
+    ``val_fraction`` of ``records`` held out."""
+    if val_records is not None:
+        return records, val_records
+    train_idx, val_idx = _split_indices(len(records), val_fraction, seed)
+    return [records[i] for i in train_idx], [records[i] for i in val_idx]
+
+
 def build_sft_data(paths, tokenizer, max_len: int, val_paths=None, val_fraction: float = 0.05, seed: int = 0,
                    skip_bad_lines: bool = False, stats: DataStats | None = None) -> tuple[list[Example], list[Example]]:
     """(train, val) fine-tuning examples; the val set is ``val_paths`` or a seeded ``val_fraction`` of
     the conversations (at least one when there are two or more)."""
     stats = stats if stats is not None else DataStats()
     convs = read_conversations(paths, skip_bad_lines, stats)
-    if val_paths:
-        train_convs, val_convs = convs, read_conversations(val_paths, skip_bad_lines, stats)
-    else:
-        train_idx, val_idx = _split_indices(len(convs), val_fraction, seed)
-        train_convs, val_convs = [convs[i] for i in train_idx], [convs[i] for i in val_idx]
+    train_convs, val_convs = split_records(
+        convs, read_conversations(val_paths, skip_bad_lines, stats) if val_paths else None, val_fraction, seed)
     train = [_example(c, tokenizer, max_len, stats) for c in train_convs]
     val = [_example(c, tokenizer, max_len, stats) for c in val_convs]
     if stats.summary():

@@ -28,7 +28,7 @@ import torch
 
 from ..chat import SYSTEM, USER, ConversationError, Utterance, to_utterances
 from .data import (IGNORE_INDEX, DataError, DataStats, Example, _conversation, _fail, _fit, _jsonl_lines, _names,
-                   _split_indices, collate)
+                   collate, split_records)
 from .loop import Objective
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -190,11 +190,8 @@ def build_preference_data(paths, tokenizer, max_len: int, val_paths=None, val_fr
     """(train, val) pairs; the val set is ``val_paths`` or a seeded ``val_fraction`` of the records."""
     stats = DataStats()
     records = read_preferences(paths, skip_bad_lines, stats)
-    if val_paths:
-        train_recs, val_recs = records, read_preferences(val_paths, skip_bad_lines, stats)
-    else:
-        train_idx, val_idx = _split_indices(len(records), val_fraction, seed)
-        train_recs, val_recs = [records[i] for i in train_idx], [records[i] for i in val_idx]
+    train_recs, val_recs = split_records(
+        records, read_preferences(val_paths, skip_bad_lines, stats) if val_paths else None, val_fraction, seed)
     train = [encode_pair(r, tokenizer, max_len, stats) for r in train_recs]
     val = [encode_pair(r, tokenizer, max_len, stats) for r in val_recs]
     if stats.summary():
