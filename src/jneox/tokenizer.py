@@ -19,6 +19,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from .errors import JneoxError
+from .files import staged_file
 
 NL = "<NL>"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -173,8 +174,6 @@ def train_tokenizer(
         except RuntimeError as e:
             raise TokenizerError(f"sentencepiece training failed: {e}") from None
         target = out / "spiece.model"
-        # temp file next to the target, then rename: atomic, and no cross-device rename from /tmp
-        partial = out / ".spiece.model.partial"
-        partial.write_bytes(prefix.with_suffix(".model").read_bytes())
-        os.replace(partial, target)
+        with staged_file(target) as partial:  # not a rename from /tmp: it may be another file system
+            partial.write_bytes(prefix.with_suffix(".model").read_bytes())
     return target

@@ -5,11 +5,11 @@ import json
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
+from ..files import staged_file
 from ..generate import SamplingParams, generate_tokens
 from ..train.data import DataError, read_conversations, read_documents
 from . import metrics
@@ -166,18 +166,10 @@ def evaluate_perplexity(model, tokenizer, data, text_field: str = "text", stride
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as JSON to ``path`` through a temporary file in the same folder and a rename:
     a reader never sees half a file, and an error leaves any previous file as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as writer:
+    with staged_file(path) as partial:
+        with open(partial, "w", encoding="utf-8") as writer:
             json.dump(obj, writer, ensure_ascii=False, indent=1)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-    return path
+    return Path(path)
 
 
 def format_table(results: Sequence[dict]) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_config, load_model, load_tokenizer, quantization_of, resolve
 from ..config import ModelConfig
+from ..files import staged_file
 from ..model import GPTNeoX, meta_model
 
 ARCH = "gptneox"
@@ -108,11 +109,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str 
     model = load_model(folder, dtype=None)  # the file's dtype, memory-mapped: converted tensor by tensor below
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
     file_types = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16,
                   "q8_0": g.LlamaFileType.MOSTLY_Q8_0, "q4_0": g.LlamaFileType.MOSTLY_Q4_0}
-    try:
+    with staged_file(out) as partial:
         w = g.GGUFWriter(str(partial), ARCH)
         w.add_name(folder.name)
         w.add_file_type(file_types[type])
@@ -133,10 +132,6 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, type: str 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -396,10 +391,8 @@ def tokenizer_from_gguf(path: str | os.PathLike, reader=None):
     data = proto.SerializeToString()
     target = cache_dir() / "gguf-tokenizers" / f"{hashlib.sha256(data).hexdigest()[:24]}.model"
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, target)
+        with staged_file(target) as partial:
+            partial.write_bytes(data)
     return Tokenizer(target)
 
 

@@ -30,6 +30,7 @@ import json
 import os
 from pathlib import Path
 
+from ..files import staged_file
 from ..tokenizer import NL, TokenizerError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -157,10 +158,9 @@ def write_hf_tokenizer(folder: str | os.PathLike, spiece: str | os.PathLike | No
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Temp file + rename: atomic, and a new file even where ``path`` is a hard link into another folder."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    """A new file (also where ``path`` is a hard link into another folder), written atomically."""
+    with staged_file(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import staged_file
 
 
 PREFERENCE_CURVES = ("rewards/margins", "rewards/accuracies", "accuracy", "margin", "objective/scores",
@@ -65,8 +66,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, title: st
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(png_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with staged_file(out) as partial:
+        fig.savefig(partial, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
