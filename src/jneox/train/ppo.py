@@ -25,6 +25,7 @@ from torch import nn
 from ..generate import SamplingParams, sample_next
 from .data import IGNORE_INDEX
 from .loop import Objective, Trainer, TrainConfig
+from .preference import token_logps
 
 
 @dataclass
@@ -93,12 +94,6 @@ def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
         last = model(token[:, None], input_pos=step_pos[:, None], cache=cache)[:, -1]
         pos = torch.where(done, pos, pos + 1)
     return out
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log π(label | prefix) at every position (0 where the label is -100), at the sampling temperature."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != IGNORE_INDEX)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:

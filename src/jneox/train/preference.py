@@ -258,11 +258,15 @@ def collate_pairs(pairs: Sequence, pad_id: int) -> PairBatch:
     return batch
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(label | prefix) at every position (0 where the label is -100), in fp32, at ``temperature``."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != IGNORE_INDEX)
+
+
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the log-probabilities of the answer tokens, their count) per row, in fp32."""
-    mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
+    return token_logps(logits, labels).sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
 def last_answer_index(labels: torch.Tensor) -> torch.Tensor:
