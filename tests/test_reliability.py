@@ -167,6 +167,18 @@ def test_threads_below_one_is_one_line(tiny_checkpoint, capsys, threads):
     assert err == f"jneox: error: --threads must be at least 1, got {threads}\n"
 
 
+@pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--max-queue", "-1"), ("--max-queue", "x"),
+                                         ("--shutdown-timeout", "-1"), ("--default-max-tokens", "0")])
+def test_serve_numbers_out_of_range_are_usage_errors(flag, value, capsys):
+    """Refused by the parser with the flag named (exit 2), before any model loads; --max-queue -1 reached the
+    scheduler and ended in its traceback before."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "Traceback" not in err
+
+
 def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
     def buggy(args):
         raise ValueError("a bug in jneox")

@@ -483,18 +483,16 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _non_negative(text: str) -> float:
-    v = float(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+def _at_least(lo: float, cast=int):
+    """An argparse type: ``cast(text)``, refused below ``lo``."""
+    def parse(text: str):
+        v = cast(text)
+        if not v >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return v
 
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
+    parse.__name__ = cast.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
                         "(default: $JNEOX_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests decoded together (KV cache slots; default 8)")
-    p.add_argument("--max-queue", type=int, default=32,
+    p.add_argument("--max-batch", type=_at_least(1), default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--max-queue", type=_at_least(0), default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -533,11 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://example.com; '*': any) call the API "
                         "(may be repeated; default: none)")
-    p.add_argument("--request-timeout", type=_non_negative, default=0, metavar="S",
+    p.add_argument("--request-timeout", type=_at_least(0, float), default=0, metavar="S",
                    help="end a request that has not finished after S seconds, queueing included (default 0: no limit)")
-    p.add_argument("--shutdown-timeout", type=_non_negative, default=30, metavar="S",
+    p.add_argument("--shutdown-timeout", type=_at_least(0, float), default=30, metavar="S",
                    help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
-    p.add_argument("--default-max-tokens", type=_positive_int, metavar="N",
+    p.add_argument("--default-max-tokens", type=_at_least(1), metavar="N",
                    help="longest answer when a request gives no max_tokens (default 512; never past the window)")
     p.set_defaults(func=cmd_serve)
 
