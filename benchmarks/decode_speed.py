@@ -14,6 +14,13 @@ the logits and the agreement of greedy tokens, both teacher-forced over the fp32
 
     python benchmarks/decode_speed.py                 # full 36 layers (needs ~15 GB RAM, ~40 min)
     python benchmarks/decode_speed.py --layers 4      # a quick look
+
+A row's runtime may name an instruction-set level, ``RUNTIME@LEVEL:FORMAT``, to see an older CPU's
+paths on a newer one: ``jneox@avx2:int8`` builds jneox's kernels for AVX2 (``JNEOX_SIMD=avx2``) and
+caps PyTorch's MKL and oneDNN at AVX2 too; ``llama.cpp@avx2:q8_0`` runs the llama-cpp-python build
+given by ``--llama-cpp avx2=DIR`` (a folder it was installed into with ``pip install --target``, e.g.
+built with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF ..."``). The memory
+bandwidth is the machine's either way.
 """
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
         "transformers:bfloat16", "transformers:float32", "ctranslate2:int8", "ctranslate2:int8_bfloat16",
         "llama.cpp:bf16", "llama.cpp:q8_0", "llama.cpp:q4_0"]
 # GGUF blocks of 32 weights carry their fp16 scale: 34 bytes (Q8_0), 18 bytes (Q4_0)
+# what an AVX2-only CPU has, for PyTorch's own libraries (jneox's kernels take JNEOX_SIMD)
+AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "amx_bf16", "amx_int8", "asimd", "sve")
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, "int4": 0.5,
                     "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -142,12 +153,52 @@ def run_child(row: str, args, extra: list[str]) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"running {row} ...", flush=True)
-    # jneox-pytorch: jneox without its native kernels (no C compiler, or JNEOX_KERNELS=0)
-    env = {**os.environ, "JNEOX_KERNELS": "0"} if row.startswith("jneox-pytorch:") else None
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(row, args))
     if proc.returncode:
         return {"row": row, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_env(row: str, args) -> dict:
+    """The environment of a row's process: its instruction-set level (``RUNTIME@LEVEL``), and for
+    jneox-pytorch, jneox without its native kernels (no C compiler, or JNEOX_KERNELS=0)."""
+    env = dict(os.environ)
+    runtime = row.split(":")[0]
+    runtime, _, level = runtime.partition("@")
+    if runtime == "jneox-pytorch":
+        env["JNEOX_KERNELS"] = "0"
+    if level and runtime.startswith("jneox"):
+        env["JNEOX_SIMD"] = level
+        if level in ("avx2", "portable"):
+            env.update(AVX2_ENV)
+    elif level and runtime == "llama.cpp":
+        folder = dict(b.split("=", 1) for b in args.llama_cpp).get(level)
+        if folder is None:
+            raise SystemExit(f"{row}: no --llama-cpp {level}=DIR given")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (folder, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the instruction-set flags that decide the kernel paths."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    from jneox import kernels
+
+    lib = kernels.library()
+    level = "none (PyTorch ops)" if lib is None else str(kernels.simd_level(lib))
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{name}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ', '.join(CPU_FLAGS)}; " \
+           f"jneox kernel level {level}"
 
 
 def weight_bytes_per_token(row: str, config) -> float:
@@ -174,6 +225,8 @@ def main() -> None:
     p.add_argument("--tf4", type=Path, help="folder with transformers<5 for CTranslate2's converter")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--llama-cpp", action="append", default=[], metavar="LEVEL=DIR",
+                   help="a llama-cpp-python build for the llama.cpp@LEVEL rows (repeatable)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
@@ -214,11 +267,11 @@ def main() -> None:
         rows.remove("jneox:float32")
         rows.insert(0, "jneox:float32")
     for row in rows:
-        runtime = row.split(":")[0]
+        runtime = row.split(":")[0].partition("@")[0]
         extra = []
         if row == "jneox:float32":
             extra = ["--save-reference", str(reference)]
-        elif runtime in ("jneox", "jneox-pytorch", "llama.cpp") and reference.exists():
+        if runtime in ("jneox", "jneox-pytorch", "llama.cpp") and reference.exists() and row != "jneox:float32":
             extra = ["--reference", str(reference)]
         if runtime == "llama.cpp":
             extra += ["--gguf", str(work / f"gguf-L{args.layers}-{row.split(':')[1]}.gguf")]
@@ -231,14 +284,16 @@ def main() -> None:
         bound = bandwidth * 1e9 / weight_bytes_per_token(row, config)
         res["bound_tps"], res["of_bound"] = bound, res["decode_tps"] / bound
         results.append(res)
-    print_table(results, notes, args, bandwidth, config)
+    cpu = cpu_description()
+    print_table(results, notes, args, bandwidth, config, cpu)
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "layers": args.layers, "rows": results,
+        args.json.write_text(json.dumps({"cpu": cpu, "bandwidth_gbs": bandwidth, "layers": args.layers, "rows": results,
                                          "notes": notes}, indent=2))
 
 
-def print_table(results, notes, args, bandwidth, config) -> None:
-    print(f"\n{config.num_layers} layers, hidden {config.hidden_size} ({config.num_parameters / 1e9:.2f}B parameters), "
+def print_table(results, notes, args, bandwidth, config, cpu: str) -> None:
+    print(f"\n{cpu}")
+    print(f"{config.num_layers} layers, hidden {config.hidden_size} ({config.num_parameters / 1e9:.2f}B parameters), "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
           f"{args.threads or torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s\n")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -264,6 +319,7 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 def child(args) -> dict:
     runtime, fmt = args.child.split(":")
+    runtime = runtime.partition("@")[0]
     fn = {"jneox": child_jneox, "jneox-pytorch": child_jneox, "transformers": child_transformers,
           "ctranslate2": child_ct2, "llama.cpp": child_llama_cpp}[runtime]
     res = fn(args, fmt)
