@@ -17,6 +17,11 @@ aims at a server that is already running instead. Traffic only ever goes to that
 
     python benchmarks/serve_load.py --layers 2                   # a quick run (the README table)
     python benchmarks/serve_load.py --model DIR --dtype int8     # a real checkpoint
+    python benchmarks/serve_load.py --model models/demo --task copy --temperature 0 --speculate lookup
+
+``--speculate``/``--draft-tokens`` are passed to the server (speculative decoding; the table then has
+the share of guesses accepted); ``--task copy`` asks questions about a passage given in the prompt,
+whose answers quote it (``benchmarks/speculative.py``'s copy task), instead of open chat questions.
 """
 from __future__ import annotations
 
@@ -36,9 +41,10 @@ QUESTIONS = ["日本のおすすめの観光地を教えてください。", "�
              "おいしいカレーの作り方を教えてください。", "東京から大阪まではどのくらいかかりますか?", "春の季語を教えてください。"]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, headers: dict) -> dict:
-    body = {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "stream": True,
+async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, headers: dict,
+                      questions: list[str] = QUESTIONS, temperature: float = 0.7) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+            "max_tokens": max_tokens, "temperature": temperature, "seed": i, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
@@ -76,7 +82,8 @@ def server_counters(url: str) -> dict | None:
     return h if "decode_s" in h else None
 
 
-async def run_clients(url: str, clients: int, duration: float, max_tokens: int, headers: dict) -> dict:
+async def run_clients(url: str, clients: int, duration: float, max_tokens: int, headers: dict,
+                      questions: list[str] = QUESTIONS, temperature: float = 0.7) -> dict:
     """``clients`` loops, each sending one request after another until ``duration`` has passed."""
     results: list[dict] = []
     before = server_counters(url)
@@ -87,13 +94,16 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         async def loop(c: int):
             k = 0
             while time.perf_counter() - t0 < duration:
-                results.append(await one_request(client, url, c * 1000 + k, max_tokens, headers))
+                results.append(await one_request(client, url, c * 1000 + k, max_tokens, headers, questions,
+                                                 temperature))
                 k += 1
 
         await asyncio.gather(*(loop(c) for c in range(clients)))
         wall = time.perf_counter() - t0
     after = server_counters(url)
-    decode = decode_cpu = prefill = float("nan")
+    decode = decode_cpu = prefill = accepted = float("nan")
+    if before and after and after.get("draft_proposed", 0) > before.get("draft_proposed", 0):
+        accepted = (after["draft_accepted"] - before["draft_accepted"]) / (after["draft_proposed"] - before["draft_proposed"])
     if before and after and after["decode_s"] > before["decode_s"]:
         tokens = after["decode_tokens"] - before["decode_tokens"]
         decode = tokens / (after["decode_s"] - before["decode_s"])
@@ -107,7 +117,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
             "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
             "tpot_p50": pct(per_token, 50), "tpot_p95": pct(per_token, 95), "errors": len(errors),
             "first_error": errors[0] if errors else None, "decode_tok_s": decode,
-            "decode_tok_cpu_s": decode_cpu, "prefill_share": prefill}
+            "decode_tok_cpu_s": decode_cpu, "prefill_share": prefill, "accepted": accepted}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -137,6 +147,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         opts += ["--threads", str(args.threads)]
     if args.device:
         opts += ["--device", args.device]
+    if args.speculate:
+        opts += ["--speculate", args.speculate, "--draft-tokens", str(args.draft_tokens)]
     return launch_server(opts)
 
 
@@ -175,7 +187,18 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--task", default="chat", choices=("chat", "copy"),
+                   help="chat: open questions (default); copy: questions on a passage in the prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="of every request (default 0.7, the card's)")
+    p.add_argument("--speculate", metavar="lookup|DRAFT", help="the server's --speculate")
+    p.add_argument("--draft-tokens", type=int, default=5, help="the server's --draft-tokens (default 5)")
     args = p.parse_args()
+    questions = QUESTIONS
+    if args.task == "copy":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from speculative import task_questions
+
+        questions = task_questions(12)["copy"]
     counts = [int(c) for c in args.clients.split(",")]
     proc = None
     url = args.url
@@ -186,7 +209,8 @@ def main() -> None:
     try:
         asyncio.run(one_request_warmup(url, headers))
         for n in counts:
-            rows.append(asyncio.run(run_clients(url, n, args.duration, args.max_tokens, headers)))
+            rows.append(asyncio.run(run_clients(url, n, args.duration, args.max_tokens, headers, questions,
+                                                args.temperature)))
             print(f"{n} clients: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors", file=sys.stderr, flush=True)
     finally:
         if proc is not None:
@@ -195,17 +219,19 @@ def main() -> None:
     base = rows[0] if rows and rows[0]["clients"] == 1 else None
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --device {args.device or 'cpu'}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
-          f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request\n")
+          f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request, task {args.task}, temperature "
+          f"{args.temperature:g}" + (f", --speculate {args.speculate} --draft-tokens {args.draft_tokens}"
+                                     if args.speculate else "") + "\n")
     print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | decode tok per CPU-s (vs 1) | "
-          "time in prefill | TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "time in prefill | TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | guesses accepted | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         agg = f"{r['tok_s']:.1f}" + (f" ({r['tok_s'] / base['tok_s']:.1f}x)" if base else "")
         dec = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base['decode_tok_s']:.1f}x)" if base else "")
         cpu = f"{r['decode_tok_cpu_s']:.1f}" + (f" ({r['decode_tok_cpu_s'] / base['decode_tok_cpu_s']:.1f}x)" if base else "")
         print(f"| {r['clients']} | {r['requests']} | {agg} | {dec} | {cpu} | {r['prefill_share']:.0%} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
-              f"{r['errors']} |")
+              f"{'-' if r['accepted'] != r['accepted'] else format(r['accepted'], '.0%')} | {r['errors']} |")
     for r in rows:
         if r["first_error"]:
             print(f"\n{r['clients']} clients, first error: {r['first_error']}")

@@ -37,8 +37,9 @@ from jneox.generate import SamplingParams, generate_tokens  # noqa: E402
 from jneox.speculative import PromptLookup  # noqa: E402
 
 
-def task_prompts(limit: int) -> dict[str, list[str]]:
-    """Prompts built from the demo recipe's hand-written conversations: their answers are the passages."""
+def task_questions(limit: int) -> dict[str, list[str]]:
+    """The user's turn of each task, built from the demo recipe's hand-written conversations: their
+    answers are the passages (``copy`` quotes one; ``chat`` asks the question alone)."""
     convs = []
     for f in sorted((ROOT / "recipes" / "demo" / "data" / "conversations").glob("*.jsonl")):
         convs += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -46,10 +47,15 @@ def task_prompts(limit: int) -> dict[str, list[str]]:
     copy, chat = [], []
     for turns in convs:
         question, passage = turns[0]["text"], turns[1]["text"]
-        copy.append(format_prompt([{"speaker": "ユーザー", "text": f"次の文章を読んで、質問に文章の言葉で答えてください。\n"
-                                                                 f"文章: {passage}\n質問: {question}"}]))
-        chat.append(format_prompt([{"speaker": "ユーザー", "text": question}]))
+        copy.append(f"次の文章を読んで、質問に文章の言葉で答えてください。\n文章: {passage}\n質問: {question}")
+        chat.append(question)
     return {"copy": copy, "chat": chat}
+
+
+def task_prompts(limit: int) -> dict[str, list[str]]:
+    """:func:`task_questions` as prompts in the conversation format."""
+    return {task: [format_prompt([{"speaker": "ユーザー", "text": q}]) for q in qs]
+            for task, qs in task_questions(limit).items()}
 
 
 class Counting(torch.nn.Module):

@@ -45,15 +45,17 @@ class Live:
         self.engine.stop()
 
 
-def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True, **app_options) -> Live:
-    """``app_options``: create_app's keyword options (request_timeout, cors_origins, ...)."""
+def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True, draft=None,
+                 **app_options) -> Live:
+    """``app_options``: create_app's keyword options (request_timeout, cors_origins, ...); ``draft``: the
+    engine's speculative decoding."""
     import uvicorn
 
     import jneox
     from jneox.serve import Engine, create_app
 
     model, tokenizer = jneox.load(checkpoint, weights="float32")  # what `jneox serve` loads on a CPU
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft)
     if start_engine:
         engine.start()
     app = create_app(engine, model_id="tiny", api_key=api_key, **app_options)

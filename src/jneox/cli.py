@@ -32,10 +32,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128, the card's")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+    _add_speculate_args(p)
+
+
+def _add_speculate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", metavar="lookup|DRAFT", help="speculative decoding, same output, fewer passes: "
                    "'lookup' guesses tokens copied from the context; a folder or hub id names a smaller draft "
                    "model with the same tokenizer")
-    p.add_argument("--draft-tokens", type=int, default=5, help="guesses checked per pass (default: 5)")
+    p.add_argument("--draft-tokens", type=_at_least(1), default=5, help="guesses checked per pass (default: 5)")
 
 
 def _params(args):
@@ -76,7 +80,10 @@ def _draft(args, tokenizer):
 
     if args.speculate is None or args.speculate == "lookup":
         return make_draft(args.speculate, args.draft_tokens)
-    folder = resolve(args.speculate)
+    try:
+        folder = resolve(args.speculate)
+    except CheckpointError as e:
+        raise CheckpointError(f"--speculate {args.speculate}: {e}") from None
     if load_tokenizer(folder).path.read_bytes() != tokenizer.path.read_bytes():
         raise CheckpointError(f"--speculate {args.speculate}: its spiece.model differs from the model's; a draft "
                               f"model must use the same tokenizer")
@@ -426,6 +433,7 @@ def cmd_serve(args) -> int:
         print(f"jneox serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
     model, tokenizer = _load(args)
+    draft = _draft(args, tokenizer)
     if args.model_name:
         model_id = args.model_name
     elif args.model:  # a folder by its name, a hub id as it is
@@ -436,7 +444,7 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
           allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
-          default_max_tokens=args.default_max_tokens)
+          default_max_tokens=args.default_max_tokens, draft=draft)
     return 0
 
 
@@ -537,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
     p.add_argument("--default-max-tokens", type=_at_least(1), metavar="N",
                    help="longest answer when a request gives no max_tokens (default 512; never past the window)")
+    _add_speculate_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="save a checkpoint packed as bfloat16/int8/int4, to load without conversion")

@@ -38,6 +38,10 @@ class PromptLookup:
     def start(self, max_len: int) -> None:
         pass
 
+    def for_sequence(self) -> "PromptLookup":
+        """A guesser for one more sequence decoded alongside others: this one (it keeps no state)."""
+        return self
+
     def propose(self, tokens: Sequence[int], k: int, params: SamplingParams, vocab_size: int | None,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``k`` guessed next tokens, and None: each guess is certain (a point mass)."""
@@ -62,6 +66,10 @@ class DraftModel:
 
     def start(self, max_len: int) -> None:
         self.cache, self.fed = self.model.new_cache(1, max_len), []
+
+    def for_sequence(self) -> "DraftModel":
+        """A guesser for one more sequence decoded alongside others: the same model, its own cache."""
+        return DraftModel(self.model, self.num_tokens)
 
     def propose(self, tokens: Sequence[int], k: int, params: SamplingParams, vocab_size: int | None,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
@@ -121,19 +129,32 @@ def speculative_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: Sampli
         start = len(tokens) - 1
         ids = torch.tensor([[tokens[-1], *guesses]], device=device)
         rows = model(ids, input_pos=torch.arange(start, start + ids.shape[1], device=device), cache=cache)[0]
-        for i in range(len(guesses) + 1):
-            seen = torch.tensor([tokens], device=device) if params.repetition_penalty != 1.0 else None
-            scores = filtered_logits(rows[i:i + 1, :vocab_size], params, seen)
-            if i == len(guesses):  # every guess accepted: the last row gives one more token
-                t = int(scores.argmax(-1)) if params.greedy else int(sample_categorical(scores.softmax(-1), generator))
-            else:
-                t = _check(scores, guesses[i], None if q is None else q[i], params, generator)
-            tokens.append(t)
+        for t in verify(rows, guesses, q, tokens, params, generator, vocab_size):
             yield t
             if t == eos_id or len(tokens) >= total:
                 return
-            if i < len(guesses) and t != guesses[i]:
-                break  # the rest of the guesses followed a token the model did not pick
+
+
+def verify(rows: torch.Tensor, guesses: Sequence[int], q: torch.Tensor | None, tokens: list[int],
+           params: SamplingParams, generator: torch.Generator | None,
+           vocab_size: int | None = None) -> Iterator[int]:
+    """The model's tokens for one checked pass: ``rows`` (at least ``len(guesses) + 1``, V) are its logits
+    after ``tokens`` and after each guess in turn (rows past that are ignored); ``q`` the guesser's
+    distributions (None: point masses). Yields every accepted guess, then the model's own token where
+    it rejects one, or after the last guess; each is appended to ``tokens`` (the repetition penalty's
+    context) before it is yielded. The caller may stop early (EOS, length): nothing else changes."""
+    device = rows.device
+    for i in range(len(guesses) + 1):
+        seen = torch.tensor([tokens], device=device) if params.repetition_penalty != 1.0 else None
+        scores = filtered_logits(rows[i:i + 1, :vocab_size], params, seen)
+        if i == len(guesses):  # every guess accepted: the last row gives one more token
+            t = int(scores.argmax(-1)) if params.greedy else int(sample_categorical(scores.softmax(-1), generator))
+        else:
+            t = _check(scores, guesses[i], None if q is None else q[i], params, generator)
+        tokens.append(t)
+        yield t
+        if i < len(guesses) and t != guesses[i]:
+            return  # the rest of the guesses followed a token the model did not pick
 
 
 def _check(scores: torch.Tensor, guess: int, q: torch.Tensor | None, params: SamplingParams,

@@ -23,16 +23,17 @@ def create_app(*args, **kwargs):
 def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, max_queue: int = 32, log_level: str = "info", *,
           allowed_hosts=(), cors_origins=(), request_timeout: float | None = None, shutdown_timeout: float = 30,
-          default_max_tokens: int | None = None) -> None:
+          default_max_tokens: int | None = None, draft=None) -> None:
     """Serve ``model`` until SIGTERM or SIGINT (Ctrl-C), then shut down gracefully: new requests get
     503, those already accepted finish for up to ``shutdown_timeout`` seconds (what is left then ends
     with an error event), and the function returns. A second signal stops at once.
-    ``default_max_tokens`` None: DEFAULT_MAX_TOKENS (512). The other options: see :func:`create_app`."""
+    ``default_max_tokens`` None: DEFAULT_MAX_TOKENS (512); ``draft``: speculative decoding (see
+    :class:`Engine`). The other options: see :func:`create_app`."""
     import uvicorn
 
     from .app import DrainingServer
 
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue).start()
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft).start()
     app = create_app(engine, model_id, api_key, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                      request_timeout=request_timeout, default_max_tokens=default_max_tokens or DEFAULT_MAX_TOKENS)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)

@@ -150,6 +150,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k best alternatives
     echo: bool = False  # the answer starts with the prompt (and its tokens' logprobs, if asked for)
     generate: bool = True  # False: max_tokens 0 with echo, the prompt is only scored
+    speculate: bool = True  # jneox's own field: false decodes without the server's --speculate
 
 
 def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
@@ -270,7 +271,8 @@ def parse_chat(body: dict, tokenizer, window: int, default_max_tokens: int = DEF
     # the model sometimes writes the user's next turn itself: the answer ends there
     params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages",
                       default_max_tokens=default_max_tokens)
-    return GenerationRequest(ids, params, *_stream_options(body), logprobs=logprobs)
+    return GenerationRequest(ids, params, *_stream_options(body), logprobs=logprobs,
+                             speculate=_bool(body, "speculate", True))
 
 
 def token_ids(v, tokenizer, param: str) -> list[int]:
@@ -327,5 +329,6 @@ def parse_completion(body: dict, tokenizer, window: int,
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         reqs.append(GenerationRequest(ids, sampling(body, len(ids), window, prompt_param=param,
                                                               default_max_tokens=default_max_tokens), *stream,
-                                      logprobs=logprobs, echo=echo, generate=not score_only))
+                                      logprobs=logprobs, echo=echo, generate=not score_only,
+                                      speculate=_bool(body, "speculate", True)))
     return reqs

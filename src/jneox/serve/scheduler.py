@@ -13,6 +13,25 @@ for up to ``MAX_KERNEL_ROWS`` rows, layer norm, fused single-token attention up 
 position) computes a row the same way whatever the other rows hold, so a request gives the same
 tokens alone or among others. Larger batches are split into chunks of ``MAX_KERNEL_ROWS`` rows for
 that reason (past it, the packed linears may switch to one PyTorch matrix multiply).
+
+Speculative decoding (``draft``: a :class:`~jneox.speculative.PromptLookup` or
+:class:`~jneox.speculative.DraftModel`) turns a decode step into a verification step: each request
+that speculates gets up to ``k`` guesses (prompt lookup over its own context, or the draft model with
+a KV cache of its own), and every running request feeds its newest token and its guesses as one row
+of ``1 + k`` positions, all rows in one batched pass, each at its own positions. The pass is padded to
+the widest row (a row with fewer guesses, or none, or of a request that turned speculation off, carries
+filler tokens whose logits are never read, at positions past its own), because a row of the model's
+input is one row of the cache: rows of different lengths would need one pass each, which costs a
+read of every weight per request, where padding costs only arithmetic. ``k`` shrinks as requests
+join, so that the whole batch stays within ``MAX_KERNEL_ROWS`` rows (one pass of the kernels' decode
+path over the weights, with fp32 activations as in a plain step); past ``MAX_KERNEL_ROWS // 2``
+running requests the steps are plain ones, since the batch already fills the kernels' rows. The
+accepted tokens follow :func:`jneox.speculative.verify` (greedy: the plain greedy tokens; sampling:
+the model's distribution). Rejected positions need no undo: slot ``j`` of the cache holds position
+``j``, and the request's position moves back to the first rejected one, so the stale entries are
+overwritten before anything reads them. In a verification step the rows go through the multi-token
+attention (as in ``jneox generate --speculate``), not the fused one-token kernel: their logits are the
+model's but not bit for bit those of a plain step; greedy tokens are the same (tested).
 """
 from __future__ import annotations
 
@@ -31,6 +50,7 @@ from torch import nn
 from ..generate import SamplingParams, TextAssembler, check_prompt_fits, sample_next
 from ..model import GPTNeoX, KVCache
 from ..quantize import MAX_KERNEL_ROWS, kernel_prompt_rows
+from ..speculative import verify
 from ..tokenizer import Tokenizer
 
 
@@ -97,6 +117,8 @@ class Request:
     prompt_logprobs: bool = False  # score the prompt's tokens too (echo)
     generate: bool = True  # False: score the prompt only (max_tokens 0), generate nothing
     pending: list[TokenLogprob] = field(default_factory=list)  # generated tokens' logprobs not yet sent
+    speculate: bool = True  # False: plain decode steps even when the engine has a draft
+    draft: object = None  # this request's guesser (PromptLookup or DraftModel), from the first token on
 
 
 class _RowsView(KVCache):
@@ -115,14 +137,16 @@ class Engine:
     ``submit`` returns at once; the request's text arrives through its ``on_event`` callback, called
     on the engine thread (keep it short: hand the event over to your own loop). ``cancel`` frees the
     request's slot at the next step. At most ``max_batch`` requests run and ``max_queue`` wait; past
-    that ``submit`` raises :class:`QueueFull`.
+    that ``submit`` raises :class:`QueueFull`. ``draft`` (:func:`jneox.speculative.make_draft`) makes
+    decode steps speculative (see the module docstring); its model must share ``tokenizer``.
     """
 
-    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32, draft=None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.draft = draft
         self.window = model.config.max_position_embeddings
         self.device = model.embed.weight.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
@@ -146,7 +170,9 @@ class Engine:
         # (*_cpu_s: CPU time of the engine thread, which is all of it with one thread, and does not
         # count time lost to other processes on a shared machine)
         self.counters = {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_cpu_s": 0.0,
-                         "decode_tokens": 0, "decode_s": 0.0, "decode_cpu_s": 0.0}
+                         "decode_tokens": 0, "decode_s": 0.0, "decode_cpu_s": 0.0,
+                         # speculative decoding: guesses checked, and those the model agreed with
+                         "draft_proposed": 0, "draft_accepted": 0}
 
     # ---- the caller's side (any thread) -------------------------------------------------------
     def start(self) -> "Engine":
@@ -191,13 +217,15 @@ class Engine:
             return "draining" if self.draining else "ok"
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
-               logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True) -> Request:
+               logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True,
+               speculate: bool = True) -> Request:
         """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when full and
         Unavailable when the engine takes no more requests.
 
         ``logprobs`` (k >= 0) adds each generated token's log-probability and its k most likely
         alternatives to the events; ``prompt_logprobs`` also those of the prompt's tokens (first event);
-        ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``)."""
+        ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``);
+        ``speculate=False`` decodes this request without the engine's draft."""
         if generate:
             check_prompt_fits(self.model, len(prompt_ids))
         elif not prompt_logprobs or logprobs is None:
@@ -205,7 +233,8 @@ class Engine:
         elif not 0 < len(prompt_ids) <= self.window:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; 1 to {self.window} can be scored")
         seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
-                      prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate)
+                      prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate,
+                      speculate=speculate)
         with self.cond:
             if self.failed:
                 raise Unavailable(ENGINE_FAILED)
@@ -351,30 +380,79 @@ class Engine:
             self._free(seq)
             self._send(seq, Event(finish_reason="length", prompt_tokens=len(seq.prompt_ids)))
             return
+        if self.draft is not None and seq.speculate:
+            seq.draft = self.draft.for_sequence()
+            seq.draft.start(seq.total)
         self._take(seq, logits[:, -1])
 
     def _decode_step(self, running: list[Request]) -> None:
-        """One new token for every running request, rows at their own positions."""
+        """One new token for every running request, rows at their own positions; with a draft, each
+        speculating request's guesses too (one more token per accepted guess)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = max(s.slot for s in running) + 1  # free slots below it ride along as dummy rows
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
-        positions = torch.zeros(rows, 1, dtype=torch.long)
+        guesses = self._guesses(running, rows)
+        width = 1 + max((len(g) for g, _ in guesses.values()), default=0)
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        # dummy rows and filler write at positions past their row's own (clamped to the window, which
+        # a request's real positions never reach: its last token is never fed), read by nobody
+        positions = torch.arange(width).clamp_max(self.window - 1).repeat(rows, 1)
         for s in running:
-            tokens[s.slot, 0], positions[s.slot, 0] = s.next_token, s.pos
+            g = guesses.get(s, ([], None))[0]
+            tokens[s.slot] = torch.tensor([s.next_token, *g, *[s.next_token] * (width - 1 - len(g))])
+            positions[s.slot] = torch.arange(s.pos, s.pos + width).clamp_max(self.window - 1)
         tokens, positions = tokens.to(self.device), positions.to(self.device)
+        per = max(1, MAX_KERNEL_ROWS // width)  # batch rows per pass: <= MAX_KERNEL_ROWS input rows
         logits = []
-        for a in range(0, rows, MAX_KERNEL_ROWS):
-            b = min(a + MAX_KERNEL_ROWS, rows)
-            logits.append(self.model(tokens[a:b], input_pos=positions[a:b], cache=self._rows(a, b))[:, -1])
+        for a in range(0, rows, per):
+            b = min(a + per, rows)
+            logits.append(self.model(tokens[a:b], input_pos=positions[a:b], cache=self._rows(a, b)))
         logits = torch.cat(logits)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(running))
+        made = 0
         for s in running:
-            s.pos += 1
-            self._take(s, logits[s.slot : s.slot + 1])
-        self.counters["decode_tokens"] += len(running)
+            if s in guesses:
+                made += self._check_guesses(s, logits[s.slot], *guesses[s])
+            else:
+                s.pos += 1
+                self._take(s, logits[s.slot : s.slot + 1, 0])
+                made += 1
+        self.counters["decode_tokens"] += made
         self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_cpu_s"] += time.thread_time() - c0
+
+    def _guesses(self, running: list[Request], rows: int) -> dict[Request, tuple[list[int], torch.Tensor | None]]:
+        """Each speculating request's guesses for this step (requests without any are left out), at most
+        as many as keep ``rows`` rows of ``1 + k`` positions within one pass of ``MAX_KERNEL_ROWS`` rows."""
+        k = 0 if self.draft is None else min(self.draft.num_tokens, MAX_KERNEL_ROWS // rows - 1)
+        out = {}
+        for s in running if k > 0 else ():
+            n = min(k, s.total - s.pos - 2)  # the last guess's position may not be the last of the window
+            if s.draft is not None and n > 0:
+                g, q = s.draft.propose(self._context(s), n, s.params, self.vocab_size, s.generator)
+                if g:
+                    out[s] = (g, q)
+        return out
+
+    @staticmethod
+    def _context(seq: Request) -> list[int]:
+        """The request's tokens so far: the prompt and the answer (its last one not yet fed)."""
+        return [*seq.prompt_ids, *seq.text.token_ids]
+
+    def _check_guesses(self, seq: Request, logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None) -> int:
+        """The request's tokens from its verification row ``logits`` (width, V) (the accepted guesses and
+        the model's own next one), passed on one by one; the number of tokens made."""
+        made = 0
+        for t in verify(logits, guesses, q, self._context(seq), seq.params, seq.generator, self.vocab_size):
+            # a token equal to its guess is an accepted one (a rejected guess is never drawn again)
+            self.counters["draft_accepted"] += made < len(guesses) and t == guesses[made]
+            seq.pos += 1
+            self._emit(seq, t, logits[made : made + 1])
+            made += 1
+            if seq.text.done:
+                break
+        self.counters["draft_proposed"] += len(guesses)
+        return made
 
     def _logprobs(self, logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
         """Log-probabilities of ``targets[i]`` under ``logits[i]`` (rows past the targets are ignored) and
@@ -392,9 +470,12 @@ class Engine:
 
     def _take(self, seq: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
-        p = seq.params
-        token = sample_next(logits[:, : self.vocab_size], p, seq.generator, seq.seen)
-        t = int(token)
+        token = sample_next(logits[:, : self.vocab_size], seq.params, seq.generator, seq.seen)
+        self._emit(seq, int(token), logits)
+
+    def _emit(self, seq: Request, t: int, logits: torch.Tensor) -> None:
+        """The request's next token ``t``, which the model's (1, V) ``logits`` gave: pass its text (and
+        logprobs) on, and end the request if done."""
         seq.completion_tokens += 1
         if seq.logprobs is not None:
             seq.pending += self._logprobs(logits, [t], seq.logprobs)
@@ -410,4 +491,4 @@ class Engine:
             return
         seq.next_token = t
         if seq.seen is not None:
-            seq.seen = torch.cat((seq.seen, token[:, None]), dim=1)
+            seq.seen = torch.cat((seq.seen, torch.tensor([[t]], device=self.device)), dim=1)
