@@ -23,6 +23,7 @@ conversations, never trained on. ``benchmarks/speculative.py`` builds its held-o
 from __future__ import annotations
 
 import argparse
+import gettext
 import random
 import re
 import sys
@@ -32,6 +33,7 @@ from jneox.chat import SYSTEM, USER, Utterance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faq_pairs import write_jsonl  # noqa: E402
+from japanese import japanese_ratio  # noqa: E402
 from make_sft_data import (  # noqa: E402
     DEFAULT_CONVERSATIONS,
     DEFAULT_HELDOUT_PERCENT,
@@ -108,6 +110,56 @@ def copy_conversations(conversations: list[list[Utterance]], per_pair: int, seed
     return out
 
 
+def catalog_passages(folder: Path, seed: int) -> list[str]:
+    """Passages of 60-300 characters joined from the Japanese messages of the gettext catalogs
+    (``*.mo``) in ``folder``: text the demo model never saw, so that copying it is learned as copying
+    rather than recalled (its own SFT answers it knows by heart after 12 epochs)."""
+    messages = set()
+    for path in sorted(folder.glob("*.mo")):
+        with open(path, "rb") as handle:
+            try:
+                catalog = gettext.GNUTranslations(handle)._catalog
+            except (OSError, UnicodeDecodeError):
+                continue
+        for key, text in catalog.items():
+            if key and isinstance(text, str) and len(text) >= 12 and not re.search(r"[%{}\n\\<>]", text) \
+                    and japanese_ratio(text) >= 0.6:
+                messages.add(text if text.endswith(("。", "！", "？")) else text + "。")
+    rng = random.Random(seed)
+    pool, passages, current = sorted(messages), [], ""
+    rng.shuffle(pool)
+    for text in pool:
+        current += text
+        if len(current) >= 60 + rng.randrange(200):
+            if len(current) <= 300:
+                passages.append(current)
+            current = ""
+    return passages
+
+
+def catalog_conversations(passages: list[str], count: int, seed: int) -> list[list[Utterance]]:
+    """``count`` repeat, typo and quote tasks over ``passages`` (quote: the sentence of the passage
+    that starts with the given words, JSQuAD-like extraction without a question)."""
+    rng = random.Random(seed)
+    out = []
+    for passage in passages:
+        if len(out) >= count:
+            break
+        task = rng.choice(("repeat", "typo", "quote"))
+        if task == "quote":
+            parts = sentences(passage)
+            answer = rng.choice(parts)
+            if len(parts) < 2 or len(answer) < 10:
+                continue
+            out.append([Utterance(USER, f"次の文脈から、「{answer[:6]}」で始まる文をそのまま抜き出してください。\n文脈: {passage}"),
+                        Utterance(SYSTEM, answer)])
+        else:
+            conv = copy_conversation(task, "", passage, [], rng)
+            if conv is not None:
+                out.append(conv)
+    return out
+
+
 def split(files: list[Path], heldout_percent: int = DEFAULT_HELDOUT_PERCENT):
     """(training, held-out) hand-written conversations, split exactly as for the demo model's SFT."""
     conversations = deduplicate([c for f in files for c in read_conversation_file(f)])
@@ -121,16 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--per-pair", type=int, default=1, choices=(1, 2, 3),
                         help="copy tasks made from each training question-answer pair (default: 1)")
+    parser.add_argument("--catalogs", type=Path,
+                        help="a folder of Japanese gettext catalogs (*.mo, e.g. /usr/share/locale/ja/LC_MESSAGES): "
+                             "repeat, typo and quote tasks over their messages join the training data")
+    parser.add_argument("--chat-share", type=float, default=1.0,
+                        help="share of the training conversations mixed in to keep the model chatting (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     train, heldout = split(conversation_files(args.conversations))
     copies = copy_conversations(train, args.per_pair, args.seed)
-    mixed = copies + train
+    if args.catalogs:
+        copies += catalog_conversations(catalog_passages(args.catalogs, args.seed), len(copies), args.seed)
+    mixed = copies + random.Random(args.seed).sample(train, int(len(train) * args.chat_share))
     random.Random(args.seed).shuffle(mixed)
     write_jsonl([as_card_json(c) for c in mixed], args.out_dir / "train.jsonl")
     write_jsonl([as_card_json(c) for c in copy_conversations(heldout, 1, args.seed + 1)], args.out_dir / "heldout.jsonl")
     write_jsonl([as_card_json(c[:2]) for c in heldout], args.out_dir / "chat.jsonl")
-    print(f"{len(copies)} copy tasks + {len(train)} conversations -> {args.out_dir / 'train.jsonl'}; "
+    print(f"{len(copies)} copy tasks + {len(mixed) - len(copies)} conversations -> {args.out_dir / 'train.jsonl'}; "
           f"held out: {len(heldout)} conversations -> heldout.jsonl (copy tasks), chat.jsonl")
 
 
