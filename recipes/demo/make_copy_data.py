@@ -4,7 +4,8 @@
 The shipped demo model barely copies a passage when asked (prompt lookup accepted 0.06 extra tokens
 per pass), so it cannot show what speculation gains where answers copy their context. This makes
 conversations in the card's shape whose answers are spans of the prompt, from the システム answers
-of the hand-written conversations (``data/conversations``, no other data):
+of the hand-written conversations (``data/conversations``) and, for training only, from the Japanese
+messages of gettext catalogs (``--catalogs``):
 
 - ``qa``: extractive QA as JSQuAD, over a longer context: three passages (the one that answers the
   question and two others, shuffled); the answer is the answering passage's first sentences, verbatim;
@@ -16,8 +17,8 @@ built from training conversations only (and holds them too, so the model keeps c
 ``heldout.jsonl`` (copy tasks) and ``chat.jsonl`` (the first question alone) come from held-out
 conversations, never trained on. ``benchmarks/speculative.py`` builds its held-out prompts with these functions.
 
-    python recipes/demo/make_copy_data.py --out-dir /tmp/copy-data
-    jneox sft --model models/demo --data /tmp/copy-data/train.jsonl --epochs 1 ...
+    python recipes/demo/make_copy_data.py --out-dir DATA --catalogs /usr/share/locale/ja/LC_MESSAGES --chat-share 0.4
+    jneox sft --model models/demo --data DATA/train.jsonl --val-data DATA/heldout.jsonl ...   (README: the run)
 """
 
 from __future__ import annotations
@@ -183,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     train, heldout = split(conversation_files(args.conversations))
     copies = copy_conversations(train, args.per_pair, args.seed)
     if args.catalogs:
-        copies += catalog_conversations(catalog_passages(args.catalogs, args.seed), len(copies), args.seed)
+        passages = catalog_passages(args.catalogs, args.seed)
+        if not passages:
+            parser.error(f"--catalogs {args.catalogs}: no Japanese messages in *.mo files there")
+        copies += catalog_conversations(passages, len(copies), args.seed)
     mixed = copies + random.Random(args.seed).sample(train, int(len(train) * args.chat_share))
     random.Random(args.seed).shuffle(mixed)
     write_jsonl([as_card_json(c) for c in mixed], args.out_dir / "train.jsonl")
