@@ -47,12 +47,21 @@ from jneox.generate import SamplingParams, generate_tokens  # noqa: E402
 from jneox.speculative import DraftModel, PromptLookup  # noqa: E402
 
 
-def task_prompts(limit: int) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, reference answer) from the held-out hand-written conversations (the demo model's SFT split)."""
+def task_conversations(limit: int) -> dict[str, list[list]]:
+    """The held-out tasks (the demo model's SFT split, never trained on) as (question, reference) turns."""
     _, heldout = split(conversation_files([DEFAULT_CONVERSATIONS]))
     copy = copy_conversations(heldout, 1, seed=1)  # the recipe's heldout.jsonl
-    return {task: [(format_prompt(c[:1]), c[1].text) for c in convs[:limit]]
-            for task, convs in (("copy", copy), ("chat", heldout))}
+    return {"copy": [c[:2] for c in copy[:limit]], "chat": [c[:2] for c in heldout[:limit]]}
+
+
+def task_questions(limit: int) -> dict[str, list[str]]:
+    """The user's turn of each task (``benchmarks/serve_load.py --task copy`` sends these)."""
+    return {task: [c[0].text for c in convs] for task, convs in task_conversations(limit).items()}
+
+
+def task_prompts(limit: int) -> dict[str, list[tuple[str, str]]]:
+    """(prompt in the conversation format, reference answer) of each task."""
+    return {task: [(format_prompt(c[:1]), c[1].text) for c in convs] for task, convs in task_conversations(limit).items()}
 
 
 def reference_passes(prompt: list[int], answer: list[int], guesser: PromptLookup) -> int:
