@@ -1,25 +1,33 @@
 #!/usr/bin/env python3
-"""Speculative decoding with prompt lookup: tokens gained per pass, and what a pass of k+1 rows costs.
+"""Speculative decoding: tokens gained per pass, what a pass of 1 + k rows costs, and the decode speed-up.
 
-Two measurements, printed as tables:
+Three measurements, printed as tables:
 
-1. **Acceptance**, on a trained model (default: the shipped demo model), greedy: for each task,
-   new tokens, passes of the model with and without ``--speculate lookup``, tokens per pass, and
-   wall-clock tok/s both ways. Tasks: ``copy`` (read a passage and answer with a quote from it, the
-   shape of JSQuAD; or repeat it), and ``chat`` (the held-out-style questions the demo model was
-   fine-tuned on, where little is copied). The greedy tokens must be identical both ways; the
-   script stops if they are not.
+1. **Acceptance**, greedy, on a trained model (default: the shipped demo model; the README's figures
+   use the demo model fine-tuned to copy, see ``recipes/demo/make_copy_data.py``): for each task, new
+   tokens, passes of the model, tokens per pass and tok/s (``--clock``), plain and with each guesser
+   (prompt lookup with k = 3, 5, 8 guesses per pass; ``--draft`` a smaller model with the same
+   ``spiece.model``). Tasks, from held-out conversations only (never trained on): ``copy`` (extractive
+   QA over three passages as JSQuAD, repeating a passage, fixing its typos: the answer quotes the
+   prompt) and ``chat`` (the conversation's first question alone: little to copy). The greedy tokens
+   must be identical with and without speculation; the script stops if they are not. The
+   "reference answers" rows replay prompt lookup against the tasks' reference answers (no model
+   pass): what a model whose greedy answer is the reference would accept, i.e. one that copies.
 2. **Cost of a pass of 1 + k rows** against one row, at the published 3.6B shape (random weights,
-   ``--layers`` of the 36, the same checkpoint as ``decode_speed.py``), for each weight format, and
-   the speed-up it predicts at the 3.6B shape: tokens per pass ÷ cost ratio.
+   ``--layers`` of the 36, the checkpoint ``decode_speed.py`` uses), for each weight format, with
+   256 tokens in the KV cache.
+3. **Projected decode speed-up at the 3.6B shape** = tokens per pass (1) × 1-row pass time ÷
+   (1 + k)-row pass time (2). Conservative for prompt lookup: a pass with fewer guesses than k (no
+   match long enough) is charged as a full 1 + k rows. Not projected for a draft model, whose own
+   passes cost depends on its size.
 
     .venv/bin/python benchmarks/speculative.py                       # demo model + 2 layers of the 3.6B shape
-    .venv/bin/python benchmarks/speculative.py --layers 36 --formats bfloat16,int8,int4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speculative.py --model COPY --draft models/demo --prompts 12 --clock cpu
+    .venv/bin/python benchmarks/speculative.py --model COPY --layers 36   # idle machine
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,33 +37,44 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "recipes" / "demo"))
 from decode_speed import make_checkpoint  # noqa: E402
+from make_copy_data import DEFAULT_CONVERSATIONS, conversation_files, copy_conversations, split  # noqa: E402
 
 from jneox.chat import format_prompt  # noqa: E402
 from jneox.checkpoint import load, load_model  # noqa: E402
 from jneox.generate import SamplingParams, generate_tokens  # noqa: E402
-from jneox.speculative import PromptLookup  # noqa: E402
+from jneox.speculative import DraftModel, PromptLookup  # noqa: E402
+
+
+def task_conversations(limit: int) -> dict[str, list[list]]:
+    """The held-out tasks (the demo model's SFT split, never trained on) as (question, reference) turns."""
+    _, heldout = split(conversation_files([DEFAULT_CONVERSATIONS]))
+    copy = copy_conversations(heldout, 1, seed=1)  # the recipe's heldout.jsonl
+    return {"copy": [c[:2] for c in copy[:limit]], "chat": [c[:2] for c in heldout[:limit]]}
 
 
 def task_questions(limit: int) -> dict[str, list[str]]:
-    """The user's turn of each task, built from the demo recipe's hand-written conversations: their
-    answers are the passages (``copy`` quotes one; ``chat`` asks the question alone)."""
-    convs = []
-    for f in sorted((ROOT / "recipes" / "demo" / "data" / "conversations").glob("*.jsonl")):
-        convs += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    convs = convs[::max(1, len(convs) // limit)][:limit]
-    copy, chat = [], []
-    for turns in convs:
-        question, passage = turns[0]["text"], turns[1]["text"]
-        copy.append(f"次の文章を読んで、質問に文章の言葉で答えてください。\n文章: {passage}\n質問: {question}")
-        chat.append(question)
-    return {"copy": copy, "chat": chat}
+    """The user's turn of each task (``benchmarks/serve_load.py --task copy`` sends these)."""
+    return {task: [c[0].text for c in convs] for task, convs in task_conversations(limit).items()}
 
 
-def task_prompts(limit: int) -> dict[str, list[str]]:
-    """:func:`task_questions` as prompts in the conversation format."""
-    return {task: [format_prompt([{"speaker": "ユーザー", "text": q}]) for q in qs]
-            for task, qs in task_questions(limit).items()}
+def task_prompts(limit: int) -> dict[str, list[tuple[str, str]]]:
+    """(prompt in the conversation format, reference answer) of each task."""
+    return {task: [(format_prompt(c[:1]), c[1].text) for c in convs] for task, convs in task_conversations(limit).items()}
+
+
+def reference_passes(prompt: list[int], answer: list[int], guesser: PromptLookup) -> int:
+    """Passes greedy speculation would take for a model whose greedy answer is ``answer``: each pass
+    keeps the guesses that match the answer, plus the model's own next token."""
+    done, passes = 0, 0
+    while done < len(answer):
+        guesses, _ = guesser.propose(prompt + answer[:done], guesser.num_tokens, None, None, None)
+        ok = 0
+        while ok < len(guesses) and done + ok < len(answer) and guesses[ok] == answer[done + ok]:
+            ok += 1
+        done, passes = done + ok + 1, passes + 1
+    return passes
 
 
 class Counting(torch.nn.Module):
@@ -72,34 +91,60 @@ class Counting(torch.nn.Module):
         return self.inner(*a, **k)
 
 
+def guessers(args):
+    """(name, k, factory) for each way of guessing measured."""
+    out = [(f"lookup k={k}", k, lambda k=k: PromptLookup(k)) for k in args.lookup_ks]
+    if args.draft:
+        draft = load_model(args.draft, weights=args.demo_dtype)
+        out.append((f"draft {Path(args.draft).name} k={args.draft_tokens}", args.draft_tokens,
+                    lambda: DraftModel(draft, args.draft_tokens)))
+    return out
+
+
 def acceptance(args) -> list[dict]:
+    """One row per (task, guesser), plus the plain row of each task."""
     model, tok = load(args.model, weights=args.demo_dtype)
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    ways = guessers(args)
     rows = []
     for task, prompts in task_prompts(args.prompts).items():
-        stats = {"task": task, "prompts": len(prompts), "tokens": 0, "plain_passes": 0, "spec_passes": 0,
-                 "plain_s": 0.0, "spec_s": 0.0}
-        for prompt in prompts:
+        plain = {"task": task, "way": "plain", "k": 0, "prompts": len(prompts), "tokens": 0, "passes": 0, "s": 0.0}
+        spec = [{"task": task, "way": name, "k": k, "prompts": len(prompts), "tokens": 0, "passes": 0, "s": 0.0}
+                for name, k, _ in ways]
+        ref = [{"task": task, "way": f"lookup k={k}, reference answers", "k": k, "prompts": len(prompts),
+                "tokens": 0, "passes": 0, "s": float("nan")} for k in args.lookup_ks]
+        for prompt, answer in prompts:
             ids = tok.encode(prompt)
-            for mode in ("plain", "spec"):
+            answer_ids = tok.encode(answer) + [tok.eos_id]
+            for stats, k in zip(ref, args.lookup_ks):
+                stats["passes"] += reference_passes(ids, answer_ids, PromptLookup(k))
+                stats["tokens"] += len(answer_ids)
+            counted = Counting(model)
+            t = clock()
+            want = list(generate_tokens(counted, ids, params, tok.eos_id, tok.vocab_size))
+            plain["s"] += clock() - t
+            plain["passes"] += counted.calls  # one token per pass, the prompt's pass giving the first
+            plain["tokens"] += len(want)
+            for stats, (name, _, make) in zip(spec, ways):
                 counted = Counting(model)
-                draft = PromptLookup(args.draft_tokens) if mode == "spec" else None
-                t = time.perf_counter()
-                out = list(generate_tokens(counted, ids, params, tok.eos_id, tok.vocab_size, draft))
-                stats[f"{mode}_s"] += time.perf_counter() - t
-                stats[f"{mode}_passes"] += counted.calls - (1 if mode == "plain" else int(len(ids) > 1))
-                if mode == "plain":
-                    want = out
-                elif out != want:
-                    raise SystemExit(f"greedy tokens differ with speculation on {task}: {prompt!r}")
-            stats["tokens"] += len(want)
-        rows.append(stats)
+                t = clock()
+                out = list(generate_tokens(counted, ids, params, tok.eos_id, tok.vocab_size, make()))
+                stats["s"] += clock() - t
+                stats["passes"] += counted.calls - int(len(ids) > 1)  # not the prompt's pass: it gives no token here
+                stats["tokens"] += len(out)
+                if out != want:
+                    raise SystemExit(f"greedy tokens differ with {name} on {task}: {prompt!r}")
+        rows += [plain, *spec, *ref]
+    for r in rows:
+        r["tokens_per_pass"] = r["tokens"] / r["passes"]
+        r["tok_s"] = r["tokens"] / r["s"]
     return rows
 
 
 @torch.inference_mode()
-def pass_cost(args) -> list[dict]:
-    ckpt = make_checkpoint(args.work / f"gptneox-3.6b-shape-{args.layers}l", args.layers)
+def pass_cost(args, ks: list[int]) -> list[dict]:
+    ckpt = make_checkpoint(args.work / f"gpt-neox-3.6b-L{args.layers}", args.layers)  # shared with decode_speed.py
     rows = []
     for fmt in args.formats.split(","):
         model = load_model(ckpt, weights=fmt)
@@ -108,14 +153,13 @@ def pass_cost(args) -> list[dict]:
         ids = torch.randint(4, vocab, (1, 256), generator=torch.Generator().manual_seed(0))
         model(ids, input_pos=torch.arange(256), last_only=True, cache=cache)
         row = {"format": fmt}
-        for k in [0, *args.ks]:
-            x = torch.randint(4, vocab, (1, k + 1))
-            best = float("inf")
-            for _ in range(args.repeats):
-                t = time.perf_counter()
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        for _ in range(args.repeats):  # the sizes interleaved, so that a busy spell hits them alike
+            for k in [0, *ks]:
+                x = torch.randint(4, vocab, (1, k + 1))
+                t = clock()
                 model(x, input_pos=torch.arange(256, 257 + k), cache=cache)
-                best = min(best, time.perf_counter() - t)
-            row[k] = best * 1e3
+                row[k] = min(row.get(k, float("inf")), (clock() - t) * 1e3)
         rows.append(row)
         del model, cache
     return rows
@@ -124,46 +168,65 @@ def pass_cost(args) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models" / "demo"))
-    p.add_argument("--demo-dtype", default="float32")
-    p.add_argument("--prompts", type=int, default=12, help="prompts per task")
-    p.add_argument("--new-tokens", type=int, default=96)
-    p.add_argument("--draft-tokens", type=int, default=5)
+    p.add_argument("--draft", help="a draft model with the same spiece.model (default: none)")
+    p.add_argument("--demo-dtype", default="float32", help="weights of --model and --draft (default: float32)")
+    p.add_argument("--prompts", type=int, default=40, help="prompts per task (default: 40; 0: only the pass-cost table)")
+    p.add_argument("--new-tokens", type=int, default=128, help="(default: 128, the card's)")
+    p.add_argument("--lookup-ks", default="3,5,8", help="prompt lookup guesses per pass (default: 3,5,8)")
+    p.add_argument("--draft-tokens", type=int, default=5, help="draft model guesses per pass (default: 5)")
     p.add_argument("--layers", type=int, default=2, help="layers of the 3.6B shape for the pass-cost table (0: skip)")
-    p.add_argument("--formats", default="bfloat16,int8,int4")
-    p.add_argument("--ks", default="1,3,5,7", help="guesses per pass to time")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--formats", default="bfloat16,int8")
+    p.add_argument("--repeats", type=int, default=5, help="passes of each size; the fastest counts (default: 5)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time generation and passes by the wall clock, or by this process's CPU time, which other processes on a "
+                        "shared machine inflate less (use with 1 thread: waiting threads spin) (default: wall)")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
     args = p.parse_args()
     args.work = args.work.expanduser()
-    args.ks = [int(k) for k in args.ks.split(",")]
+    args.lookup_ks = [int(k) for k in args.lookup_ks.split(",")]
     flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f.startswith(("avx512", "avx2", "amx"))}) \
         if Path("/proc/cpuinfo").exists() else []
-    print(f"CPU flags: {' '.join(flags) or 'unknown'}; torch threads {torch.get_num_threads()}\n")
+    print(f"CPU flags: {' '.join(flags) or 'unknown'}; torch threads {torch.get_num_threads()}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
 
-    acc = acceptance(args)
-    print(f"Prompt lookup ({args.draft_tokens} guesses per pass), greedy, {Path(args.model).name} "
-          f"({args.demo_dtype}), {args.new_tokens} new tokens at most; tokens identical both ways\n")
-    print("| task | prompts | new tokens | passes plain | passes lookup | tokens per pass | tok/s plain | tok/s lookup | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in acc:
-        tpp = r["tokens"] / r["spec_passes"]
-        a, b = r["tokens"] / r["plain_s"], r["tokens"] / r["spec_s"]
-        r["tokens_per_pass"] = tpp
-        print(f"| {r['task']} | {r['prompts']} | {r['tokens']} | {r['plain_passes']} | {r['spec_passes']} | {tpp:.2f} "
-              f"| {a:.1f} | {b:.1f} | {b / a:.2f}× |")
+    acc = acceptance(args) if args.prompts > 0 else []
+    if acc:
+        print_acceptance(args, acc)
     if args.layers <= 0:
         return
-    cost = pass_cost(args)
-    print(f"\nOne pass at the 3.6B shape ({args.layers} of 36 layers, random weights, 256 tokens cached): ms for "
-          f"1 row and for 1 + k rows; predicted speed-up = tokens per pass ÷ cost ratio at k = {args.draft_tokens}\n")
-    head = " | ".join(f"1+{k} rows" for k in args.ks)
-    print(f"| weights | 1 row | {head} | " + " | ".join(f"predicted, {r['task']}" for r in acc) + " |")
-    print("|---|---|" + "---|" * len(args.ks) + "---|" * len(acc))
+    ks = sorted({*args.lookup_ks, *([args.draft_tokens] if args.draft else [])})
+    cost = pass_cost(args, ks)
+    scale = "" if args.layers == 36 else f" ({args.layers} of 36 layers: ratios only)"
+    print(f"\nOne pass at the 3.6B shape{scale}, random weights, 256 tokens cached: "
+          f"{args.clock} ms for 1 row and for 1 + k rows, fastest of {args.repeats}\n")
+    print("| weights | 1 row | " + " | ".join(f"1+{k} rows" for k in ks) + " |")
+    print("|---|---|" + "---|" * len(ks))
     for row in cost:
-        ratio = row[args.draft_tokens] / row[0] if args.draft_tokens in row else float("nan")
-        cells = " | ".join(f"{row[k]:.1f} ({row[k] / row[0]:.2f}×)" for k in args.ks)
-        pred = " | ".join(f"{r['tokens_per_pass'] / ratio:.2f}×" for r in acc)
-        print(f"| {row['format']} | {row[0]:.1f} | {cells} | {pred} |")
+        print(f"| {row['format']} | {row[0]:.0f} | " + " | ".join(f"{row[k]:.0f} ({row[k] / row[0]:.2f}×)" for k in ks) + " |")
+    lookups = [r for r in acc if r["way"].startswith("lookup")]
+    if not lookups:
+        return
+    print("\nProjected decode speed-up at the 3.6B shape = tokens per pass × 1-row time ÷ (1 + k)-row time\n")
+    print("| task | guesses | tokens per pass | " + " | ".join(row["format"] for row in cost) + " |")
+    print("|---|---|---|" + "---|" * len(cost))
+    for r in lookups:
+        print(f"| {r['task']} | {r['way']} | {r['tokens_per_pass']:.2f} | "
+              + " | ".join(f"{r['tokens_per_pass'] * row[0] / row[r['k']]:.2f}×" + (
+                  f" ({1e3 / row[0]:.2f} → {r['tokens_per_pass'] * 1e3 / row[r['k']]:.2f} tok/s)" if args.layers == 36 else "")
+                           for row in cost) + " |")
+
+
+def print_acceptance(args, acc: list[dict]) -> None:
+    print(f"Greedy, {Path(args.model).name} ({args.demo_dtype}), at most {args.new_tokens} new tokens, held-out "
+          f"prompts; tokens identical with and without speculation\n")
+    print("| task | guesses | prompts | new tokens | passes | tokens per pass | tok/s | speed-up, this model |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {r["task"]: r for r in acc if r["way"] == "plain"}
+    for r in acc:
+        timed = r["s"] == r["s"]  # reference rows run no model: not timed
+        speed = f"{r['tok_s']:.1f} | {r['tok_s'] / base[r['task']]['tok_s']:.2f}×" if timed else "— | —"
+        print(f"| {r['task']} | {r['way']} | {r['prompts']} | {r['tokens']} | {r['passes']} | {r['tokens_per_pass']:.2f} "
+              f"| {speed} |")
 
 
 if __name__ == "__main__":

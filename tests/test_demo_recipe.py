@@ -28,6 +28,7 @@ def _load_recipe_module(name: str):
 demo_eval = _load_recipe_module("evaluate")
 import faq_pairs  # noqa: E402
 import make_corpus  # noqa: E402
+import make_copy_data  # noqa: E402
 import make_sft_data  # noqa: E402
 from japanese import japanese_letter_ratio, japanese_ratio  # noqa: E402
 
@@ -352,3 +353,41 @@ def test_shipped_demo_model_answers_in_format(tmp_path):
     result = demo_eval.evaluate(model_dir, heldout[:5])
     assert math.isfinite(result["perplexity_sft"])
     assert result["greedy"]["compliant"] >= 0.8, result["greedy"]["answers"]
+
+
+def test_copy_tasks_answer_with_the_prompts_own_words():
+    passages = [f"これは{i}番目の段落です。ここには説明の文が続きます。ここにも長い説明の文が続きます。最後の文はこの場所でようやく終わります。"
+                for i in range(12)]  # 60+ characters: shorter passages are not used
+    convs = [make_sft_data.parse_conversation(_conversation(f"質問{i}は何ですか？", p)) for i, p in enumerate(passages)]
+    tasks = make_copy_data.copy_conversations(convs, 3, seed=0)
+    kinds = {make_copy_data.QA_INSTRUCTION: 0, make_copy_data.REPEAT_INSTRUCTION: 0, make_copy_data.TYPO_INSTRUCTION: 0}
+    for user, system in tasks:
+        instruction, body = user.text.split("\n", 1)
+        kinds[instruction] += 1
+        if instruction == make_copy_data.TYPO_INSTRUCTION:  # one or two characters changed, length kept
+            assert body != system.text and len(body) == len(system.text)
+            assert 1 <= sum(a != b for a, b in zip(body, system.text)) <= 2
+        elif instruction == make_copy_data.REPEAT_INSTRUCTION:
+            assert body == system.text and system.text in passages
+        else:  # a span of the context: the first sentences of the passage that answers the question
+            assert system.text in body and body.count("番目の段落") == 1 + make_copy_data.DISTRACTORS
+            asked = int(body.rsplit("質問: 質問", 1)[1].split("は")[0])
+            assert system.text == "".join(make_copy_data.sentences(passages[asked])[:2])
+    assert all(n == len(convs) for n in kinds.values())
+
+
+def test_copy_data_keeps_heldout_text_out_of_training(tmp_path):
+    folder = tmp_path / "conversations"
+    folder.mkdir()
+    lines = [json.dumps(_conversation(f"質問その{i}ですか？", f"答えその{i}は、この文章の中にあります。続きの文もここにあります。三つ目の文も、この段落の最後にきちんと置いてあります。"),
+                        ensure_ascii=False) for i in range(120)]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    make_copy_data.main(["--conversations", str(folder), "--out-dir", str(tmp_path / "out")])
+    train = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8")
+    heldout = [json.loads(line) for line in (tmp_path / "out" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    chat = [json.loads(line) for line in (tmp_path / "out" / "chat.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert heldout and chat and len(chat) < 40
+    for conv in heldout:
+        assert conv[1]["text"] not in train
+    for conv in chat:
+        assert conv[0]["text"] not in train and conv[1]["text"] not in train
