@@ -277,14 +277,19 @@ class PackedLinear(nn.Module):
             lib.jneox_linear_bf16(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
         elif self.fmt == "int8":
             lib.jneox_linear_int8(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, threads)
+                                  m, n_pad, k, self._scratch_for(2 * m * k + 12 * m * (k // 8)), threads)
         else:
-            need = m * k + 12 * m * (k // self.group_size)  # see jneox_linear_int4
-            if self._scratch is None or self._scratch.numel() < need:
-                self._scratch = torch.empty(need, dtype=torch.uint8)
             lib.jneox_linear_int4(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, self.group_size, self._scratch.data_ptr(), threads)
+                                  m, n_pad, k, self.group_size,
+                                  self._scratch_for(m * k + 12 * m * (k // self.group_size)), threads)
         return y if n_pad == self.out_features else y[:, : self.out_features]
+
+    def _scratch_for(self, nbytes: int) -> int:
+        """The address of a scratch buffer of at least ``nbytes`` for the int8/int4 kernels' activations
+        rounded to int8 (sizes: see jneox_linear_int8/int4 in gemv.c), kept between calls."""
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch.data_ptr()
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
