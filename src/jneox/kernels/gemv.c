@@ -2,41 +2,56 @@
  *
  * Decoding reads every weight once per token, so the weights are stored pre-packed in tiles of
  * four output rows, interleaved along K, so that each tile is one contiguous stream that the
- * hardware prefetcher (helped by a software prefetch) keeps ahead of the arithmetic. Weights are
- * widened to fp32 in registers only; x, y and the accumulation are fp32. OpenMP splits the
- * tiles over the cores (jneox loads this library after torch, so it shares torch's libgomp).
+ * hardware prefetcher (helped by a software prefetch) keeps ahead of the arithmetic. fp32, bf16 and
+ * int4 (groups other than 64) weights are widened to fp32 in registers only; x, y and the accumulation
+ * are fp32. int8 (and int4 with groups of 64) round the activations to int8 per block and multiply in
+ * integers. OpenMP splits the tiles over the cores (jneox loads this library after torch, so it shares
+ * torch's libgomp).
  *
  * Packed formats (made by jneox/quantize.py; N is a multiple of 4):
  *   f32:  float  [N/4][K/8][4][8]
  *   bf16: uint16 [N/4][K/8][4][8]
- *   int8: int8   [N/4][K/8][4][8], fp32 scale[N]               (symmetric, per output row)
+ *   int8: int8   [N/4][K/8][4][8], fp32 scale[N]               (symmetric, per output row).
+ *         The kernel rounds the activations to int8 per block of 64 along K (32, 16 or 8 where K is
+ *         not a multiple of 64; one fp32 scale each) and sums the products in int32 per block, as
+ *         llama.cpp's Q8_0 x Q8_0 does; the float steps after that follow one order on every path
+ *         (see int8_tile), so a row gets the same bits on every instruction set and in every batch.
  *   int4: uint8  [N/4][K/G][4][G/2], fp16 scale[N/4][K/G][4]   (symmetric groups of G along K,
  *         stored as q+8; byte j of a row's group holds element j (low nibble) and j+G/2 (high)).
  *         For G == 64 the kernel also rounds the activations to int8 per group of 64 (one fp32
  *         scale each) and multiplies in integers, as llama.cpp's Q4_0 x Q8_0 does: three times
  *         fewer instructions per weight, which is what makes int4 memory-bound instead of
  *         compute-bound. The extra error is far below int4's own (measured in the tests).
- * Built with -march=native: AVX2/FMA code where the CPU has it, portable C otherwise; with AVX-512,
- * batches of 3+ rows (the server's decode steps) take an 8-rows-per-pass path that computes every
- * row bit for bit as the 1-2 row path does, and with AVX-512 BF16, prompts with bf16 or int8
- * weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8).
+ * Built with -march=native: AVX2/FMA code where the CPU has it, portable C otherwise. A batch of rows
+ * (the server's decode steps) shares each pass over a tile: 3 rows (fp32) or 4 (bf16, int8) with AVX2,
+ * 8 with AVX-512, every row computed bit for bit as it is alone. With AVX-512 BF16, prompts with bf16 or
+ * int8 weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8).
  *
  * Paths, what each needs, and how it is tested on every machine (JNEOX_SIMD=LEVEL caps the build
  * with -mno-* flags; tests/test_quantize.py forces each level the CPU can run, and skips, with the
  * reason shown, the ones it cannot):
  *   JNEOX_SIMD  simd()  CPU flags needed     paths
- *   portable    0       none                 scalar loops, 1-2 rows per pass, int4 in fp32;
- *                                            prompts (> 16 rows) go to PyTorch
- *   avx2        2       avx2 fma f16c        8-wide FMA tiles, 1-2 rows per pass; int4 with G == 64
- *                                            in integers (int8 activations); prompts to PyTorch
- *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (same bits per
- *                                            row), prompts in chunks of 128 rows
+ *   portable    0       none                 scalar loops, 1-2 rows per pass, int4 in fp32, int8 in
+ *                                            scalar integers; prompts (> 16 rows) go to PyTorch
+ *   avx2        2       avx2 fma f16c        8-wide FMA tiles, 3 (fp32) / 4 (bf16) rows per pass; int8
+ *                                            and int4 (G == 64) in integers (vpmaddubsw/vpmaddwd), int8
+ *                                            4 rows per pass; prompts to PyTorch
+ *   avx2vnni    2       + avx_vnni           int8 with vpdpbusd (AVX-VNNI: Intel client CPUs since
+ *                                            Alder Lake); the avx2 level builds without it
+ *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (int8: 8 rows,
+ *                                            vpdpbusd on 256-bit registers where avx512_vnni + avx512vl),
+ *                                            prompts in chunks of 128 rows
  *   avx512bf16  4       avx512f avx512_bf16  + bf16/int8 prompts with bf16 dot products (vdpbf16ps)
- *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; not
- *                                            forcible by JNEOX_SIMD: tests/test_kernels_c.py under qemu
+ *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; int8 with
+ *                                            vmull_s8/vpadalq_s16, 4 rows per pass; not forcible by
+ *                                            JNEOX_SIMD: tests/test_kernels_c.py under qemu
+ * jneox_kernels_int8_dot() says which int8 arithmetic was built (3 vpdpbusd, 2 AVX2, 1 NEON, 0 scalar).
  * Tests: test_every_kernel_path_is_exact_and_batch_invariant[LEVEL-*] (decode rows 1..16, each
- * level), test_every_prompt_kernel_path_is_exact_and_chunk_invariant[LEVEL-*] (avx512, avx512bf16),
- * test_simd_level_comes_from_the_environment; `JNEOX_SIMD=avx2 make test` runs the whole suite so.
+ * level), test_int8_kernel_gives_the_same_bits_on_every_path (every level against each other and a
+ * float64 product of the same int8 activations), test_every_prompt_kernel_path_is_exact_and_chunk_
+ * invariant[LEVEL-*] (avx512, avx512bf16), test_simd_level_comes_from_the_environment,
+ * tests/test_kernels_c.py (natively and under qemu, 1..9 rows); `JNEOX_SIMD=avx2 make test` runs the
+ * whole suite so.
  */
 #include <stdint.h>
 #include <math.h>
@@ -465,7 +480,9 @@ ALWAYS_INLINE void int4x8_tile(const int8_t *xq, const float *xs, const int32_t 
  * 2816x11264 fp32 weight: 33 -> 18 ms, 10-12 ms with PREFETCH_NEXT (~9 ms is the FMA limit).
  * Lane by lane this is the AVX2 tile's arithmetic (the same widening, the same FMAs in the same
  * order, the same final horizontal sums), so a row's result is bit-identical whichever path ran
- * and however many rows came with it: batching changes nothing but speed. */
+ * and however many rows came with it: batching changes nothing but speed. (fp32 and bf16; int8 takes
+ * int8_tile, 8 rows per pass on 256-bit registers: 16 rows x a 1024x1024 int8 weight on one Xeon core,
+ * 316 us with the former 8-row widening path here, 280-310 us with vpdpbusd.) */
 #define MR 8
 #define MR_FROM 3  /* 1-2 rows: the AVX2 tiles are as fast (memory-bound) */
 #define LO8(v) _mm512_castps512_ps256(v)
@@ -479,14 +496,12 @@ ALWAYS_INLINE void int4x8_tile(const int8_t *xq, const float *xs, const int32_t 
         A[2 * m_ + 1] = _mm512_fmadd_ps(W23, xb_, A[2 * m_ + 1]);                            \
     }
 
-ALWAYS_INLINE void reduce_rows(const __m512 *a, int NM, const float *scale, float *dot) {
+ALWAYS_INLINE void reduce_rows(const __m512 *a, int NM, float *dot) {
     for (int m = 0; m < NM; m++) {
         dot[4 * m] = hsum8(LO8(a[2 * m]));
         dot[4 * m + 1] = hsum8(HI8(a[2 * m]));
         dot[4 * m + 2] = hsum8(LO8(a[2 * m + 1]));
         dot[4 * m + 3] = hsum8(HI8(a[2 * m + 1]));
-        if (scale)
-            for (int r = 0; r < 4; r++) dot[4 * m + r] *= scale[r];
     }
 }
 
@@ -501,7 +516,7 @@ ALWAYS_INLINE void f32_tile_mr(const float *x, int NM, const float *w, const cha
         __m512 w01 = _mm512_loadu_ps(w), w23 = _mm512_loadu_ps(w + 16);
         FMA_ROWS(NM, w01, w23, x, K, k, a)
     }
-    reduce_rows(a, NM, NULL, dot);
+    reduce_rows(a, NM, dot);
 }
 
 static inline __m512 bf16x16(const uint16_t *p) {
@@ -517,7 +532,7 @@ ALWAYS_INLINE void bf16_tile_mr(const float *x, int NM, const uint16_t *w, const
         __m512 w01 = bf16x16(w), w23 = bf16x16(w + 16);
         FMA_ROWS(NM, w01, w23, x, K, k, a)
     }
-    reduce_rows(a, NM, NULL, dot);
+    reduce_rows(a, NM, dot);
 }
 
 #endif
