@@ -2,9 +2,12 @@
 
 Every ``nn.Linear`` of the model becomes a :class:`PackedLinear` that stores its weight in the
 layout the native kernels stream at memory speed (tiles of 4 output rows, interleaved along K;
-see ``kernels/gemv.c``). Activations stay fp32: only weights are compressed.
+see ``kernels/gemv.c``). Activations stay fp32 between layers; only the int8 and int4 kernels round
+them, inside the product, for integer dot products.
 
-- int8: symmetric, one fp32 scale per output channel.
+- int8: symmetric, one fp32 scale per output channel. The native kernel rounds activations to int8 per
+  block of 64 inputs and multiplies in integers (as llama.cpp's Q8_0 x Q8_0): widening every weight to
+  fp32 made int8 decode compute-bound on AVX2-only CPUs.
 - int4: symmetric, groups of ``group_size`` along the input dimension, one fp16 scale per group.
   With the default group of 64 the native kernel also rounds activations to int8 per group of 64
   (integer dot products, as llama.cpp's Q4_0 x Q8_0): that is what makes int4 memory-bound.

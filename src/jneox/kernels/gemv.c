@@ -108,7 +108,6 @@ static inline float hsum8(__m256 v) {
 static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 #endif
 #ifdef NEON
 /* the four rows of a chunk of 8 k: 8 registers w[2r], w[2r+1]; a[i][0..1]: row i's two half-sums */
@@ -538,8 +537,8 @@ ALWAYS_INLINE void bf16_tile_mr(const float *x, int NM, const uint16_t *w, const
 #endif
 
 /* ---- entry points: rows of x in groups of G, tiles of W split over the threads ---------------
- * (G: INT8_ROWS, AVX2_F32_ROWS, AVX2_BF16_ROWS, MR, or DP_ROWS for the prompt kernels); a constant NM at each case gives one
- * specialised copy per group size */
+ * (G: INT8_ROWS, AVX2_F32_ROWS, AVX2_BF16_ROWS, MR, or DP_ROWS for the prompt kernels); a constant NM at
+ * each case gives one specialised copy per group size */
 #define CASES_1_TO_7(TILE_CALL)                                                                \
     case 1: TILE_CALL(1); break;                                                                \
     case 2: TILE_CALL(2); break;                                                                \
@@ -836,15 +835,12 @@ int jneox_kernels_simd(void) {
 #endif
 }
 
-/* how int8_tile multiplies: 3 dpbusd (AVX512-VNNI or AVX-VNNI), 2 maddubs/madd (AVX2), 1 NEON, 0 scalar C */
+/* how int8_tile multiplies: 3 dpbusd (AVX512-VNNI or AVX-VNNI), 2 maddubs/madd (AVX2, also AVX-512 without
+ * VNNI), 1 NEON, 0 scalar C */
 int jneox_kernels_int8_dot(void) {
-#if defined(DPBUSD)
+#ifdef DPBUSD
     return 3;
-#elif defined(__AVX2__)
-    return 2;
-#elif defined(NEON)
-    return 1;
 #else
-    return 0;
+    return jneox_kernels_simd() >= 2 ? 2 : jneox_kernels_simd();
 #endif
 }
