@@ -183,6 +183,7 @@ def test_int8_kernel_gives_the_same_bits_on_every_path(in_features):
 
 def test_simd_level_comes_from_the_environment(monkeypatch):
     """JNEOX_SIMD forces the level the whole process uses (capped at the CPU's); a bad value is named."""
+    monkeypatch.delenv("JNEOX_SIMD", raising=False)  # the CPU's own level, also under `JNEOX_SIMD=avx2 make test`
     native = kernels.simd_level(_library())
     _library("portable")  # skips where levels cannot be forced
     monkeypatch.setenv("JNEOX_SIMD", "portable")
