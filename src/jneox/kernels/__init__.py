@@ -204,7 +204,7 @@ def int8_dot(lib) -> str:
 
 def has_batch_path(lib) -> bool:
     """Whether the kernels take prompts too, in chunks of PREFILL_CHUNK rows (AVX-512). Decode batches of
-    up to 16 rows take several rows per pass at every level (AVX2: 3 in fp32/bf16, 4 in int8)."""
+    up to 16 rows take several rows per pass at every level (AVX2: 3 in fp32, 4 in bf16 and int8)."""
     return simd_level(lib) >= 3
 
 
