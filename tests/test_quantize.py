@@ -35,7 +35,26 @@ def _library(level=None):
         pytest.skip("native kernels unavailable (no C compiler): PyTorch ops run instead")
     if level is not None and kernels.simd_level(lib) < kernels.SIMD_LEVELS[level]:
         pytest.skip(f"this CPU lacks {level} (the kernels build for level {kernels.simd_level(lib)} at most)")
+    if level == "avx2vnni" and kernels.int8_dot(lib) != "vnni":
+        pytest.skip("this CPU lacks AVX-VNNI (avx_vnni in /proc/cpuinfo): avx2vnni builds as plain avx2 here")
     return lib
+
+
+def _int8_activations(x):
+    """x rounded as the int8 kernel rounds it (gemv.c, quantize_x): per block of 64 along K (32, 16 or 8
+    where K is not a multiple), one fp32 scale max|x| / 127 each, values round-half-even(x * 127 / max|x|)."""
+    rows, k = x.shape
+    block = next(b for b in (64, 32, 16, 8) if k % b == 0)
+    xb = x.reshape(rows, k // block, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    return (torch.round(xb * inv).double() * (amax / torch.tensor(127.0)).double()).reshape(rows, k)
+
+
+def _int8_reference(packed, x):
+    """The int8 kernel's product computed in float64 from the same int8-rounded activations: the kernel
+    sums integers exactly, so only its final float steps may differ (a few ulps)."""
+    return _int8_activations(x) @ packed.unpacked_weight(torch.float64).T + packed.bias.double()
 
 
 FORMAT_CASES = [(f, 64) for f in FORMATS] + [("int4", 32)]  # int4 with group 64 takes the integer kernel
@@ -56,7 +75,7 @@ def test_packed_linear_matches_float(fmt, group, rows):
     # the kernel computes the dequantized product: exactly, or, where int4 rounds activations to
     # int8 per group of 64, or a prefill in bf16 on CPUs that multiply bf16 natively, with an error
     # far below int4's own (TOLERANCE)
-    integer_kernel = fmt == "int4" and group == 64
+    integer_kernel = (fmt == "int4" and group == 64) or fmt == "int8"  # int8: activations rounded to int8 per block
     bf16_prefill = fmt != "float32" and rows > 16 and native_bf16_matmul()
     assert _rel(got, exact) < (1e-2 if integer_kernel or bf16_prefill else 1e-6)
 
@@ -101,9 +120,12 @@ def test_every_kernel_path_is_exact_and_batch_invariant(level, fmt, group):
     with torch.no_grad():
         exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
         alone = torch.cat([packed._kernel(lib, x[i : i + 1]) for i in range(MAX_KERNEL_ROWS)])
-        # int4 with groups of 64 rounds activations to int8 where the CPU has AVX2 (not in portable C)
-        rounds = fmt == "int4" and group == 64 and kernels.SIMD_LEVELS[level] >= 2
+        # int4 with groups of 64 rounds activations to int8 where the CPU has AVX2 (not in portable C); int8
+        # always does, so its product is checked against the same rounding (below) and bounded here
+        rounds = (fmt == "int4" and group == 64 and kernels.SIMD_LEVELS[level] >= 2) or fmt == "int8"
         assert _rel(alone, exact[:MAX_KERNEL_ROWS]) < (1e-2 if rounds else 1e-5)
+        if fmt == "int8":
+            assert _rel(alone.double(), _int8_reference(packed, x[:MAX_KERNEL_ROWS])) < 1e-6
         for rows in range(2, MAX_KERNEL_ROWS + 1):
             assert torch.equal(packed._kernel(lib, x[:rows]), alone[:rows]), rows
             assert torch.equal(packed._kernel(lib, x[MAX_KERNEL_ROWS - rows : MAX_KERNEL_ROWS]),
@@ -120,14 +142,48 @@ def test_every_prompt_kernel_path_is_exact_and_chunk_invariant(level, fmt, group
     with torch.no_grad():
         exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
         whole = packed._kernel(lib, x)
-        rounds = (fmt == "int4" and group == 64) or (fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib))
+        rounds = (fmt == "int4" and group == 64) or fmt == "int8" or (fmt == "bfloat16" and kernels.has_bf16_dot(lib))
         assert _rel(whole, exact) < (1e-2 if rounds else 1e-5)
         for rows in (MAX_KERNEL_ROWS + 1, 100):
             assert torch.equal(packed._kernel(lib, x[:rows]), whole[:rows]), rows
 
 
+@pytest.mark.parametrize("in_features", [256, 96, 200])  # blocks of 64, 32 and 8 along K
+def test_int8_kernel_gives_the_same_bits_on_every_path(in_features):
+    """The int8 kernel rounds the activations to int8 per block and multiplies in integers (maddubs on
+    AVX2, dpbusd with VNNI, NEON, scalar C), then follows one fixed float order: every instruction-set
+    path and every batch give a row the same bits, close to the product of the same rounded activations
+    (float64) and to the float layer's."""
+    torch.manual_seed(4)
+    lin = nn.Linear(in_features, 84)
+    packed = PackedLinear.from_linear(lin, "int8")
+    x = torch.randn(MAX_KERNEL_ROWS, in_features)
+    x[3] = 0.0  # a row of zeros: scale 0, no division by zero
+    x[5, :8] *= 1000  # one large value: the rest of its block rounds coarsely, other blocks do not
+    results = {}
+    with torch.no_grad():
+        reference, want = _int8_reference(packed, x), lin(x)
+        for level in kernels.SIMD_LEVELS:
+            lib = kernels.library(level) if kernels.simd_forcible() else None
+            if lib is None or kernels.simd_level(lib) < kernels.SIMD_LEVELS[level]:
+                continue
+            out = torch.cat([packed._kernel(lib, x[i : i + 1]) for i in range(MAX_KERNEL_ROWS)])
+            assert torch.equal(packed._kernel(lib, x), out), level
+            assert torch.equal(packed._kernel(lib, x[2:7]), out[2:7]), level
+            results[f"{level} ({kernels.int8_dot(lib)})"] = out
+    if not results:
+        _library("portable")  # the reason for the skip
+    first = next(iter(results.values()))
+    assert _rel(first.double(), reference) < 1e-6
+    assert _rel(first, want) < TOLERANCE["int8"]
+    assert torch.equal(first[3], packed.bias.detach())
+    for name, out in results.items():
+        assert torch.equal(out, first), name
+
+
 def test_simd_level_comes_from_the_environment(monkeypatch):
     """JNEOX_SIMD forces the level the whole process uses (capped at the CPU's); a bad value is named."""
+    monkeypatch.delenv("JNEOX_SIMD", raising=False)  # the CPU's own level, also under `JNEOX_SIMD=avx2 make test`
     native = kernels.simd_level(_library())
     _library("portable")  # skips where levels cannot be forced
     monkeypatch.setenv("JNEOX_SIMD", "portable")
@@ -241,4 +297,6 @@ def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
     assert proc.stdout.strip() == "True"
     with torch.no_grad():
         want = load_model(folder, weights="int8")(torch.arange(4, 12)[None])
-    assert _rel(torch.load(tmp_path / "y.pt"), want) < 1e-2  # PyTorch's int8 op takes bf16 activations
+    # PyTorch's int8 op takes bf16 activations, the kernels round them to int8 per block: both are int8's
+    # own error away from fp32 (the bound of test_quantized_model_logits_and_greedy_tokens)
+    assert _rel(torch.load(tmp_path / "y.pt"), want) < 3e-2

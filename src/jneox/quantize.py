@@ -2,9 +2,12 @@
 
 Every ``nn.Linear`` of the model becomes a :class:`PackedLinear` that stores its weight in the
 layout the native kernels stream at memory speed (tiles of 4 output rows, interleaved along K;
-see ``kernels/gemv.c``). Activations stay fp32: only weights are compressed.
+see ``kernels/gemv.c``). Activations stay fp32 between layers; only the int8 and int4 kernels round
+them, inside the product, for integer dot products.
 
-- int8: symmetric, one fp32 scale per output channel.
+- int8: symmetric, one fp32 scale per output channel. The native kernel rounds activations to int8 per
+  block of 64 inputs and multiplies in integers (as llama.cpp's Q8_0 x Q8_0): widening every weight to
+  fp32 made int8 decode compute-bound on AVX2-only CPUs.
 - int4: symmetric, groups of ``group_size`` along the input dimension, one fp16 scale per group.
   With the default group of 64 the native kernel also rounds activations to int8 per group of 64
   (integer dot products, as llama.cpp's Q4_0 x Q8_0): that is what makes int4 memory-bound.
@@ -23,6 +26,8 @@ through PyTorch's own CPU ops on the weight converted once, at its first use, to
 (see :meth:`PackedLinear._torch_form`), never widened per call.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +114,6 @@ class PackedLinear(nn.Module):
                 self.register_buffer("scale", torch.empty(n_pad, dtype=torch.float32, device=device))
         self.register_buffer("weight", torch.empty(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
-        self._scratch = None
         self._torch = None  # without the native kernels: the weight as PyTorch's CPU ops take it (see _torch_form)
         self.register_state_dict_post_hook(_tiles_in_state_dict)
 
@@ -277,18 +281,30 @@ class PackedLinear(nn.Module):
             lib.jneox_linear_bf16(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
         elif self.fmt == "int8":
             lib.jneox_linear_int8(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, threads)
+                                  m, n_pad, k, _scratch(2 * m * k + 12 * m * (k // 8)), threads)
         else:
-            need = m * k + 12 * m * (k // self.group_size)  # see jneox_linear_int4
-            if self._scratch is None or self._scratch.numel() < need:
-                self._scratch = torch.empty(need, dtype=torch.uint8)
             lib.jneox_linear_int4(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, self.group_size, self._scratch.data_ptr(), threads)
+                                  m, n_pad, k, self.group_size,
+                                  _scratch(m * k + 12 * m * (k // self.group_size)), threads)
         return y if n_pad == self.out_features else y[:, : self.out_features]
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}"
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> int:
+    """The address of a scratch buffer of at least ``nbytes`` for the int8/int4 kernels' activations rounded
+    to int8 (sizes: see jneox_linear_int8/int4 in gemv.c). One buffer per thread, shared by every layer
+    (each kernel call is done with it when it returns): one per layer would hold 144 of them in a 3.6B
+    model, ~320 MB for 128-row prompts."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        _SCRATCH.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf.data_ptr()
 
 
 def _int4_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

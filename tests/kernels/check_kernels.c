@@ -1,8 +1,9 @@
 /* A stand-alone check of gemv.c's linear kernels, for machines where Python cannot run them: built with
  * any C compiler (also a cross compiler, run under qemu-user), it packs random weights in the layouts
- * gemv.c documents, runs jneox_linear_{f32,bf16,int8,int4} for 1..5 rows, and checks
+ * gemv.c documents, runs jneox_linear_{f32,bf16,int8,int4} for 1..9 rows, and checks
  *   - the outputs against double-precision dot products of the same (rounded) weights (relative
- *     error of the whole output, as the Python tests measure it), and
+ *     error of the whole output, as the Python tests measure it); for int8 also of the same activations,
+ *     rounded to int8 per block of 64 as gemv.c documents (its integer sums are exact), and
  *   - that a row gives the same bits alone and in every batch (the server's promise).
  * Prints one line per format and exits non-zero on any failure.  tests/test_kernels_c.py drives it. */
 #include <math.h>
@@ -13,12 +14,13 @@
 
 void jneox_linear_f32(const float *, const float *, const float *, float *, int, int, int, int);
 void jneox_linear_bf16(const float *, const uint16_t *, const float *, float *, int, int, int, int);
-void jneox_linear_int8(const float *, const int8_t *, const float *, const float *, float *, int, int, int, int);
+void jneox_linear_int8(const float *, const int8_t *, const float *, const float *, float *, int, int, int, void *,
+                       int);
 void jneox_linear_int4(const float *, const uint8_t *, const uint16_t *, const float *, float *, int, int, int, int,
                        void *, int);
 int jneox_kernels_simd(void);
 
-enum { N = 12, K = 256, MMAX = 5 };
+enum { N = 12, K = 256, MMAX = 9 }; /* up to 9 rows: groups of 2, 3, 4 and 8 rows, and one more */
 static uint32_t rng = 12345;
 static float urand(void) { /* uniform in [-1, 1) */
     rng = rng * 1664525u + 1013904223u;
@@ -75,19 +77,27 @@ static uint16_t bf16w[N * K], i4scale[N * K / 32];
 static int8_t i8w[N * K];
 static uint8_t i4w[N * K / 2];
 static int G;
-static unsigned char scratch[MMAX * K + 12 * MMAX * (K / 32)];
+static unsigned char scratch[2 * MMAX * K + 12 * MMAX * (K / 8)];
 
 static void run_f32(const float *xx, float *y, int m) { jneox_linear_f32(xx, f32w, bias, y, m, N, K, 1); }
 static void run_bf16(const float *xx, float *y, int m) { jneox_linear_bf16(xx, bf16w, bias, y, m, N, K, 1); }
-static void run_int8(const float *xx, float *y, int m) { jneox_linear_int8(xx, i8w, i8scale, bias, y, m, N, K, 1); }
+static void run_int8(const float *xx, float *y, int m) {
+    jneox_linear_int8(xx, i8w, i8scale, bias, y, m, N, K, scratch, 1);
+}
 static void run_int4(const float *xx, float *y, int m) {
     jneox_linear_int4(xx, i4w, i4scale, bias, y, m, N, K, G, scratch, 1);
 }
 
 int main(void) {
-    static double ref[MMAX * N];
+    static double ref[MMAX * N], xi8[MMAX * K];
     static float w[N * K];
     for (int i = 0; i < MMAX * K; i++) x[i] = urand();
+    /* x as the int8 kernel sees it: per block of 64, q = round-half-even(x * 127 / max|x|), times max|x| / 127 */
+    for (int b = 0; b < MMAX * K; b += 64) {
+        float amax = 0.f;
+        for (int j = 0; j < 64; j++) amax = fabsf(x[b + j]) > amax ? fabsf(x[b + j]) : amax;
+        for (int j = 0; j < 64; j++) xi8[b + j] = (double)nearbyintf(x[b + j] * (127.f / amax)) * (amax / 127.f);
+    }
     for (int i = 0; i < N; i++) bias[i] = urand();
     for (int i = 0; i < N * K; i++) wf[i] = urand() * 0.1f;
     printf("kernels built at SIMD level %d\n", jneox_kernels_simd());
@@ -112,7 +122,7 @@ int main(void) {
         for (int m = 0; m < MMAX; m++)
             for (int n = 0; n < N; n++) {
                 double s = bias[n];
-                for (int k = 0; k < K; k++) s += (double)w[n * K + k] * x[m * K + k];
+                for (int k = 0; k < K; k++) s += (double)w[n * K + k] * (fmt == 2 ? xi8[m * K + k] : x[m * K + k]);
                 ref[m * N + n] = s;
             }
         check(fmt == 0 ? "f32 " : fmt == 1 ? "bf16" : "int8", 1e-5f, fmt == 0 ? run_f32 : fmt == 1 ? run_bf16 : run_int8,

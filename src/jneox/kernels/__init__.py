@@ -6,7 +6,7 @@ a cache folder and loaded with ctypes after torch, so it shares torch's OpenMP r
 compiler, or with ``JNEOX_KERNELS=0``, :func:`library` returns None and jneox uses PyTorch's own ops
 instead (correct, slower).
 
-``JNEOX_SIMD=portable|avx2|avx512|avx512bf16`` builds the kernels for at most that instruction set
+``JNEOX_SIMD=portable|avx2|avx2vnni|avx512|avx512bf16`` builds the kernels for at most that instruction set
 (on x86-64; never more than the CPU has), so that every path can be run and tested on one machine
 (the table at the top of gemv.c says which path needs what).
 
@@ -39,10 +39,11 @@ P, I = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
     "jneox_linear_f32": [P, P, P, P, I, I, I, I],
     "jneox_linear_bf16": [P, P, P, P, I, I, I, I],
-    "jneox_linear_int8": [P, P, P, P, P, I, I, I, I],
+    "jneox_linear_int8": [P, P, P, P, P, I, I, I, P, I],
     "jneox_linear_int4": [P, P, P, P, P, I, I, I, I, P, I],
     "jneox_decode_attention": [P, P, P, I, I, P, P, P, I, I, I, I, P, P, I],
     "jneox_kernels_simd": [],
+    "jneox_kernels_int8_dot": [],
     "jneox_prompt_bf16": [P, P, P, P, I, I, I, I],
     "jneox_prompt_int8": [P, P, P, P, P, I, I, I, I],
 }
@@ -50,9 +51,11 @@ SIGNATURES = {
 
 # JNEOX_SIMD level -> what jneox_kernels_simd() returns, and the flags that cap -march=native there
 # (x86-64 only: elsewhere the build is -march=native, e.g. NEON on 64-bit ARM, level 1)
-SIMD_LEVELS = {"portable": 0, "avx2": 2, "avx512": 3, "avx512bf16": 4}
-_CAP_FLAGS = {"portable": ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c"], "avx2": ["-mno-avx512f"],
-              "avx512": ["-mno-avx512bf16"], "avx512bf16": []}
+# (avx2vnni: AVX2 with AVX-VNNI's integer dot products, as Intel's client CPUs since Alder Lake have;
+# the same level 2, told apart by jneox_kernels_int8_dot; avx2 leaves them out, as the older CPUs lack them)
+SIMD_LEVELS = {"portable": 0, "avx2": 2, "avx2vnni": 2, "avx512": 3, "avx512bf16": 4}
+_CAP_FLAGS = {"portable": ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c"], "avx2": ["-mno-avx512f", "-mno-avxvnni"],
+              "avx2vnni": ["-mno-avx512f"], "avx512": ["-mno-avx512bf16"], "avx512bf16": []}
 
 
 def simd_forcible() -> bool:
@@ -181,7 +184,7 @@ def _load(level: str | None) -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int if name == "jneox_kernels_simd" else None
+        fn.restype = ctypes.c_int if name.startswith("jneox_kernels_") else None
     return lib
 
 
@@ -192,7 +195,16 @@ def simd_level(lib) -> int:
     return lib.jneox_kernels_simd()
 
 
+@lru_cache(maxsize=None)
+def int8_dot(lib) -> str:
+    """How the int8 kernel multiplies (``jneox_kernels_int8_dot`` in gemv.c): "vnni" (dpbusd: AVX512-VNNI
+    or AVX-VNNI), "avx2" (maddubs/madd), "neon" or "scalar"; every one on int8-rounded activations."""
+    return ("scalar", "neon", "avx2", "vnni")[lib.jneox_kernels_int8_dot()]
+
+
 def has_batch_path(lib) -> bool:
+    """Whether the kernels take prompts too, in chunks of PREFILL_CHUNK rows (AVX-512). Decode batches of
+    up to 16 rows take several rows per pass at every level (AVX2: 3 in fp32, 4 in bf16 and int8)."""
     return simd_level(lib) >= 3
 
 

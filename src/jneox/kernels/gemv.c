@@ -2,41 +2,56 @@
  *
  * Decoding reads every weight once per token, so the weights are stored pre-packed in tiles of
  * four output rows, interleaved along K, so that each tile is one contiguous stream that the
- * hardware prefetcher (helped by a software prefetch) keeps ahead of the arithmetic. Weights are
- * widened to fp32 in registers only; x, y and the accumulation are fp32. OpenMP splits the
- * tiles over the cores (jneox loads this library after torch, so it shares torch's libgomp).
+ * hardware prefetcher (helped by a software prefetch) keeps ahead of the arithmetic. fp32, bf16 and
+ * int4 (groups other than 64) weights are widened to fp32 in registers only; x, y and the accumulation
+ * are fp32. int8 (and int4 with groups of 64) round the activations to int8 per block and multiply in
+ * integers. OpenMP splits the tiles over the cores (jneox loads this library after torch, so it shares
+ * torch's libgomp).
  *
  * Packed formats (made by jneox/quantize.py; N is a multiple of 4):
  *   f32:  float  [N/4][K/8][4][8]
  *   bf16: uint16 [N/4][K/8][4][8]
- *   int8: int8   [N/4][K/8][4][8], fp32 scale[N]               (symmetric, per output row)
+ *   int8: int8   [N/4][K/8][4][8], fp32 scale[N]               (symmetric, per output row).
+ *         The kernel rounds the activations to int8 per block of 64 along K (32, 16 or 8 where K is
+ *         not a multiple of 64; one fp32 scale each) and sums the products in int32 per block, as
+ *         llama.cpp's Q8_0 x Q8_0 does; the float steps after that follow one order on every path
+ *         (see int8_tile), so a row gets the same bits on every instruction set and in every batch.
  *   int4: uint8  [N/4][K/G][4][G/2], fp16 scale[N/4][K/G][4]   (symmetric groups of G along K,
  *         stored as q+8; byte j of a row's group holds element j (low nibble) and j+G/2 (high)).
  *         For G == 64 the kernel also rounds the activations to int8 per group of 64 (one fp32
  *         scale each) and multiplies in integers, as llama.cpp's Q4_0 x Q8_0 does: three times
  *         fewer instructions per weight, which is what makes int4 memory-bound instead of
  *         compute-bound. The extra error is far below int4's own (measured in the tests).
- * Built with -march=native: AVX2/FMA code where the CPU has it, portable C otherwise; with AVX-512,
- * batches of 3+ rows (the server's decode steps) take an 8-rows-per-pass path that computes every
- * row bit for bit as the 1-2 row path does, and with AVX-512 BF16, prompts with bf16 or int8
- * weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8).
+ * Built with -march=native: AVX2/FMA code where the CPU has it, portable C otherwise. A batch of rows
+ * (the server's decode steps) shares each pass over a tile: 3 rows (fp32) or 4 (bf16, int8) with AVX2,
+ * 8 with AVX-512, every row computed bit for bit as it is alone. With AVX-512 BF16, prompts with bf16 or
+ * int8 weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8).
  *
  * Paths, what each needs, and how it is tested on every machine (JNEOX_SIMD=LEVEL caps the build
  * with -mno-* flags; tests/test_quantize.py forces each level the CPU can run, and skips, with the
  * reason shown, the ones it cannot):
  *   JNEOX_SIMD  simd()  CPU flags needed     paths
- *   portable    0       none                 scalar loops, 1-2 rows per pass, int4 in fp32;
- *                                            prompts (> 16 rows) go to PyTorch
- *   avx2        2       avx2 fma f16c        8-wide FMA tiles, 1-2 rows per pass; int4 with G == 64
- *                                            in integers (int8 activations); prompts to PyTorch
- *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (same bits per
- *                                            row), prompts in chunks of 128 rows
+ *   portable    0       none                 scalar loops, 1-2 rows per pass, int4 in fp32, int8 in
+ *                                            scalar integers; prompts (> 16 rows) go to PyTorch
+ *   avx2        2       avx2 fma f16c        8-wide FMA tiles, 3 (fp32) / 4 (bf16) rows per pass; int8
+ *                                            and int4 (G == 64) in integers (vpmaddubsw/vpmaddwd), int8
+ *                                            4 rows per pass; prompts to PyTorch
+ *   avx2vnni    2       + avx_vnni           int8 with vpdpbusd (AVX-VNNI: Intel client CPUs since
+ *                                            Alder Lake); the avx2 level builds without it
+ *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (int8: 8 rows,
+ *                                            vpdpbusd on 256-bit registers where avx512_vnni + avx512vl),
+ *                                            prompts in chunks of 128 rows
  *   avx512bf16  4       avx512f avx512_bf16  + bf16/int8 prompts with bf16 dot products (vdpbf16ps)
- *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; not
- *                                            forcible by JNEOX_SIMD: tests/test_kernels_c.py under qemu
+ *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; int8 with
+ *                                            vmull_s8/vpadalq_s16, 4 rows per pass; not forcible by
+ *                                            JNEOX_SIMD: tests/test_kernels_c.py under qemu
+ * jneox_kernels_int8_dot() says which int8 arithmetic was built (3 vpdpbusd, 2 AVX2, 1 NEON, 0 scalar).
  * Tests: test_every_kernel_path_is_exact_and_batch_invariant[LEVEL-*] (decode rows 1..16, each
- * level), test_every_prompt_kernel_path_is_exact_and_chunk_invariant[LEVEL-*] (avx512, avx512bf16),
- * test_simd_level_comes_from_the_environment; `JNEOX_SIMD=avx2 make test` runs the whole suite so.
+ * level), test_int8_kernel_gives_the_same_bits_on_every_path (every level against each other and a
+ * float64 product of the same int8 activations), test_every_prompt_kernel_path_is_exact_and_chunk_
+ * invariant[LEVEL-*] (avx512, avx512bf16), test_simd_level_comes_from_the_environment,
+ * tests/test_kernels_c.py (natively and under qemu, 1..9 rows); `JNEOX_SIMD=avx2 make test` runs the
+ * whole suite so.
  */
 #include <stdint.h>
 #include <math.h>
@@ -93,7 +108,6 @@ static inline float hsum8(__m256 v) {
 static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 #endif
 #ifdef NEON
 /* the four rows of a chunk of 8 k: 8 registers w[2r], w[2r+1]; a[i][0..1]: row i's two half-sums */
@@ -134,6 +148,12 @@ static inline float32x4_t neon_bf16x4(const uint16_t *p) { return vreinterpretq_
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 #ifdef __AVX2__
+/* fp32 and bf16 on AVX2 (no AVX-512): rows of x per pass over a tile for batches of 3+ rows, 4
+ * accumulators each. Measured on one core (AVX2 build on the Xeon, 16 rows x a 512x1024 weight, best of
+ * 3 runs on a shared machine): fp32 2 rows 422 us, 3 rows 267, 4 rows 329; bf16 2 rows 335, 3 rows 347,
+ * 4 rows 307 (bf16's widening is shared by more rows; fp32 runs out of registers at 4). */
+#define AVX2_F32_ROWS 3
+#define AVX2_BF16_ROWS 4
 #define ZERO8(a) for (int i_ = 0; i_ < 8; i_++) a[i_] = _mm256_setzero_ps()
 #define FMA4(W0, W1, W2, W3, X, A)          \
     A[0] = _mm256_fmadd_ps(W0, X, A[0]);    \
@@ -145,16 +165,15 @@ static inline float32x4_t neon_bf16x4(const uint16_t *p) { return vreinterpretq_
 /* ---- f32 ------------------------------------------------------------------------------- */
 ALWAYS_INLINE void f32_tile(const float *x, int NM, const float *w, const char *next, int K, float *dot) {
 #ifdef __AVX2__
-    __m256 a[8];
-    ZERO8(a);
+    __m256 a[4 * AVX2_F32_ROWS];
+    for (int i = 0; i < 4 * NM; i++) a[i] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 8, w += 32) {
         PREFETCH_NEXT(next, (size_t)k * 16);
         PREFETCH_NEXT(next, (size_t)k * 16 + 64);
         _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
         _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);
         __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
-        FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + k), a);
-        if (NM == 2) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + K + k), (a + 4)); }
+        for (int m = 0; m < NM; m++) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + (size_t)m * K + k), (a + 4 * m)); }
     }
     for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(a[i]);
 #elif defined(NEON)
@@ -179,14 +198,13 @@ ALWAYS_INLINE void f32_tile(const float *x, int NM, const float *w, const char *
 /* ---- bf16 ------------------------------------------------------------------------------ */
 ALWAYS_INLINE void bf16_tile(const float *x, int NM, const uint16_t *w, const char *next, int K, float *dot) {
 #ifdef __AVX2__
-    __m256 a[8];
-    ZERO8(a);
+    __m256 a[4 * AVX2_BF16_ROWS];
+    for (int i = 0; i < 4 * NM; i++) a[i] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 8, w += 32) {
         PREFETCH_NEXT(next, (size_t)k * 8);
         _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
         __m256 w0 = bf16x8(w), w1 = bf16x8(w + 8), w2 = bf16x8(w + 16), w3 = bf16x8(w + 24);
-        FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + k), a);
-        if (NM == 2) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + K + k), (a + 4)); }
+        for (int m = 0; m < NM; m++) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + (size_t)m * K + k), (a + 4 * m)); }
     }
     for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(a[i]);
 #elif defined(NEON)
@@ -209,40 +227,125 @@ ALWAYS_INLINE void bf16_tile(const float *x, int NM, const uint16_t *w, const ch
 }
 
 /* ---- int8 ------------------------------------------------------------------------------ */
-ALWAYS_INLINE void int8_tile(const float *x, int NM, const int8_t *w, int K, const float *scale, float *dot) {
-#ifdef __AVX2__
-    __m256 a[8];
-    ZERO8(a);
-    for (int k = 0; k < K; k += 8, w += 32) {
-        _mm_prefetch((const char *)w + 2 * PREFETCH, _MM_HINT_T0);
-        __m256i q = _mm256_loadu_si256((const __m256i *)w);
-        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-        __m256 w0 = i8x8(lo), w1 = i8x8(_mm_srli_si128(lo, 8)), w2 = i8x8(hi), w3 = i8x8(_mm_srli_si128(hi, 8));
-        FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + k), a);
-        if (NM == 2) { FMA4(w0, w1, w2, w3, _mm256_loadu_ps(x + K + k), (a + 4)); }
-    }
-    for (int i = 0; i < 4 * NM; i++) dot[i] = hsum8(a[i]) * scale[i % 4];
-#elif defined(NEON)
-    float32x4_t a[8][2], wv[8];
-    NEON_ZERO(a);
-    for (int k = 0; k < K; k += 8, w += 32) {
-        __builtin_prefetch((const char *)w + 2 * PREFETCH);
-        for (int r = 0; r < RT; r++) {
-            int16x8_t q = vmovl_s8(vld1_s8(w + 8 * r));
-            wv[2 * r] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(q)));
-            wv[2 * r + 1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(q)));
-        }
-        for (int m = 0; m < NM; m++) NEON_FMA_ROWS(wv, x + (size_t)m * K + k, m, a);
-    }
-    for (int i = 0; i < 4 * NM; i++) dot[i] = NEON_SUM(a, i) * scale[i % 4];
-#else
-    for (int i = 0; i < 4 * NM; i++) dot[i] = 0.f;
-    for (int k = 0; k < K; k += 8, w += 32)
-        for (int m = 0; m < NM; m++)
-            for (int r = 0; r < RT; r++)
-                for (int i = 0; i < 8; i++) dot[m * 4 + r] += (float)w[r * 8 + i] * x[m * K + k + i];
-    for (int i = 0; i < 4 * NM; i++) dot[i] *= scale[i % 4];
+/* The activations are rounded to int8 per block of G along K (xq, one fp32 scale xs per block; see
+ * quantize_x) and multiplied with the int8 weights in integers. Widening every weight to fp32 instead
+ * (cvtepi8_epi32 + cvtepi32_ps + an FMA per 8 weights and row) made int8 decode compute-bound on an
+ * AVX2-only CPU: 2.70 tok/s at the 3.6B shape, against llama.cpp Q8_0's 3.42 (issue 15).
+ * Each path computes the exact integer sums I[g][r][h] (block g, output row r, half h: the k with
+ * k % 8 < 4, or >= 4) however it likes, then one fixed float order, the same on every path, so that a
+ * row's bits depend neither on the batch nor on the instruction set:
+ *     t[r][h] = fmaf((float)I[g][r][h], xs[g], t[r][h])   for g = 0, 1, ... in order
+ *     dot[r]  = (t[r][0] + t[r][1]) * scale[r]
+ * A chunk of 8 k x 4 rows is 32 bytes; as int32 lanes of maddubs/madd or dpbusd, lane 2r + h is I[r][h].
+ *   AVX2: maddubs(|w|, x * sign(w)) then madd with ones (a pair is at most 2 * 127 * 127: no int16
+ *     overflow), int32 adds over the block.
+ *   VNNI (AVX512-VNNI with VL, or AVX-VNNI): dpbusd(x + 128, w) - dpbusd(128, w): one instruction per
+ *     chunk and row of x (the sign trick costs two more), the correction one per chunk for all rows.
+ *     256-bit registers (32 of them with AVX-512): a register holds 4 output rows, so INT8_ROWS rows of x
+ *     share each weight chunk. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 #endif
+#if defined(__AVX512F__)
+#define INT8_ROWS 8    /* 32 ymm registers: 2 per row of x */
+#define INT8_GROUPS GROUPS_OF_8
+#elif defined(__AVX2__) || defined(NEON)
+#define INT8_ROWS 4    /* 16 ymm registers (AVX2); NEON: 4 x 4 int32 accumulators per row of x */
+#define INT8_GROUPS GROUPS_OF_4
+#else
+#define INT8_ROWS 2
+#define INT8_GROUPS GROUPS_OF_2
+#endif
+
+/* the block length for the activations' int8 rounding: 64 where K allows (one scale per 64, as int4) */
+static inline int int8_block(int K) { return K % 64 == 0 ? 64 : K % 32 == 0 ? 32 : K % 16 == 0 ? 16 : 8; }
+
+#ifdef __AVX2__
+static inline __m256i bcast8(const void *p) { /* 8 bytes into all four 64-bit lanes (vpbroadcastq) */
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm256_set1_epi64x(v);
+}
+#endif
+
+/* xq: [NM][K] int8 (xu: the same + 128 as uint8, for DPBUSD), xs: row m's block scales at xs[m * K/G] */
+ALWAYS_INLINE void int8_tile(const int8_t *xq, const uint8_t *xu, const float *xs, int NM, const int8_t *w, int K,
+                             int G, const float *scale, float *dot) {
+    const int blocks = K / G;
+    float t[INT8_ROWS][8];
+#ifdef __AVX2__
+    __m256 tv[INT8_ROWS];
+    __m256i acc[INT8_ROWS];
+    for (int m = 0; m < NM; m++) tv[m] = _mm256_setzero_ps();
+    for (int g = 0; g < blocks; g++) {
+        const size_t k0 = (size_t)g * G;
+        for (int m = 0; m < NM; m++) acc[m] = _mm256_setzero_si256();
+#ifdef DPBUSD
+        const __m256i c128 = _mm256_set1_epi8((char)0x80);
+        __m256i corr = _mm256_setzero_si256();
+        for (int c = 0; c < G; c += 8, w += 32) {
+            _mm_prefetch((const char *)w + 2 * PREFETCH, _MM_HINT_T0);
+            __m256i q = _mm256_loadu_si256((const __m256i *)w);
+            corr = DPBUSD(corr, c128, q);
+            for (int m = 0; m < NM; m++) acc[m] = DPBUSD(acc[m], bcast8(xu + (size_t)m * K + k0 + c), q);
+        }
+        for (int m = 0; m < NM; m++) acc[m] = _mm256_sub_epi32(acc[m], corr);
+#else
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int c = 0; c < G; c += 8, w += 32) {
+            _mm_prefetch((const char *)w + 2 * PREFETCH, _MM_HINT_T0);
+            __m256i q = _mm256_loadu_si256((const __m256i *)w), aq = _mm256_abs_epi8(q);
+            for (int m = 0; m < NM; m++) {
+                __m256i xs8 = _mm256_sign_epi8(bcast8(xq + (size_t)m * K + k0 + c), q);
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, xs8), ones));
+            }
+        }
+#endif
+        for (int m = 0; m < NM; m++)
+            tv[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(xs[m * blocks + g]), tv[m]);
+    }
+    for (int m = 0; m < NM; m++) _mm256_storeu_ps(t[m], tv[m]);
+    (void)xq, (void)xu;
+#else
+    (void)xu;
+    for (int m = 0; m < NM; m++)
+        for (int i = 0; i < 8; i++) t[m][i] = 0.f;
+    for (int g = 0; g < blocks; g++) {
+        const size_t k0 = (size_t)g * G;
+        int32_t I[INT8_ROWS][8];
+#ifdef NEON
+        int32x4_t acc[INT8_ROWS][RT];  /* lanes: products (0,1), (2,3), (4,5), (6,7) of row r's chunk */
+        for (int m = 0; m < NM; m++)
+            for (int r = 0; r < RT; r++) acc[m][r] = vdupq_n_s32(0);
+        for (int c = 0; c < G; c += 8, w += 32) {
+            __builtin_prefetch((const char *)w + 2 * PREFETCH);
+            int8x8_t wr[RT];
+            for (int r = 0; r < RT; r++) wr[r] = vld1_s8(w + 8 * r);
+            for (int m = 0; m < NM; m++) {
+                int8x8_t xv = vld1_s8(xq + (size_t)m * K + k0 + c);
+                for (int r = 0; r < RT; r++) acc[m][r] = vpadalq_s16(acc[m][r], vmull_s8(wr[r], xv));
+            }
+        }
+        for (int m = 0; m < NM; m++)
+            for (int r = 0; r < RT; r++) {
+                I[m][2 * r] = vgetq_lane_s32(acc[m][r], 0) + vgetq_lane_s32(acc[m][r], 1);
+                I[m][2 * r + 1] = vgetq_lane_s32(acc[m][r], 2) + vgetq_lane_s32(acc[m][r], 3);
+            }
+#else
+        for (int m = 0; m < NM; m++)
+            for (int i = 0; i < 8; i++) I[m][i] = 0;
+        for (int c = 0; c < G; c += 8, w += 32)
+            for (int m = 0; m < NM; m++)
+                for (int i = 0; i < 32; i++) I[m][i / 4] += w[i] * xq[(size_t)m * K + k0 + c + i % 8];
+#endif
+        for (int m = 0; m < NM; m++)
+            for (int i = 0; i < 8; i++) t[m][i] = fmaf((float)I[m][i], xs[m * blocks + g], t[m][i]);
+    }
+#endif
+    for (int m = 0; m < NM; m++)
+        for (int r = 0; r < RT; r++) dot[4 * m + r] = (t[m][2 * r] + t[m][2 * r + 1]) * scale[r];
 }
 
 /* ---- int4 ------------------------------------------------------------------------------ */
@@ -376,7 +479,9 @@ ALWAYS_INLINE void int4x8_tile(const int8_t *xq, const float *xs, const int32_t 
  * 2816x11264 fp32 weight: 33 -> 18 ms, 10-12 ms with PREFETCH_NEXT (~9 ms is the FMA limit).
  * Lane by lane this is the AVX2 tile's arithmetic (the same widening, the same FMAs in the same
  * order, the same final horizontal sums), so a row's result is bit-identical whichever path ran
- * and however many rows came with it: batching changes nothing but speed. */
+ * and however many rows came with it: batching changes nothing but speed. (fp32 and bf16; int8 takes
+ * int8_tile, 8 rows per pass on 256-bit registers: 16 rows x a 1024x1024 int8 weight on one Xeon core,
+ * 316 us with the former 8-row widening path here, 280-310 us with vpdpbusd.) */
 #define MR 8
 #define MR_FROM 3  /* 1-2 rows: the AVX2 tiles are as fast (memory-bound) */
 #define LO8(v) _mm512_castps512_ps256(v)
@@ -390,14 +495,12 @@ ALWAYS_INLINE void int4x8_tile(const int8_t *xq, const float *xs, const int32_t 
         A[2 * m_ + 1] = _mm512_fmadd_ps(W23, xb_, A[2 * m_ + 1]);                            \
     }
 
-ALWAYS_INLINE void reduce_rows(const __m512 *a, int NM, const float *scale, float *dot) {
+ALWAYS_INLINE void reduce_rows(const __m512 *a, int NM, float *dot) {
     for (int m = 0; m < NM; m++) {
         dot[4 * m] = hsum8(LO8(a[2 * m]));
         dot[4 * m + 1] = hsum8(HI8(a[2 * m]));
         dot[4 * m + 2] = hsum8(LO8(a[2 * m + 1]));
         dot[4 * m + 3] = hsum8(HI8(a[2 * m + 1]));
-        if (scale)
-            for (int r = 0; r < 4; r++) dot[4 * m + r] *= scale[r];
     }
 }
 
@@ -412,7 +515,7 @@ ALWAYS_INLINE void f32_tile_mr(const float *x, int NM, const float *w, const cha
         __m512 w01 = _mm512_loadu_ps(w), w23 = _mm512_loadu_ps(w + 16);
         FMA_ROWS(NM, w01, w23, x, K, k, a)
     }
-    reduce_rows(a, NM, NULL, dot);
+    reduce_rows(a, NM, dot);
 }
 
 static inline __m512 bf16x16(const uint16_t *p) {
@@ -428,25 +531,14 @@ ALWAYS_INLINE void bf16_tile_mr(const float *x, int NM, const uint16_t *w, const
         __m512 w01 = bf16x16(w), w23 = bf16x16(w + 16);
         FMA_ROWS(NM, w01, w23, x, K, k, a)
     }
-    reduce_rows(a, NM, NULL, dot);
+    reduce_rows(a, NM, dot);
 }
 
-ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const char *next, int K, const float *scale,
-                                float *dot) {
-    __m512 a[2 * MR];
-    for (int i = 0; i < 2 * NM; i++) a[i] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 8, w += 32) {
-        if (k % 16 == 0) PREFETCH_NEXT(next, (size_t)k * 4);
-        _mm_prefetch((const char *)w + 2 * PREFETCH, _MM_HINT_T0);
-        __m512 w01 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
-        __m512 w23 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
-        FMA_ROWS(NM, w01, w23, x, K, k, a)
-    }
-    reduce_rows(a, NM, scale, dot);
-}
+#endif
 
-/* rows in groups of G (MR, or DP_ROWS for the prompt kernels); a constant NM at each case gives one
- * specialised copy per group size */
+/* ---- entry points: rows of x in groups of G, tiles of W split over the threads ---------------
+ * (G: INT8_ROWS, AVX2_F32_ROWS, AVX2_BF16_ROWS, MR, or DP_ROWS for the prompt kernels); a constant NM at
+ * each case gives one specialised copy per group size */
 #define CASES_1_TO_7(TILE_CALL)                                                                \
     case 1: TILE_CALL(1); break;                                                                \
     case 2: TILE_CALL(2); break;                                                                \
@@ -455,6 +547,10 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
     case 5: TILE_CALL(5); break;                                                                \
     case 6: TILE_CALL(6); break;                                                                \
     case 7: TILE_CALL(7); break;
+#define GROUPS_OF_2(TILE_CALL) case 1: TILE_CALL(1); break; default: TILE_CALL(2); break;
+#define GROUPS_OF_3(TILE_CALL) case 1: TILE_CALL(1); break; case 2: TILE_CALL(2); break; default: TILE_CALL(3); break;
+#define GROUPS_OF_4(TILE_CALL) case 1: TILE_CALL(1); break; case 2: TILE_CALL(2); break; case 3: TILE_CALL(3); break; \
+    default: TILE_CALL(4); break;
 #define GROUPS_OF_8(TILE_CALL) CASES_1_TO_7(TILE_CALL) default: TILE_CALL(8); break;
 #define GROUPS_OF_16(TILE_CALL)                                                                 \
     CASES_1_TO_7(TILE_CALL)                                                                    \
@@ -467,7 +563,6 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
     case 14: TILE_CALL(14); break;                                                              \
     case 15: TILE_CALL(15); break;                                                              \
     default: TILE_CALL(16); break;
-#define FOR_TILES_AND_ROW_GROUPS(TILE_CALL) FOR_TILES_AND_GROUPS_OF(MR, GROUPS_OF_8, TILE_CALL)
 #define FOR_TILES_AND_GROUPS_OF(G, CASES, TILE_CALL)                                            \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
     for (int t = 0; t < N / RT; t++) {                                                          \
@@ -480,83 +575,94 @@ ALWAYS_INLINE void int8_tile_mr(const float *x, int NM, const int8_t *w, const c
                 y[(size_t)(m + i / 4) * N + n0 + i % 4] = dot[i] + (bias ? bias[n0 + i % 4] : 0.f); \
         }                                                                                       \
     }
-#endif
 
-/* ---- entry points: rows of x in pairs, tiles of W split over the threads ------------------- */
-#define FOR_TILES_AND_ROW_PAIRS(TILE_CALL)                                                      \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                           \
-    for (int t = 0; t < N / RT; t++) {                                                          \
-        float dot[8];                                                                           \
-        for (int m = 0; m < M; m += 2) {                                                        \
-            const int n0 = t * RT;                                                              \
-            if (m + 1 < M) { TILE_CALL(2); } else { TILE_CALL(1); }                             \
-            for (int i = 0; i < 4 * (m + 1 < M ? 2 : 1); i++)                                   \
-                y[(size_t)(m + i / 4) * N + n0 + i % 4] = dot[i] + (bias ? bias[n0 + i % 4] : 0.f); \
-        }                                                                                       \
-    }
+#define FOR_TILES_AND_ROW_PAIRS(TILE_CALL) FOR_TILES_AND_GROUPS_OF(2, GROUPS_OF_2, TILE_CALL)
 
-/* AVX-512: 1-2 rows take the tiles above, MR_FROM rows or more the 8-row path (same bits per row) */
+/* fp32 and bf16: AVX-512 takes 1-2 rows with the tiles above and MR_FROM rows or more with the 8-row
+ * path; AVX2 takes AVX2_ROWS (3 or 4) rows per pass with the same tile function (the same bits per row) */
 #ifdef __AVX512F__
-#define BY_ROW_COUNT(MR_CALL, PAIR_CALL)                                                        \
-    if (M >= MR_FROM) { FOR_TILES_AND_ROW_GROUPS(MR_CALL) } else { FOR_TILES_AND_ROW_PAIRS(PAIR_CALL) }
+#define BY_ROW_COUNT(MR_CALL, ROWS_CALL, AVX2_ROWS)                                             \
+    if (M >= MR_FROM) { FOR_TILES_AND_GROUPS_OF(MR, GROUPS_OF_8, MR_CALL) } else { FOR_TILES_AND_ROW_PAIRS(ROWS_CALL) }
+#elif defined(__AVX2__)
+#define GROUPS_OF(G) GROUPS_OF_EXPANDED(G) /* GROUPS_OF(AVX2_F32_ROWS) -> GROUPS_OF_3 */
+#define GROUPS_OF_EXPANDED(G) GROUPS_OF_##G
+#define BY_ROW_COUNT(MR_CALL, ROWS_CALL, AVX2_ROWS) FOR_TILES_AND_GROUPS_OF(AVX2_ROWS, GROUPS_OF(AVX2_ROWS), ROWS_CALL)
 #else
-#define BY_ROW_COUNT(MR_CALL, PAIR_CALL) FOR_TILES_AND_ROW_PAIRS(PAIR_CALL)
+#define BY_ROW_COUNT(MR_CALL, ROWS_CALL, AVX2_ROWS) FOR_TILES_AND_ROW_PAIRS(ROWS_CALL)
 #endif
 
 void jneox_linear_f32(const float *x, const float *W, const float *bias, float *y,
                       int M, int N, int K, int threads) {
 #define MR_CALL(NM) f32_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
-#define PAIR_CALL(NM) f32_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
-    BY_ROW_COUNT(MR_CALL, PAIR_CALL)
+#define ROWS_CALL(NM) f32_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 4), K, dot)
+    BY_ROW_COUNT(MR_CALL, ROWS_CALL, AVX2_F32_ROWS)
 #undef MR_CALL
-#undef PAIR_CALL
+#undef ROWS_CALL
 }
 
 void jneox_linear_bf16(const float *x, const uint16_t *W, const float *bias, float *y,
                        int M, int N, int K, int threads) {
 #define MR_CALL(NM) bf16_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
-#define PAIR_CALL(NM) bf16_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
-    BY_ROW_COUNT(MR_CALL, PAIR_CALL)
+#define ROWS_CALL(NM) bf16_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K * 2), K, dot)
+    BY_ROW_COUNT(MR_CALL, ROWS_CALL, AVX2_BF16_ROWS)
 #undef MR_CALL
-#undef PAIR_CALL
+#undef ROWS_CALL
 }
 
+/* Rounds each row of x to int8 per group of G (one fp32 scale each: xs = max|x| / 127), into scratch:
+ * xsum (the fp32 group sums), xs, xqsum (the int8 group sums) as [M][K/G], then xq [M][K]. */
+static int8_t *quantize_x(const float *x, int M, int K, int G, void *scratch, int threads) {
+    const int groups = K / G;
+    float *xsum = (float *)scratch, *xs = xsum + M * groups;
+    int32_t *xqsum = (int32_t *)(xs + M * groups);
+    int8_t *xq = (int8_t *)(xqsum + M * groups);
+#pragma omp parallel for schedule(static) num_threads(threads) if (M >= 8)
+    for (int mg = 0; mg < M * groups; mg++) {
+        const int m = mg / groups, g = mg % groups;
+        const float *xg = x + (size_t)m * K + (size_t)g * G;
+        float sum = 0.f, amax = 0.f;
+        for (int j = 0; j < G; j++) {
+            sum += xg[j];
+            amax = amax > fabsf(xg[j]) ? amax : fabsf(xg[j]);
+        }
+        xsum[mg] = sum;
+        float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t qsum = 0;
+        for (int j = 0; j < G; j++) {
+            int v = (int)lrintf(xg[j] * inv);
+            xq[(size_t)m * K + (size_t)g * G + j] = (int8_t)v;
+            qsum += v;
+        }
+        xs[mg] = sc;
+        xqsum[mg] = qsum;
+    }
+    return xq;
+}
+
+/* scratch: caller-provided, at least 2*M*K + 12*M*(K/8) bytes (see quantize_x; then x + 128 for DPBUSD) */
 void jneox_linear_int8(const float *x, const int8_t *W, const float *scale, const float *bias, float *y,
-                       int M, int N, int K, int threads) {
-#define MR_CALL(NM) int8_tile_mr(x + (size_t)m * K, NM, W + (size_t)t * RT * K, NEXT_TILE(W, RT * K), K, scale + t * RT, dot)
-#define PAIR_CALL(NM) int8_tile(x + (size_t)m * K, NM, W + (size_t)t * RT * K, K, scale + t * RT, dot)
-    BY_ROW_COUNT(MR_CALL, PAIR_CALL)
-#undef MR_CALL
-#undef PAIR_CALL
+                       int M, int N, int K, void *scratch, int threads) {
+    const int G = int8_block(K), blocks = K / G;
+    const int8_t *xq = quantize_x(x, M, K, G, scratch, threads);
+    const float *xs = (const float *)scratch + M * blocks;
+    uint8_t *xu = (uint8_t *)xq + (size_t)M * K;
+#ifdef DPBUSD
+    for (size_t i = 0; i < (size_t)M * K; i++) xu[i] = (uint8_t)(xq[i] ^ 0x80); /* x + 128 */
+#endif
+#define CALL(NM) int8_tile(xq + (size_t)m * K, xu + (size_t)m * K, xs + m * blocks, NM, W + (size_t)t * RT * K, K, G, \
+                           scale + t * RT, dot)
+    FOR_TILES_AND_GROUPS_OF(INT8_ROWS, INT8_GROUPS, CALL)
+#undef CALL
 }
 
 /* scratch: caller-provided, at least M*K + 12*M*(K/G) bytes. With AVX2 and G == 64 the activations
  * are rounded to int8 per group (see int4x8_tile); otherwise the fp32 path runs. */
 void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, const float *bias, float *y,
                        int M, int N, int K, int G, void *scratch, int threads) {
-    int groups = K / G;
-    float *xsum = (float *)scratch, *xs = xsum + M * groups;
-    int32_t *xqsum = (int32_t *)(xs + M * groups);
-    int8_t *xq = (int8_t *)(xqsum + M * groups);
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < groups; g++) {
-            const float *xg = x + (size_t)m * K + (size_t)g * G;
-            float sum = 0.f, amax = 0.f;
-            for (int j = 0; j < G; j++) {
-                sum += xg[j];
-                amax = amax > fabsf(xg[j]) ? amax : fabsf(xg[j]);
-            }
-            xsum[m * groups + g] = sum;
-            float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            int32_t qsum = 0;
-            for (int j = 0; j < G; j++) {
-                int v = (int)lrintf(xg[j] * inv);
-                xq[(size_t)m * K + (size_t)g * G + j] = (int8_t)v;
-                qsum += v;
-            }
-            xs[m * groups + g] = sc;
-            xqsum[m * groups + g] = qsum;
-        }
+    const int groups = K / G;
+    const int8_t *xq = quantize_x(x, M, K, G, scratch, threads);
+    const float *xsum = (const float *)scratch, *xs = xsum + M * groups;
+    const int32_t *xqsum = (const int32_t *)(xs + M * groups);
 #ifdef __AVX2__
     if (G == 64) {
 #define CALL(NM) int4x8_tile(xq + (size_t)m * K, xs + m * groups, xqsum + m * groups, NM, W + (size_t)t * RT * K / 2, \
@@ -565,6 +671,8 @@ void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, 
 #undef CALL
         return;
     }
+#else
+    (void)xq, (void)xs, (void)xqsum;
 #endif
 #define CALL(NM) int4_tile(x + (size_t)m * K, xsum + m * groups, NM, W + (size_t)t * RT * K / 2, \
                            scale + (size_t)t * RT * groups, K, G, dot)
@@ -724,5 +832,15 @@ int jneox_kernels_simd(void) {
     return 1;
 #else
     return 0;
+#endif
+}
+
+/* how int8_tile multiplies: 3 dpbusd (AVX512-VNNI or AVX-VNNI), 2 maddubs/madd (AVX2, also AVX-512 without
+ * VNNI), 1 NEON, 0 scalar C */
+int jneox_kernels_int8_dot(void) {
+#ifdef DPBUSD
+    return 3;
+#else
+    return jneox_kernels_simd() >= 2 ? 2 : jneox_kernels_simd();
 #endif
 }
