@@ -111,3 +111,25 @@ def test_fused_decode_attention_equals_the_pytorch_path(tmp_path, monkeypatch, w
     with torch.no_grad():  # the fused path is really taken in the first run
         assert M._fused_decode_library(torch.zeros(1), M.KVCache(1, 1, 1, 1, torch.float32)) is not None
     torch.testing.assert_close(decode(True), decode(False), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+def test_tokens_checked_together_give_the_bits_of_tokens_decoded_one_by_one(tmp_path, weights):
+    """Speculative checks feed 1 + k tokens per row at once; each must come out bit for bit as when it is
+    decoded alone (fused attention over the cache up to its own position, batch-invariant linear
+    kernels), else greedy speculation could pick another token than plain greedy. Rows at different
+    positions, as in the server's batch. (Plain PyTorch linears, weights=None, make no such promise.)"""
+    hf = make_hf_model(seed=13, rotary_pct=0.25, hidden_size=128, num_attention_heads=4, intermediate_size=256)
+    model = load_model(save_hf(hf, tmp_path / "c"), weights=weights)  # width 128: int4's groups of 64
+    prompt, new = _ids(28, seed=1).view(2, 14), _ids(12, seed=3).view(2, 6)
+    start = torch.tensor([[14], [9]])  # row 1's prompt is 9 tokens: its new tokens overwrite the rest
+
+    def run(together: bool):
+        cache = model.new_cache(2, 40)
+        with torch.no_grad():
+            model(prompt, input_pos=torch.arange(14), cache=cache)
+            if together:
+                return model(new, input_pos=start + torch.arange(6), cache=cache)
+            return torch.cat([model(new[:, t:t + 1], input_pos=start + t, cache=cache) for t in range(6)], 1)
+
+    assert torch.equal(run(True), run(False))

@@ -88,6 +88,15 @@ def _fused_decode_library(x: torch.Tensor, cache: KVCache):
     return kernels.library()
 
 
+def _consecutive_from(pos: torch.Tensor, B: int, T: int) -> torch.Tensor | None:
+    """Each row's first position (B,) int64 when every row's T positions follow one another (decoding,
+    speculative checks, prompt chunks), else None."""
+    first = pos.expand(B) if pos.dim() == 1 and T == 1 else pos[..., 0].expand(B)
+    if T > 1 and not torch.equal(pos - pos[..., :1], torch.arange(T, device=pos.device).expand_as(pos)):
+        return None
+    return first.contiguous()
+
+
 def _decode_attention(q, k, v, mask=None):
     """One query per row against the cache: two small matmuls and a softmax. For a single query,
     PyTorch's CPU SDPA kernels spend more time on set-up than on the arithmetic."""
@@ -107,14 +116,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
         B, T, C = x.shape
         H, D = self.config.num_heads, self.config.head_dim
-        if T == 1 and cache is not None:
+        if cache is not None and T <= kernels.MAX_KERNEL_ROWS:
             lib = _fused_decode_library(x, cache)
-            if lib is not None:
-                rows = pos.expand(B) if pos.dim() == 1 else pos[:, 0]
-                y = kernels.decode_attention(lib, self.qkv(x).reshape(B, 3 * C).float().contiguous(),
-                                             cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]),
-                                             cache.k, cache.v, rows.contiguous(), H, D)
-                return self.proj(y.view(B, 1, C))
+            first = _consecutive_from(pos, B, T) if lib is not None else None
+            if first is not None:
+                R = cos.shape[-1]
+                cs = (cos.reshape(B, T, R), sin.reshape(B, T, R)) if cos.dim() == 4 else (cos.reshape(T, R), sin.reshape(T, R))
+                y = kernels.decode_attention(lib, self.qkv(x).float().contiguous(), *cs, cache.k, cache.v, first, H, D)
+                return self.proj(y)
         qkv = self.qkv(x).view(B, T, H, 3, D)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels import MAX_KERNEL_ROWS  # noqa: F401  (the decode kernels always take this many rows)
 from .errors import JneoxError
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
-MAX_KERNEL_ROWS = 16  # the native kernel always takes this many rows (decode, the server's prompt chunks)
 PREFILL_CHUNK = 128  # longer inputs go to the AVX-512 batch path in chunks of this many rows
 PROMPT_DOT_ROWS = 512  # bf16 prompts up to this long take the kernel's bf16 dot products (oneDNN past it)
 TILE = 4  # output rows per tile, as in gemv.c

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import UsageError
-from .generate import SamplingParams, check_prompt_fits, filtered_logits, sample_categorical
+from .generate import SamplingParams, check_prompt_fits, filtered_logits, sample_categorical, sample_next
 from .model import GPTNeoX
 
 DEFAULT_DRAFT_TOKENS = 5  # guesses per step: 6 rows per pass, still the kernels' decode path
@@ -120,10 +120,17 @@ def speculative_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: Sampli
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     tokens = list(prompt_ids)
-    if len(tokens) > 1:  # the cache holds every token but the newest, which each step feeds with the guesses
-        model(torch.tensor([tokens[:-1]], device=device), input_pos=torch.arange(len(tokens) - 1, device=device),
-              last_only=True, cache=cache)
-    while True:
+    # the prompt and the first token exactly as plain decoding makes them (the prompt kernels round
+    # activations differently from the decode kernels, so a prompt fed otherwise gives other bits)
+    ids = torch.tensor([tokens], device=device)
+    logits = model(ids, input_pos=torch.arange(len(tokens), device=device), last_only=True, cache=cache)
+    seen = ids if params.repetition_penalty != 1.0 else None
+    t = int(sample_next(logits[:, -1, :vocab_size], params, generator, seen))
+    tokens.append(t)
+    yield t
+    if t == eos_id or len(tokens) >= total:
+        return
+    while True:  # the cache holds every token but the newest, which each step feeds with the guesses
         k = min(draft.num_tokens, total - len(tokens) - 1)
         guesses, q = draft.propose(tokens, k, params, vocab_size, generator) if k > 0 else ([], None)
         start = len(tokens) - 1

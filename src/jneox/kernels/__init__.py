@@ -36,12 +36,16 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
 OPENMP = "-fopenmp"
 LIBS = ["-lm"]
 P, I = ctypes.c_void_p, ctypes.c_int
+# rows the kernels take as one decode batch, each row's bits the same alone or among others: decode
+# steps, the server's batches, speculative checks (quantize.py sends longer inputs to the prompt paths;
+# model.py's fused attention takes up to this many new tokens per row)
+MAX_KERNEL_ROWS = 16
 SIGNATURES = {
     "jneox_linear_f32": [P, P, P, P, I, I, I, I],
     "jneox_linear_bf16": [P, P, P, P, I, I, I, I],
     "jneox_linear_int8": [P, P, P, P, P, I, I, I, P, I],
     "jneox_linear_int4": [P, P, P, P, P, I, I, I, I, P, I],
-    "jneox_decode_attention": [P, P, P, I, I, P, P, P, I, I, I, I, P, P, I],
+    "jneox_decode_attention": [P, P, P, I, I, I, P, P, P, I, I, I, I, I, P, P, I],
     "jneox_kernels_simd": [],
     "jneox_kernels_int8_dot": [],
     "jneox_prompt_bf16": [P, P, P, P, I, I, I, I],
@@ -213,19 +217,22 @@ def has_bf16_dot(lib) -> bool:
 
 
 def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head_dim: int):
-    """Single-token attention for every row (see jneox_decode_attention in gemv.c); returns (B, H*D).
+    """Attention of T new tokens per row against the cache (see jneox_decode_attention in gemv.c);
+    returns (B, T, H*D).
 
-    ``qkv`` (B, 3*H*D) fp32, ``cos``/``sin`` (B or 1, R), caches (B', H, S, D) fp32 contiguous,
-    ``pos`` (B,) int64: the position of each row's new token.
+    ``qkv`` (B, T, 3*H*D) fp32; ``cos``/``sin`` (T, R) shared by the rows or (B, T, R); caches
+    (B', H, S, D) fp32 contiguous; ``pos`` (B,) int64: the position of each row's first new token
+    (the others follow it).
     """
     import torch
 
-    B = qkv.shape[0]
+    B, T = qkv.shape[:2]
     S = k_cache.shape[2]
-    out = torch.empty(B, heads * head_dim, dtype=torch.float32)
+    out = torch.empty(B, T, heads * head_dim, dtype=torch.float32)
     scratch = torch.empty(B * heads * (S + head_dim), dtype=torch.float32)
-    cs_stride = 0 if cos.shape[0] == 1 else cos.shape[-1]
-    lib.jneox_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[-1], cs_stride,
-                               k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(), B, heads, S, head_dim,
+    R = cos.shape[-1]
+    cs_b = 0 if cos.dim() == 2 else T * R
+    lib.jneox_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), R, cs_b, R,
+                               k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(), B, T, heads, S, head_dim,
                                out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return out

@@ -745,7 +745,7 @@ void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, 
 #endif
 }
 
-/* ---- single-token decode attention --------------------------------------------------------- */
+/* ---- decode attention (one or a few new tokens per row) --------------------------------------------------------- */
 static inline float dot_f32(const float *a, const float *b, int n) {
     int i = 0;
     float s = 0.f;
@@ -791,31 +791,46 @@ static inline void rotate(float *dst, const float *x, const float *cos, const fl
  *   cos, sin: [B][R], row stride cs_stride (0 when every row is at the same position)
  *   kc, vc: [B'][H][S][D] caches (B' >= B); pos: [B] int64; out: [B][H*D]
  *   scratch: B*H*(S + D) floats */
-void jneox_decode_attention(const float *qkv, const float *cos, const float *sin, int R, int cs_stride,
-                            float *kc, float *vc, const int64_t *pos, int B, int H, int S, int D,
+/* T new tokens per row of the batch, at positions pos[b] .. pos[b] + T - 1 (T == 1: decoding; T > 1:
+ * the k + 1 rows that check speculative guesses). Each token's keys and values go to the cache first,
+ * then each token attends to the cache up to its own position, in the same order of operations as
+ * when it comes alone: a token's output is bit for bit the same whether it was decoded alone or
+ * checked with others, which is what keeps speculative greedy decoding identical to plain greedy
+ * (PyTorch's attention over T tokens sums in another order, and the int8 kernels' activation
+ * rounding can turn a last-bit difference into another token). qkv is (B, T, H, 3, D); cos/sin
+ * rows: token t of row b reads row b * cs_b + t * cs_t. */
+void jneox_decode_attention(const float *qkv, const float *cos, const float *sin, int R, int cs_b, int cs_t,
+                            float *kc, float *vc, const int64_t *pos, int B, int T, int H, int S, int D,
                             float *out, float *scratch, int threads) {
     const float scale = 1.f / sqrtf((float)D);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
-        long p = (long)pos[b];
-        const float *src = qkv + ((size_t)b * H + h) * 3 * D;
-        const float *c = cos + (size_t)b * cs_stride, *sn = sin + (size_t)b * cs_stride;
         float *scores = scratch + (size_t)bh * (S + D), *q = scores + S;
         float *K = kc + ((size_t)b * H + h) * S * D, *V = vc + ((size_t)b * H + h) * S * D;
-        rotate(q, src, c, sn, R, D);
-        rotate(K + p * D, src + D, c, sn, R, D);
-        memcpy(V + p * D, src + 2 * D, sizeof(float) * D);
-        float mx = -INFINITY;
-        for (long j = 0; j <= p; j++) {
-            scores[j] = dot_f32(q, K + j * D, D) * scale;
-            mx = scores[j] > mx ? scores[j] : mx;
+        for (int t = 0; t < T; t++) {
+            long p = (long)pos[b] + t;
+            const float *src = qkv + (((size_t)b * T + t) * H + h) * 3 * D;
+            const float *c = cos + (size_t)b * cs_b + (size_t)t * cs_t, *sn = sin + (size_t)b * cs_b + (size_t)t * cs_t;
+            rotate(K + p * D, src + D, c, sn, R, D);
+            memcpy(V + p * D, src + 2 * D, sizeof(float) * D);
         }
-        float sum = 0.f;
-        for (long j = 0; j <= p; j++) sum += (scores[j] = expf(scores[j] - mx));
-        float *o = out + (size_t)b * H * D + (size_t)h * D;
-        memset(o, 0, sizeof(float) * D);
-        for (long j = 0; j <= p; j++) axpy_f32(o, scores[j] / sum, V + j * D, D);
+        for (int t = 0; t < T; t++) {
+            long p = (long)pos[b] + t;
+            const float *src = qkv + (((size_t)b * T + t) * H + h) * 3 * D;
+            const float *c = cos + (size_t)b * cs_b + (size_t)t * cs_t, *sn = sin + (size_t)b * cs_b + (size_t)t * cs_t;
+            rotate(q, src, c, sn, R, D);
+            float mx = -INFINITY;
+            for (long j = 0; j <= p; j++) {
+                scores[j] = dot_f32(q, K + j * D, D) * scale;
+                mx = scores[j] > mx ? scores[j] : mx;
+            }
+            float sum = 0.f;
+            for (long j = 0; j <= p; j++) sum += (scores[j] = expf(scores[j] - mx));
+            float *o = out + (((size_t)b * T + t) * H + h) * D;
+            memset(o, 0, sizeof(float) * D);
+            for (long j = 0; j <= p; j++) axpy_f32(o, scores[j] / sum, V + j * D, D);
+        }
     }
 }
 
