@@ -108,11 +108,12 @@ def child(ckpt: Path, fmt: str, new_tokens: int) -> dict:
     load_s = time.perf_counter() - t
     loading[0] = False
     sampler.join()
+    after_load = status_mb("VmRSS")
     tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     prompt = torch.randint(4, 1000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     tokens = list(generate_tokens(model, prompt, SamplingParams(temperature=0, max_new_tokens=new_tokens)))
     return {"format": fmt, "load_s": load_s, "tokens": len(tokens), "model_gb": sum(tensors.values()) / 1e9,
-            "peak_gb": status_mb("VmHWM") * 2**20 / 1e9, "before_gb": before * 2**20 / 1e9,
+            "peak_gb": status_mb("VmHWM") * 2**20 / 1e9, "before_gb": before * 2**20 / 1e9, "after_load_gb": after_load * 2**20 / 1e9,
             "peak_file_gb": peak_file[0] * 2**20 / 1e9, "after_load_file_gb": status_mb("RssFile") * 2**20 / 1e9}
 
 
