@@ -77,14 +77,16 @@ def print_table(runs: dict[str, list[dict]], ckpt: Path, layers: int) -> None:
     print(f"\n{layers} layers, bf16 checkpoint {file_gb:.2f} GB, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs; GB = 1e9 bytes\n")
     head = ["weights", "runs", "peak RSS GB min / median / max", "model GB", "max / model",
-            "peak RssFile GB", "RSS before load GB", "load s"]
+            "(max − before) / model", "peak RssFile GB", "RSS before load GB", "load s"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for fmt, rs in runs.items():
         peaks = [r["peak_gb"] for r in rs]
         model = rs[0]["model_gb"]
         cells = [fmt, str(len(rs)), f"{min(peaks):.2f} / {statistics.median(peaks):.2f} / {max(peaks):.2f}",
-                 f"{model:.2f}", f"{max(peaks) / model:.2f}", f"{max(r['peak_file_gb'] for r in rs):.2f}",
-                 f"{max(r['before_gb'] for r in rs):.2f}", " / ".join(f"{r['load_s']:.0f}" for r in rs)]
+                 f"{model:.2f}", f"{max(peaks) / model:.2f}",
+                 f"{max(r['peak_gb'] - r['before_gb'] for r in rs) / model:.2f}",
+                 f"{max(r['peak_file_gb'] for r in rs):.2f}", f"{max(r['before_gb'] for r in rs):.2f}",
+                 " / ".join(f"{r['load_s']:.0f}" for r in rs)]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import json
 import mmap
 import os
@@ -308,20 +307,15 @@ def _release_pages(t: torch.Tensor) -> None:
     valid, since pages fault back in from the file. File-backed pages count in the resident set
     until the kernel reclaims them, which it does late when memory is plentiful: without this a
     load's peak is the converted model plus whatever of the bf16 file is still mapped."""
-    libc = _libc()
-    if libc is None:
+    from .quantize import libc
+
+    if libc() is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start, size = t.data_ptr(), t.numel() * t.element_size()
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
-
-
-@functools.cache
-def _libc():
-    """The C library, for madvise (None where mmap has no MADV_DONTNEED: Windows)."""
-    return ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
+        libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def _load_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:

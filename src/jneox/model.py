@@ -17,7 +17,7 @@ from . import kernels
 from .config import ModelConfig
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """A zero tensor whose memory is only taken where written, on the CPU.
 
     ``torch.zeros`` writes every byte, so a server's cache for 16 full windows of the 3.6B model
@@ -43,8 +43,8 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        self.register_buffer("k", lazy_zeros(shape, dtype, device), persistent=False)
-        self.register_buffer("v", lazy_zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("k", _zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", _zeros(shape, dtype, device), persistent=False)
 
     @property
     def max_len(self) -> int:
