@@ -1,4 +1,5 @@
 """Packed/quantized linears agree with their float versions; checkpoints and CLI in every format."""
+import json
 import os
 import subprocess
 import sys
@@ -300,3 +301,66 @@ def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
     # PyTorch's int8 op takes bf16 activations, the kernels round them to int8 per block: both are int8's
     # own error away from fp32 (the bound of test_quantized_model_logits_and_greedy_tokens)
     assert _rel(torch.load(tmp_path / "y.pt"), want) < 3e-2
+
+
+_MAPPED_RSS = """
+import json, re, sys
+import torch
+from jneox.checkpoint import load_model
+model = load_model(sys.argv[1], weights="int8")
+rss, path = {}, None
+with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+    for line in f:
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            parts = line.split()
+            path = parts[5] if len(parts) > 5 and parts[5].endswith(".safetensors") else None
+        elif path is not None and line.startswith("Rss:"):
+            rss[path.rsplit("/", 1)[-1]] = rss.get(path.rsplit("/", 1)[-1], 0) + int(line.split()[1]) * 1024
+torch.save({"head": model.lm_head.unpacked_weight(), "scale": model.lm_head.scale}, sys.argv[2])
+print(json.dumps(rss))
+"""
+
+
+def test_loading_as_int8_hands_the_mapped_bf16_pages_back(tmp_path):
+    """Converting while loading drops the resident pages of each source weight: what stays mapped of
+    the bf16 file (the embedding, read row by row) holds almost nothing resident, so peak memory is the
+    packed model, not packed model + file. Checked in a fresh process through /proc/self/smaps, on a
+    hand-written sharded checkpoint whose first shard (kept mapped by the embedding) also holds the head."""
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("needs /proc/self/smaps (Linux) to see the resident pages of the mapped file")
+    from safetensors.torch import save_file
+
+    from jneox.checkpoint import hf_state_dict, write_checkpoint
+    from jneox.config import ModelConfig
+    from jneox.model import GPTNeoX
+
+    # 8190 output rows: 32 blocks of PACK_ROWS, the last one with the tile's padding rows
+    config = ModelConfig(vocab_size=8190, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=512)
+    torch.manual_seed(0)
+    model = GPTNeoX(config)
+    state = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(model).items()}
+    write_checkpoint(model, tmp_path, dtype=torch.bfloat16)  # config.json (and a single-file copy, replaced below)
+    (tmp_path / "model.safetensors").unlink()
+    top = [k for k in state if not k.startswith("gpt_neox.layers.")]
+    shards = {"model-00001-of-00002.safetensors": top,
+              "model-00002-of-00002.safetensors": [k for k in state if k not in top]}
+    for name, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    out = subprocess.run([sys.executable, "-c", _MAPPED_RSS, str(tmp_path), str(tmp_path / "head.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rss, got = json.loads(out.stdout.strip().splitlines()[-1]), torch.load(tmp_path / "head.pt")
+    head = state["embed_out.weight"]
+    head_bytes = head.numel() * head.element_size()
+    assert "model-00001-of-00002.safetensors" in rss  # still mapped (by the embedding): measurable
+    resident = rss["model-00001-of-00002.safetensors"]
+    assert resident < head_bytes / 4, f"{resident} bytes of the first shard resident after load ({head_bytes} in the head)"
+    # the head, packed block by block, is per-row absmax int8 of the bf16 weight
+    w = head.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    want = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
+    assert torch.equal(got["head"], want)
+    assert torch.equal(got["scale"][: len(scale)], scale)

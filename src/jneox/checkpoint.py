@@ -7,7 +7,9 @@ exactly as rinna publishes the model, so what jneox writes transformers and vLLM
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import re
 import shutil
@@ -276,9 +278,11 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
             if weights is None and dtype is not None and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
+                source, tensor = tensor, tensor.to(dtype)
+                if is_mapped:
+                    _release_pages(source)
             elif is_mapped:
-                mapped.add(tensor.data_ptr())
+                mapped.add(tensor.untyped_storage().data_ptr())  # its row blocks share the storage
             state[ours] = tensor
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -292,23 +296,26 @@ def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.
         model.lm_head.weight = model.embed.weight  # assign=True replaced the shared Parameter: share it again
     del state
     if weights is not None:
-        quantize_model(model, weights, release=lambda t: _release_pages(t) if t.data_ptr() in mapped else None)
+        quantize_model(model, weights,
+                       release=lambda t: _release_pages(t) if t.untyped_storage().data_ptr() in mapped else None)
     return model.to(device).eval()
 
 
 def _release_pages(t: torch.Tensor) -> None:
-    """Let the OS drop the resident pages behind a memory-mapped (read-only, file-backed) tensor
-    once it has been converted; it stays valid, since pages fault back in from the file. Keeps
-    peak memory near the converted model's size instead of file + converted copy."""
-    import ctypes
-    import mmap
+    """Drop this process's resident pages behind a memory-mapped (read-only, file-backed) tensor once
+    it has been converted (``madvise(MADV_DONTNEED)`` on the whole pages inside its bytes); it stays
+    valid, since pages fault back in from the file. File-backed pages count in the resident set
+    until the kernel reclaims them, which it does late when memory is plentiful: without this a
+    load's peak is the converted model plus whatever of the bf16 file is still mapped."""
+    from .quantize import libc
 
+    if libc() is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
     start, size = t.data_ptr(), t.numel() * t.element_size()
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first and hasattr(mmap, "MADV_DONTNEED"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    if last > first:
+        libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def _load_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
