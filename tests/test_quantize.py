@@ -8,11 +8,10 @@ import torch
 from torch import nn
 
 from conftest import make_hf_model, save_hf
-from jneox import SamplingParams, generate, kernels, load
+from jneox import SamplingParams, generate, kernels, load, quantize
 from jneox.checkpoint import CheckpointError, load_model, save_quantized
 from jneox.cli import main
 from jneox.generate import generate_tokens
-from jneox import quantize
 from jneox.quantize import (FORMATS, MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, QuantizationError,
                              kernel_prompt_rows, native_bf16_matmul, quantize_model)
 

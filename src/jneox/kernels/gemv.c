@@ -642,8 +642,8 @@ void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, 
 /* ---- prompts through the library GEMM: tiles back to plain rows -----------------------------
  * A prompt is compute-bound: the fastest multiply on most CPUs is PyTorch's own GEMM (MKL's sgemm;
  * oneDNN's bf16 matmul on AMX / AVX-512 BF16). quantize.py feeds it one block of output rows at a
- * time, re-laid out (and dequantized) by this function into a plain [rows][K] matrix that stays in
- * cache, instead of widening the whole weight to a fresh matrix at every prompt. Writes tiles
+ * time, re-laid out (and dequantized) by this function into a plain [rows][K] buffer reused for
+ * every block, instead of widening the whole weight to a fresh matrix at every prompt. Writes tiles
  * t0..t1-1 (output rows 4*t0 .. 4*t1-1) as fp32 (out_bf16 0) or bf16 (out_bf16 1, rounded to
  * nearest even; exact for bf16 and int8 weights). fmt: 0 f32, 1 bf16, 2 int8 (unscaled: the caller
  * scales the output columns, so bf16 stays exact), 3 int4 (times its fp16 group scales). */
