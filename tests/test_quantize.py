@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from conftest import make_hf_model, save_hf
-from jneox import SamplingParams, generate, kernels, load
+from jneox import SamplingParams, generate, kernels, load, quantize
 from jneox.checkpoint import CheckpointError, load_model, save_quantized
 from jneox.cli import main
 from jneox.generate import generate_tokens
 from jneox.quantize import (FORMATS, MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, QuantizationError,
-                             native_bf16_matmul, quantize_model)
+                             kernel_prompt_rows, native_bf16_matmul, quantize_model)
 
 # relative error of the layer output against the float layer, for Gaussian weights (the hardest case
 # for int4: no structure to exploit); the kernels must add nothing on top of the format's own rounding
@@ -97,14 +97,15 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
         for rows in (2, 3, 8, 9, MAX_KERNEL_ROWS):  # decode batches
             assert torch.equal(packed(x[:rows]), alone[:rows]), rows
             assert torch.equal(packed(x[MAX_KERNEL_ROWS - rows : MAX_KERNEL_ROWS]), alone[MAX_KERNEL_ROWS - rows :]), rows
-        # prompts the kernels take (AVX-512): fp32 any length in chunks of 128, bf16 up to
-        # PROMPT_DOT_ROWS (int8 too) with bf16 dot products where the CPU has them, int4 up to 128
-        if not kernels.has_batch_path(lib):
-            pytest.skip("decode batches checked; this CPU has no AVX-512 batch path, so prompts take PyTorch's ops")
-        longest = 300 if fmt == "float32" or (fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib)) else PREFILL_CHUNK
-        whole = packed(x[:longest])
-        for rows in (MAX_KERNEL_ROWS + 1, 100, PREFILL_CHUNK):
-            assert torch.equal(packed(x[:rows]), whole[:rows]), rows
+        # a prompt, whole or in the server's chunks (kernel_prompt_rows(): PREFILL_CHUNK rows from its start,
+        # the last one of 1..127 rows), whichever path takes it here (the kernels' or PyTorch's GEMM)
+        assert kernel_prompt_rows() == PREFILL_CHUNK
+        for length in (2 * PREFILL_CHUNK + MAX_KERNEL_ROWS - 3, 300):  # a last chunk for the decode kernel, and not
+            whole = packed(x[:length])
+            assert torch.equal(torch.cat([packed(c) for c in x[:length].split(PREFILL_CHUNK)]), whole), length
+        if not packed._gemm_takes(lib):  # the kernels compute each row alone: any split gives the same bits
+            for rows in (MAX_KERNEL_ROWS + 1, 100, PREFILL_CHUNK):
+                assert torch.equal(packed(x[:rows]), whole[:rows]), rows
 
 
 @pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
@@ -182,6 +183,48 @@ def test_int8_kernel_gives_the_same_bits_on_every_path(in_features):
         assert torch.equal(out, first), name
 
 
+@pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
+def test_prompt_blocks_unpack_exactly(level, fmt, group):
+    """jneox_unpack_rows (the GEMM prompt path's re-layout, each build level) gives the dequantized weight
+    (int8: its codes): fp32 exactly, bf16 as PyTorch rounds it (to nearest even)."""
+    lib = _library(level)
+    torch.manual_seed(4)
+    packed = PackedLinear.from_linear(nn.Linear(256, 86), fmt, group_size=group)  # 86 rows: a padded tile
+    # int8 comes unscaled (the caller scales the output columns)
+    want = quantize._untile(packed.weight).float() if fmt == "int8" else packed.unpacked_weight()
+    for t0, t1 in ((0, 22), (3, 8)):
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.full(((t1 - t0) * 4, 256), float("nan"), dtype=dtype)
+            scale = packed.scale.data_ptr() if fmt == "int4" else None
+            lib.jneox_unpack_rows(FORMATS.index(fmt), packed.weight.data_ptr(), scale, 256, group, t0, t1,
+                                  out.data_ptr(), int(dtype == torch.bfloat16), 2)
+            rows = min(86, 4 * t1) - 4 * t0
+            assert torch.equal(out[:rows], want[4 * t0 : 4 * t0 + rows].to(dtype)), (t0, t1, dtype)
+
+
+@pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_prompts_through_gemm_blocks(monkeypatch, level, fmt, group, bias):
+    """The GEMM prompt path (where the kernels have no prompt path, or with AMX): the dequantized product
+    (bf16 activations and weights where the CPU multiplies bf16 natively), for prompt lengths that are
+    multiples of nothing, blocks that do not divide the output rows, and the same bits whole or in the
+    server's chunks."""
+    lib = _library(level)
+    monkeypatch.setattr(quantize, "PROMPT_BLOCK_BYTES", 5 * 4 * 256 * 2)  # 5 tiles (20 rows) in bf16, 10 in fp32
+    torch.manual_seed(5)
+    packed = PackedLinear.from_linear(nn.Linear(256, 86, bias=bias), fmt, group_size=group)
+    x = torch.randn(2 * PREFILL_CHUNK + 45, 256)
+    with torch.no_grad():
+        exact = nn.functional.linear(x, packed.unpacked_weight(), packed.bias)
+        for rows in (MAX_KERNEL_ROWS + 1, 77, PREFILL_CHUNK, len(x)):
+            got = packed._gemm_blocks(lib, x[:rows])
+            assert _rel(got, exact[:rows]) < (1e-2 if fmt != "float32" and native_bf16_matmul() else 1e-6), rows
+        whole = packed._gemm_blocks(lib, x)
+        assert torch.equal(torch.cat([packed._gemm_blocks(lib, c) for c in x.split(PREFILL_CHUNK)]), whole)
+
+
 def test_simd_level_comes_from_the_environment(monkeypatch):
     """JNEOX_SIMD forces the level the whole process uses (capped at the CPU's); a bad value is named."""
     monkeypatch.delenv("JNEOX_SIMD", raising=False)  # the CPU's own level, also under `JNEOX_SIMD=avx2 make test`
@@ -242,6 +285,26 @@ def test_quantized_model_logits_and_greedy_tokens(folder, fmt):
         assert got == want
     else:  # lossy formats: the greedy path may part ways at a near-tie, but not early (this input: all 24 agree)
         assert got[:16] == want[:16]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_prompt_whole_or_in_the_servers_chunks(tmp_path_factory, spiece_model, fmt):
+    """generate() feeds a prompt whole, the server in chunks of kernel_prompt_rows(): the packed linears
+    split a whole prompt the same way, so only attention's order of sums differs; the same next tokens."""
+    _library()
+    model = make_hf_model(hidden_size=128, intermediate_size=384, initializer_range=0.05, max_position_embeddings=320)
+    model = load_model(save_hf(model, tmp_path_factory.mktemp("q") / "ckpt", spiece=spiece_model), weights=fmt)
+    chunk = kernel_prompt_rows()
+    ids = torch.randint(4, 1000, (1, 2 * chunk + 5), generator=torch.Generator().manual_seed(6))  # last chunk: 5
+    with torch.no_grad():
+        whole = model(ids, input_pos=torch.arange(ids.shape[1]), cache=model.new_cache(1, ids.shape[1]))[0]
+        cache, parts = model.new_cache(1, ids.shape[1]), []
+        for a in range(0, ids.shape[1], chunk):
+            b = min(a + chunk, ids.shape[1])
+            parts.append(model(ids[:, a:b], input_pos=torch.arange(a, b), cache=cache)[0])
+    chunked = torch.cat(parts)
+    assert _rel(chunked, whole) < 1e-5
+    assert torch.equal(chunked.argmax(-1), whole.argmax(-1))
 
 
 def test_loading_from_memory_map_equals_quantizing_in_memory(folder):

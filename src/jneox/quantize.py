@@ -13,23 +13,40 @@ them, inside the product, for integer dot products.
   (integer dot products, as llama.cpp's Q4_0 x Q8_0): that is what makes int4 memory-bound.
 
 For decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows) the native kernel runs. A prompt
-(prefill) is compute-bound; where the kernels have their AVX-512 batch path they also take prompts,
-in chunks of ``PREFILL_CHUNK`` rows (which keeps them in cache): fp32 prompts of any length; bf16 and
-int8 prompts up to ``PROMPT_DOT_ROWS`` with AVX-512 BF16 dot products (activations rounded to bf16,
-twice the fp32 FMA rate) where the CPU has them, else up to ``PREFILL_CHUNK``; int4 prompts up to
-``PREFILL_CHUNK``. Otherwise the weight is widened for one PyTorch matrix multiply: to bf16 where
-the CPU multiplies bf16 natively (AVX-512 BF16 / AMX: oneDNN), else to fp32. Measured on 2 layers
-of the 3.6B shape, 2 threads, PyTorch path -> kernel: a 128-token prompt fp32 625 -> 264 ms, bf16
-290 -> 175, int8 404 -> 196, int4 512 -> 238; 512 tokens bf16 711 -> 714, int8 849 -> 806 (about
-even: the limit); 1024 tokens fp32 2633 -> 2171. Without the native kernels everything runs
-through PyTorch's own CPU ops on the weight converted once, at its first use, to the layout they take
-(see :meth:`PackedLinear._torch_form`), never widened per call.
+(prefill) is compute-bound. Every path takes it in chunks of ``PREFILL_CHUNK`` rows from its start,
+each computed on its own, with a last chunk of at most ``MAX_KERNEL_ROWS`` rows for the decode
+kernel: the chunks the server feeds (:func:`kernel_prompt_rows`), so a prompt gives the same bits
+whole or through the server. Two paths, chosen per CPU and format (:meth:`PackedLinear._gemm_takes`):
+
+- the kernels' AVX-512 batch path (8 rows per pass; bf16 and int8 with AVX-512 BF16 dot products,
+  activations rounded to bf16, where the CPU has them): fp32 prompts on AVX-512, and every format on
+  AVX-512 CPUs without AMX (as measured earlier on one, against PyTorch's matmul on a widened
+  weight: 128 tokens, 2 layers of the 3.6B shape, fp32 625 -> 264 ms, bf16 290 -> 175, int8 404 -> 196, int4
+  512 -> 238);
+- PyTorch's GEMM, one block of ``PROMPT_BLOCK_BYTES`` of output rows at a time, re-laid out (and
+  dequantized) from the tiles by ``jneox_unpack_rows`` into a buffer reused per block: to bf16 for
+  oneDNN's bf16 matmul where the CPU has AMX (bf16, int8, int4), else to fp32 for MKL's sgemm
+  (AVX2-only and portable builds, which have no prompt kernels). Before it, such prompts widened the
+  whole weight to a fresh matrix at every call (~14 GB written per 3.6B prefill in fp32).
+  Measured on this AMX Xeon (one 3.6B-shape layer's weights, 128 rows, 1 thread, CPU time, machine
+  shared): kernels -> blocks int8 2816x8448 102 -> 33 ms, 11264x2816 129 -> 76; bf16 2816x11264
+  115 -> 55, int4 104 -> 60; fp32 about even (70-210 ms either way), so fp32 keeps the kernels.
+  AVX2 emulated (MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 JNEOX_SIMD=avx2), the
+  widened whole weight -> blocks: fp32 229 -> 150 ms, bf16 253 -> 168, int8 281 -> 174, int4
+  371 -> 169 (2816x11264). Blocks of 16 MiB beat 2 MiB ones (which fit L2) by 10-40% here: each
+  block is two parallel library calls, and on a loaded machine, 2 threads, 2 MiB blocks ran 4-10x
+  slower than the kernels (threads waiting at each call's barrier) where 16-32 MiB ones did not.
+
+Without the native kernels everything runs through PyTorch's own CPU ops on the weight converted
+once, at its first use, to the layout they take (see :meth:`PackedLinear._torch_form`), never
+widened per call.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import threading
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +58,7 @@ from .errors import JneoxError
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 PREFILL_CHUNK = 128  # longer inputs go to the AVX-512 batch path in chunks of this many rows
-PROMPT_DOT_ROWS = 512  # bf16 prompts up to this long take the kernel's bf16 dot products (oneDNN past it)
+PROMPT_BLOCK_BYTES = 16 << 20  # a prompt's weight block for PyTorch's GEMM (see _gemm_blocks)
 TILE = 4  # output rows per tile, as in gemv.c
 DEFAULT_GROUP = 64
 # rows packed at a time (a multiple of TILE): blocks that stay in cache (int4 3x faster than whole
@@ -50,36 +67,40 @@ PACK_ROWS = 256
 
 
 def kernel_prompt_rows() -> int:
-    """How many rows of a prompt the packed kernels take in one call on this CPU (in every format):
-    the chunk the server feeds prompts in, so the kernels run instead of a widened weight."""
-    lib = kernels.library()
-    return PREFILL_CHUNK if lib is not None and kernels.has_batch_path(lib) else MAX_KERNEL_ROWS
+    """The chunk the server feeds prompts in: with the native kernels, PREFILL_CHUNK rows, as a
+    :class:`PackedLinear` splits a whole prompt (so it gives the same bits either way); without them
+    MAX_KERNEL_ROWS."""
+    return PREFILL_CHUNK if kernels.library() is not None else MAX_KERNEL_ROWS
 
 
 class QuantizationError(JneoxError):
     pass
 
 
-_NATIVE_BF16: bool | None = None
+@lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return frozenset()
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (False where there is no such file)."""
+    return flag in _cpu_flags()
+
+
+@lru_cache(maxsize=None)
 def native_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), where oneDNN's bf16
-    matmul beats fp32 several times; on AVX2-only CPUs bf16 is emulated and slower than fp32."""
-    global _NATIVE_BF16
-    if _NATIVE_BF16 is None:
-        flags = ""
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                flags = next((line for line in f if line.startswith("flags")), "")
-        except OSError:
-            pass
-        try:
-            onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            onednn_bf16 = False
-        _NATIVE_BF16 = onednn_bf16 and (" avx512_bf16" in flags or " amx_bf16" in flags)
-    return _NATIVE_BF16
+    matmul beats fp32 several times; on AVX2-only CPUs bf16 is emulated and slower than fp32 (oneDNN
+    answers False there, also when capped with ONEDNN_MAX_CPU_ISA=AVX2)."""
+    try:
+        onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn_bf16 = False
+    return onednn_bf16 and (cpu_has("avx512_bf16") or cpu_has("amx_bf16"))
 
 
 def _tile(w: torch.Tensor, inner: int) -> torch.Tensor:
@@ -253,23 +274,58 @@ class PackedLinear(nn.Module):
             y = self._dense(x2)
         elif lib is None and x.device.type == "cpu":
             y = self._torch_linear(x2)
-        elif lib is None or not self._kernel_takes(lib, x2.shape[0]):
+        elif lib is None:
             y = self._dense(x2)
         else:
             x2 = x2.float().contiguous()
-            y = torch.cat([self._kernel(lib, chunk) for chunk in x2.split(PREFILL_CHUNK)]) if len(x2) > PREFILL_CHUNK \
-                else self._kernel(lib, x2)
+            rows = len(x2)
+            # a prompt in chunks of PREFILL_CHUNK rows from its start, each computed alone, and a last chunk of
+            # at most MAX_KERNEL_ROWS rows by the decode kernel: the same bits whole or in the server's chunks
+            tail = rows % PREFILL_CHUNK if rows > PREFILL_CHUNK and rows % PREFILL_CHUNK <= MAX_KERNEL_ROWS else 0
+            if rows <= MAX_KERNEL_ROWS:
+                y = self._kernel(lib, x2)
+            elif self._gemm_takes(lib):
+                y = self._gemm_blocks(lib, x2[: rows - tail])
+                y = torch.cat((y, self._kernel(lib, x2[rows - tail:]))) if tail else y
+            else:
+                y = torch.cat([self._kernel(lib, chunk) for chunk in x2.split(PREFILL_CHUNK)])
         return y.reshape(*lead, self.out_features)
 
-    def _kernel_takes(self, lib, rows: int) -> bool:
-        """Whether the native kernel is the faster way to multiply ``rows`` rows (see the module docstring)."""
-        if rows <= MAX_KERNEL_ROWS:
-            return True
+    def _gemm_takes(self, lib) -> bool:
+        """Whether prompts go to PyTorch's GEMM block by block (:meth:`_gemm_blocks`) rather than to the
+        kernels' prompt paths, as measured (module docstring): wherever the kernels have no prompt path
+        (AVX2, portable C), and with AMX, where oneDNN's bf16 matmul is twice the kernels' bf16 dot products.
+        Elsewhere (AVX-512 without AMX) the kernels, measured faster than PyTorch's matmul there; the blocks
+        were not measured on such a CPU."""
         if not kernels.has_batch_path(lib):
-            return False  # AVX2 kernels (2 rows per pass): prompts keep the PyTorch path (not compared there)
-        if self.fmt in ("bfloat16", "int8") and kernels.has_bf16_dot(lib):
-            return rows <= PROMPT_DOT_ROWS
-        return self.fmt == "float32" or rows <= PREFILL_CHUNK or not native_bf16_matmul()
+            return True
+        return self.fmt != "float32" and native_bf16_matmul() and cpu_has("amx_bf16")
+
+    def _gemm_blocks(self, lib, x: torch.Tensor) -> torch.Tensor:
+        """A prompt through PyTorch's GEMM, one block of output rows at a time: ``jneox_unpack_rows``
+        (gemv.c) re-lays a block of tiles out as a plain matrix of PROMPT_BLOCK_BYTES (one buffer for every
+        block), in bf16 where the CPU multiplies bf16 natively (fp32 weights stay fp32), else fp32 (MKL's
+        sgemm), and multiplies it with each chunk of the prompt; the whole weight is never widened."""
+        m, k = x.shape
+        n, tiles = self.out_features, self.weight.shape[0]
+        bf16 = self.fmt != "float32" and native_bf16_matmul()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        per = max(1, PROMPT_BLOCK_BYTES // (TILE * k * dtype.itemsize))  # tiles per block
+        block = torch.empty(min(per, tiles) * TILE, k, dtype=dtype)
+        xd, y = x.to(dtype), torch.empty(m, n, dtype=torch.float32)
+        scale = self.scale.data_ptr() if self.fmt == "int4" else None
+        threads = torch.get_num_threads()
+        chunks = list(zip(xd.split(PREFILL_CHUNK), y.split(PREFILL_CHUNK)))  # as the server feeds a prompt
+        for t0 in range(0, tiles, per):
+            t1 = min(tiles, t0 + per)
+            n0, n1 = t0 * TILE, min(n, t1 * TILE)
+            lib.jneox_unpack_rows(FORMATS.index(self.fmt), self.weight.data_ptr(), scale, k, self.group_size,
+                                  t0, t1, block.data_ptr(), int(bf16), threads)
+            for xc, yc in chunks:
+                yc[:, n0:n1] = F.linear(xc, block[: n1 - n0])
+        if self.fmt == "int8":
+            y.mul_(self.scale[:n])
+        return y if self.bias is None else y.add_(self.bias)
 
     def _kernel(self, lib, x: torch.Tensor) -> torch.Tensor:
         m, k = x.shape

@@ -50,6 +50,7 @@ SIGNATURES = {
     "jneox_kernels_int8_dot": [],
     "jneox_prompt_bf16": [P, P, P, P, I, I, I, I],
     "jneox_prompt_int8": [P, P, P, P, P, I, I, I, I],
+    "jneox_unpack_rows": [I, P, P, I, I, I, I, P, I, I],
 }
 
 

@@ -32,15 +32,17 @@
  * reason shown, the ones it cannot):
  *   JNEOX_SIMD  simd()  CPU flags needed     paths
  *   portable    0       none                 scalar loops, 1-2 rows per pass, int4 in fp32, int8 in
- *                                            scalar integers; prompts (> 16 rows) go to PyTorch
+ *                                            scalar integers; prompts (> 16 rows): jneox_unpack_rows +
+ *                                            PyTorch's GEMM
  *   avx2        2       avx2 fma f16c        8-wide FMA tiles, 3 (fp32) / 4 (bf16) rows per pass; int8
  *                                            and int4 (G == 64) in integers (vpmaddubsw/vpmaddwd), int8
- *                                            4 rows per pass; prompts to PyTorch
+ *                                            4 rows per pass; prompts as portable
  *   avx2vnni    2       + avx_vnni           int8 with vpdpbusd (AVX-VNNI: Intel client CPUs since
  *                                            Alder Lake); the avx2 level builds without it
  *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (int8: 8 rows,
  *                                            vpdpbusd on 256-bit registers where avx512_vnni + avx512vl),
- *                                            prompts in chunks of 128 rows
+ *                                            prompts in chunks of 128 rows (with AMX, bf16/int8/int4
+ *                                            prompts: jneox_unpack_rows + oneDNN's bf16)
  *   avx512bf16  4       avx512f avx512_bf16  + bf16/int8 prompts with bf16 dot products (vdpbf16ps)
  *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; int8 with
  *                                            vmull_s8/vpadalq_s16, 4 rows per pass; not forcible by
@@ -49,7 +51,8 @@
  * Tests: test_every_kernel_path_is_exact_and_batch_invariant[LEVEL-*] (decode rows 1..16, each
  * level), test_int8_kernel_gives_the_same_bits_on_every_path (every level against each other and a
  * float64 product of the same int8 activations), test_every_prompt_kernel_path_is_exact_and_chunk_
- * invariant[LEVEL-*] (avx512, avx512bf16), test_simd_level_comes_from_the_environment,
+ * invariant[LEVEL-*] (avx512, avx512bf16), test_prompt_blocks_unpack_exactly[LEVEL-*],
+ * test_prompts_through_gemm_blocks[LEVEL-*] (each level), test_simd_level_comes_from_the_environment,
  * tests/test_kernels_c.py (natively and under qemu, 1..9 rows); `JNEOX_SIMD=avx2 make test` runs the
  * whole suite so.
  */
@@ -743,6 +746,56 @@ void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, 
 #else
     (void)xb, (void)W, (void)scale, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
 #endif
+}
+
+/* ---- prompts through the library GEMM: tiles back to plain rows -----------------------------
+ * A prompt is compute-bound: the fastest multiply on most CPUs is PyTorch's own GEMM (MKL's sgemm;
+ * oneDNN's bf16 matmul on AMX / AVX-512 BF16). quantize.py feeds it one block of output rows at a
+ * time, re-laid out (and dequantized) by this function into a plain [rows][K] buffer reused for
+ * every block, instead of widening the whole weight to a fresh matrix at every prompt. Writes tiles
+ * t0..t1-1 (output rows 4*t0 .. 4*t1-1) as fp32 (out_bf16 0) or bf16 (out_bf16 1, rounded to
+ * nearest even; exact for bf16 and int8 weights). fmt: 0 f32, 1 bf16, 2 int8 (unscaled: the caller
+ * scales the output columns, so bf16 stays exact), 3 int4 (times its fp16 group scales). */
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+void jneox_unpack_rows(int fmt, const void *W, const uint16_t *scale, int K, int G, int t0, int t1, void *out,
+                       int out_bf16, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (int t = t0; t < t1; t++) {
+        for (int r = 0; r < RT; r++) {
+            size_t row = (size_t)(t - t0) * RT + r;
+            float *of = (float *)out + row * K;
+            uint16_t *ob = (uint16_t *)out + row * K;
+            if (fmt == 3) { /* [N/4][K/G][4][G/2] bytes, fp16 scale [N/4][K/G][4] */
+                const uint8_t *w = (const uint8_t *)W + (size_t)t * RT * K / 2;
+                const uint16_t *s = scale + (size_t)t * RT * (K / G);
+                for (int g = 0; g < K / G; g++) {
+                    const uint8_t *b = w + ((size_t)g * RT + r) * (G / 2);
+                    float sc = f16_f32(s[g * RT + r]);
+                    for (int j = 0; j < G / 2; j++) {
+                        float lo = (float)((b[j] & 15) - 8) * sc, hi = (float)((b[j] >> 4) - 8) * sc;
+                        size_t k = (size_t)g * G + j;
+                        if (out_bf16) { ob[k] = f32_bf16(lo); ob[k + G / 2] = f32_bf16(hi); }
+                        else { of[k] = lo; of[k + G / 2] = hi; }
+                    }
+                }
+                continue;
+            }
+            for (int c = 0; c < K / 8; c++) { /* [N/4][K/8][4][8] elements */
+                size_t at = (size_t)t * RT * K + ((size_t)c * RT + r) * 8;
+                for (int j = 0; j < 8; j++) {
+                    float v = fmt == 0 ? ((const float *)W)[at + j]
+                            : fmt == 1 ? bf16_f32(((const uint16_t *)W)[at + j]) : (float)((const int8_t *)W)[at + j];
+                    if (out_bf16) ob[c * 8 + j] = fmt == 1 ? ((const uint16_t *)W)[at + j] : f32_bf16(v);
+                    else of[c * 8 + j] = v;
+                }
+            }
+        }
+    }
 }
 
 /* ---- decode attention (one or a few new tokens per row) --------------------------------------------------------- */

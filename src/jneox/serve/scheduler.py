@@ -2,8 +2,8 @@
 
 The :class:`Engine` owns the model and a KV cache of ``max_batch`` rows (slots). It runs on its own
 thread. Each step it (1) drops requests whose client went away, (2) prefills waiting requests into
-free slots, one prompt at a time (on the CPU in chunks that the packed kernels take, so they run
-rather than a widened copy of every weight: ``PREFILL_CHUNK`` tokens with their AVX-512 batch path,
+free slots, one prompt at a time (on the CPU in chunks of ``kernel_prompt_rows()``: ``PREFILL_CHUNK``
+tokens with the native kernels, as a packed linear splits a whole prompt, so the bits are the same;
 else ``MAX_KERNEL_ROWS``), and (3) runs one decode step for every running request at once: each
 row at its own position, then each row sampled with its own parameters and random generator.
 A request joins at the next step and leaves the step it finishes; nobody waits for the batch.
