@@ -181,22 +181,17 @@ def child_env(row: str, args) -> dict:
 
 def cpu_description() -> str:
     """The CPU's model name and the instruction-set flags that decide the kernel paths."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown CPU":
-                    name = value.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
     from jneox import kernels
 
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            name = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
     lib = kernels.library()
     level = "none (PyTorch ops)" if lib is None else str(kernels.simd_level(lib))
-    have = [f for f in CPU_FLAGS if f in flags]
+    have = [f for f in CPU_FLAGS if kernels.cpu_has(f)]
     return f"{name}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ', '.join(CPU_FLAGS)}; " \
            f"jneox kernel level {level}"
 

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "recipes" / "demo"))
-from decode_speed import make_checkpoint  # noqa: E402
+from decode_speed import cpu_description, make_checkpoint  # noqa: E402
 from make_copy_data import DEFAULT_CONVERSATIONS, conversation_files, copy_conversations, split  # noqa: E402
 
 from jneox.chat import format_prompt  # noqa: E402
@@ -184,9 +184,7 @@ def main() -> None:
     args = p.parse_args()
     args.work = args.work.expanduser()
     args.lookup_ks = [int(k) for k in args.lookup_ks.split(",")]
-    flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f.startswith(("avx512", "avx2", "amx"))}) \
-        if Path("/proc/cpuinfo").exists() else []
-    print(f"CPU flags: {' '.join(flags) or 'unknown'}; torch threads {torch.get_num_threads()}; "
+    print(f"{cpu_description()}; torch threads {torch.get_num_threads()}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
 
     acc = acceptance(args) if args.prompts > 0 else []

@@ -46,7 +46,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -77,21 +76,7 @@ class QuantizationError(JneoxError):
     pass
 
 
-@lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
-    except OSError:
-        return frozenset()
-
-
-def cpu_has(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists ``flag`` (False where there is no such file)."""
-    return flag in _cpu_flags()
-
-
-@lru_cache(maxsize=None)
+@functools.cache
 def native_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), where oneDNN's bf16
     matmul beats fp32 several times; on AVX2-only CPUs bf16 is emulated and slower than fp32 (oneDNN
@@ -100,7 +85,7 @@ def native_bf16_matmul() -> bool:
         onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         onednn_bf16 = False
-    return onednn_bf16 and (cpu_has("avx512_bf16") or cpu_has("amx_bf16"))
+    return onednn_bf16 and (kernels.cpu_has("avx512_bf16") or kernels.cpu_has("amx_bf16"))
 
 
 def _tile(w: torch.Tensor, inner: int) -> torch.Tensor:
@@ -299,7 +284,7 @@ class PackedLinear(nn.Module):
         were not measured on such a CPU."""
         if not kernels.has_batch_path(lib):
             return True
-        return self.fmt != "float32" and native_bf16_matmul() and cpu_has("amx_bf16")
+        return self.fmt != "float32" and native_bf16_matmul() and kernels.cpu_has("amx_bf16")
 
     def _gemm_blocks(self, lib, x: torch.Tensor) -> torch.Tensor:
         """A prompt through PyTorch's GEMM, one block of output rows at a time: ``jneox_unpack_rows``

@@ -83,14 +83,24 @@ def cache_dir() -> Path:
     return Path(base).expanduser()
 
 
+@lru_cache(maxsize=None)
+def _cpu_flags_line() -> str:
+    """The first flags line of /proc/cpuinfo ("flags" on x86, "Features" on ARM); "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (False where there is no such file)."""
+    return flag in _cpu_flags_line().partition(":")[2].split()
+
+
 def _cpu_id() -> str:
     """-march=native code is only valid on the CPU it was built for: key the build by its flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
+    return platform.machine() + _cpu_flags_line()
 
 
 def _private(path: Path) -> str | None:
