@@ -29,9 +29,10 @@ running requests the steps are plain ones, since the batch already fills the ker
 accepted tokens follow :func:`jneox.speculative.verify` (greedy: the plain greedy tokens; sampling:
 the model's distribution). Rejected positions need no undo: slot ``j`` of the cache holds position
 ``j``, and the request's position moves back to the first rejected one, so the stale entries are
-overwritten before anything reads them. In a verification step the rows go through the multi-token
-attention (as in ``jneox generate --speculate``), not the fused one-token kernel: their logits are the
-model's but not bit for bit those of a plain step; greedy tokens are the same (tested).
+overwritten before anything reads them. A verification pass takes the kernels' decode path and the
+fused attention (up to ``MAX_KERNEL_ROWS`` consecutive new tokens per row), so its logits are bit for
+bit those of plain steps; only a pass where some row's filler positions are clamped at the end of the
+window (no longer consecutive) goes through PyTorch's attention, equal up to float rounding.
 """
 from __future__ import annotations
 
