@@ -153,11 +153,11 @@ def verify(rows: torch.Tensor, guesses: Sequence[int], q: torch.Tensor | None, t
     device = rows.device
     for i in range(len(guesses) + 1):
         seen = torch.tensor([tokens], device=device) if params.repetition_penalty != 1.0 else None
-        scores = filtered_logits(rows[i:i + 1, :vocab_size], params, seen)
-        if i == len(guesses):  # every guess accepted: the last row gives one more token
-            t = int(scores.argmax(-1)) if params.greedy else int(sample_categorical(scores.softmax(-1), generator))
+        row = rows[i:i + 1, :vocab_size]
+        if i == len(guesses):  # every guess accepted: the last row gives one more token, as plain decoding
+            t = int(sample_next(row, params, generator, seen))
         else:
-            t = _check(scores, guesses[i], None if q is None else q[i], params, generator)
+            t = _check(filtered_logits(row, params, seen), guesses[i], None if q is None else q[i], params, generator)
         tokens.append(t)
         yield t
         if i < len(guesses) and t != guesses[i]:
