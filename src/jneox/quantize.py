@@ -16,8 +16,13 @@ For decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows) the native kernel run
 (prefill) is compute-bound. Every path takes it in chunks of ``PREFILL_CHUNK`` rows from its start,
 each computed on its own, with a last chunk of at most ``MAX_KERNEL_ROWS`` rows for the decode
 kernel: the chunks the server feeds (:func:`kernel_prompt_rows`), so a prompt gives the same bits
-whole or through the server. Two paths, chosen per CPU and format (:meth:`PackedLinear._gemm_takes`):
+whole or through the server. Three paths, chosen per CPU and format (:meth:`PackedLinear._amx_takes`,
+:meth:`PackedLinear._gemm_takes`):
 
+- AMX tile multiplies straight from the packed weight (``jneox_prompt_amx``): bf16, int8 and int4 where the
+  CPU has AMX (Intel Xeon since Sapphire Rapids), activations rounded to bf16. Each row is computed on its
+  own, so it takes a whole prompt at once (the weight read once) and any split gives the same bits. It
+  replaced the GEMM blocks below on such CPUs: see the README's prefill table for the measured gain;
 - the kernels' AVX-512 batch path (8 rows per pass; bf16 and int8 with AVX-512 BF16 dot products,
   activations rounded to bf16, where the CPU has them): fp32 prompts on AVX-512, and every format on
   AVX-512 CPUs without AMX (as measured earlier on one, against PyTorch's matmul on a widened
@@ -25,8 +30,8 @@ whole or through the server. Two paths, chosen per CPU and format (:meth:`Packed
   512 -> 238);
 - PyTorch's GEMM, one block of ``PROMPT_BLOCK_BYTES`` of output rows at a time, re-laid out (and
   dequantized) from the tiles by ``jneox_unpack_rows`` into a buffer reused per block: to bf16 for
-  oneDNN's bf16 matmul where the CPU has AMX (bf16, int8, int4), else to fp32 for MKL's sgemm
-  (AVX2-only and portable builds, which have no prompt kernels). Before it, such prompts widened the
+  oneDNN's bf16 matmul where the CPU has AMX but the kernels are capped below it (JNEOX_SIMD), else to
+  fp32 for MKL's sgemm (AVX2-only and portable builds, which have no prompt kernels). Before it, such prompts widened the
   whole weight to a fresh matrix at every call (~14 GB written per 3.6B prefill in fp32).
   Measured on this AMX Xeon (one 3.6B-shape layer's weights, 128 rows, 1 thread, CPU time, machine
   shared): kernels -> blocks int8 2816x8448 102 -> 33 ms, 11264x2816 129 -> 76; bf16 2816x11264
@@ -269,19 +274,47 @@ class PackedLinear(nn.Module):
             tail = rows % PREFILL_CHUNK if rows > PREFILL_CHUNK and rows % PREFILL_CHUNK <= MAX_KERNEL_ROWS else 0
             if rows <= MAX_KERNEL_ROWS:
                 y = self._kernel(lib, x2)
-            elif self._gemm_takes(lib):
-                y = self._gemm_blocks(lib, x2[: rows - tail])
+            elif self._amx_takes(lib) or self._gemm_takes(lib):  # whole: the weight read once per prompt
+                y = (self._amx if self._amx_takes(lib) else self._gemm_blocks)(lib, x2[: rows - tail])
                 y = torch.cat((y, self._kernel(lib, x2[rows - tail:]))) if tail else y
             else:
                 y = torch.cat([self._kernel(lib, chunk) for chunk in x2.split(PREFILL_CHUNK)])
         return y.reshape(*lead, self.out_features)
 
+    def _amx_takes(self, lib) -> bool:
+        """Whether prompts run as AMX tile multiplies on the packed weight (:meth:`_amx`): bf16, int8 and int4
+        (groups of a multiple of 32) with K a multiple of 32, where the CPU and OS allow AMX."""
+        return (self.fmt != "float32" and self.in_features % 32 == 0 and kernels.has_amx(lib)
+                and (self.fmt != "int4" or self.group_size % 32 == 0))
+
+    def _amx(self, lib, x: torch.Tensor) -> torch.Tensor:
+        """A prompt (any number of rows, each computed alone) through ``jneox_prompt_amx`` (gemv.c), which
+        rounds the activations to bf16 and re-lays out the weight tile by tile as it multiplies."""
+        m, k = x.shape
+        n_pad, threads = self.weight.shape[0] * TILE, torch.get_num_threads()
+        y, bias = torch.empty(m, n_pad, dtype=torch.float32), self._padded_bias()
+        lib.jneox_prompt_amx(FORMATS.index(self.fmt), x.data_ptr(), self.weight.data_ptr(),
+                             None if self.fmt == "bfloat16" else self.scale.data_ptr(),
+                             None if bias is None else bias.data_ptr(), y.data_ptr(), m, n_pad, k, self.group_size,
+                             _scratch(lib.jneox_prompt_amx_scratch(m, n_pad, k, threads)), threads)
+        return y if n_pad == self.out_features else y[:, : self.out_features]
+
+    def _padded_bias(self) -> torch.Tensor | None:
+        """The bias padded with zeros to whole tiles, as the kernels take it."""
+        n_pad, bias = self.weight.shape[0] * TILE, self.bias
+        if bias is not None and n_pad != self.out_features:
+            bias = torch.cat((bias, bias.new_zeros(n_pad - self.out_features)))
+        return bias
+
     def _gemm_takes(self, lib) -> bool:
         """Whether prompts go to PyTorch's GEMM block by block (:meth:`_gemm_blocks`) rather than to the
         kernels' prompt paths, as measured (module docstring): wherever the kernels have no prompt path
-        (AVX2, portable C), and with AMX, where oneDNN's bf16 matmul is twice the kernels' bf16 dot products.
+        (AVX2, portable C), and on AMX CPUs where the AMX kernel does not take the prompt (kernels capped
+        below it, fp32 weights excepted), as oneDNN's bf16 matmul is twice the kernels' bf16 dot products.
         Elsewhere (AVX-512 without AMX) the kernels, measured faster than PyTorch's matmul there; the blocks
         were not measured on such a CPU."""
+        if self._amx_takes(lib):
+            return False
         if not kernels.has_batch_path(lib):
             return True
         return self.fmt != "float32" and native_bf16_matmul() and kernels.cpu_has("amx_bf16")
@@ -315,10 +348,10 @@ class PackedLinear(nn.Module):
     def _kernel(self, lib, x: torch.Tensor) -> torch.Tensor:
         m, k = x.shape
         n_pad = self.weight.shape[0] * TILE
+        if m > MAX_KERNEL_ROWS and self._amx_takes(lib):
+            return self._amx(lib, x)
         y = torch.empty(m, n_pad, dtype=torch.float32)
-        bias = self.bias
-        if bias is not None and n_pad != self.out_features:
-            bias = torch.cat((bias, bias.new_zeros(n_pad - self.out_features)))
+        bias = self._padded_bias()
         b = None if bias is None else bias.data_ptr()
         threads = torch.get_num_threads()
         if self.fmt in ("bfloat16", "int8") and m > MAX_KERNEL_ROWS and kernels.has_bf16_dot(lib):
@@ -353,7 +386,7 @@ _SCRATCH = threading.local()
 
 def _scratch(nbytes: int) -> int:
     """The address of a scratch buffer of at least ``nbytes`` for the int8/int4 kernels' activations rounded
-    to int8 (sizes: see jneox_linear_int8/int4 in gemv.c). One buffer per thread, shared by every layer
+    to int8 and the AMX kernel's tiles (sizes: see jneox_linear_int8/int4 and jneox_prompt_amx in gemv.c). One buffer per thread, shared by every layer
     (each kernel call is done with it when it returns): one per layer would hold 144 of them in a 3.6B
     model, ~320 MB for 128-row prompts."""
     buf = getattr(_SCRATCH, "buf", None)

@@ -6,7 +6,7 @@ a cache folder and loaded with ctypes after torch, so it shares torch's OpenMP r
 compiler, or with ``JNEOX_KERNELS=0``, :func:`library` returns None and jneox uses PyTorch's own ops
 instead (correct, slower).
 
-``JNEOX_SIMD=portable|avx2|avx2vnni|avx512|avx512bf16`` builds the kernels for at most that instruction set
+``JNEOX_SIMD=portable|avx2|avx2vnni|avx512|avx512bf16|amx`` builds the kernels for at most that instruction set
 (on x86-64; never more than the CPU has), so that every path can be run and tested on one machine
 (the table at the top of gemv.c says which path needs what).
 
@@ -51,6 +51,9 @@ SIGNATURES = {
     "jneox_prompt_bf16": [P, P, P, P, I, I, I, I],
     "jneox_prompt_int8": [P, P, P, P, P, I, I, I, I],
     "jneox_unpack_rows": [I, P, P, I, I, I, I, P, I, I],
+    "jneox_amx": [],
+    "jneox_prompt_amx": [I, P, P, P, P, P, I, I, I, I, P, I],
+    "jneox_prompt_amx_scratch": [I, I, I, I],
 }
 
 
@@ -58,9 +61,11 @@ SIGNATURES = {
 # (x86-64 only: elsewhere the build is -march=native, e.g. NEON on 64-bit ARM, level 1)
 # (avx2vnni: AVX2 with AVX-VNNI's integer dot products, as Intel's client CPUs since Alder Lake have;
 # the same level 2, told apart by jneox_kernels_int8_dot; avx2 leaves them out, as the older CPUs lack them)
-SIMD_LEVELS = {"portable": 0, "avx2": 2, "avx2vnni": 2, "avx512": 3, "avx512bf16": 4}
+# (amx: AVX-512 BF16 with AMX tiles, Intel Xeon since Sapphire Rapids: prompts as tile multiplies)
+SIMD_LEVELS = {"portable": 0, "avx2": 2, "avx2vnni": 2, "avx512": 3, "avx512bf16": 4, "amx": 5}
+_NO_AMX = ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]
 _CAP_FLAGS = {"portable": ["-mno-avx", "-mno-avx2", "-mno-fma", "-mno-f16c"], "avx2": ["-mno-avx512f", "-mno-avxvnni"],
-              "avx2vnni": ["-mno-avx512f"], "avx512": ["-mno-avx512bf16"], "avx512bf16": []}
+              "avx2vnni": ["-mno-avx512f"], "avx512": ["-mno-avx512bf16", *_NO_AMX], "avx512bf16": _NO_AMX, "amx": []}
 
 
 def simd_forcible() -> bool:
@@ -199,14 +204,16 @@ def _load(level: str | None) -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int if name.startswith("jneox_kernels_") else None
+        fn.restype = {"jneox_amx": ctypes.c_int, "jneox_prompt_amx_scratch": ctypes.c_long}.get(
+            name, ctypes.c_int if name.startswith("jneox_kernels_") else None)
     return lib
 
 
 @lru_cache(maxsize=None)
 def simd_level(lib) -> int:
     """What the library was built with (``jneox_kernels_simd`` in gemv.c): 0 portable, 2 AVX2/FMA,
-    3 AVX-512 (8 rows per pass for batches), 4 AVX-512 BF16 (also the bf16/int8 prompt kernels)."""
+    3 AVX-512 (8 rows per pass for batches), 4 AVX-512 BF16 (also the bf16/int8 prompt kernels), 5 AMX
+    (bf16/int8/int4 prompts as tile multiplies)."""
     return lib.jneox_kernels_simd()
 
 
@@ -225,6 +232,13 @@ def has_batch_path(lib) -> bool:
 
 def has_bf16_dot(lib) -> bool:
     return simd_level(lib) >= 4
+
+
+@lru_cache(maxsize=None)
+def has_amx(lib) -> bool:
+    """Whether prompts run as AMX tile multiplies (``jneox_prompt_amx``): built with AMX, and the OS lets
+    this process use the tile registers (Linux 5.16+)."""
+    return simd_level(lib) >= 5 and lib.jneox_amx() == 1
 
 
 def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head_dim: int):

@@ -25,7 +25,8 @@
  * Built with -march=native: AVX2/FMA code where the CPU has it, portable C otherwise. A batch of rows
  * (the server's decode steps) shares each pass over a tile: 3 rows (fp32) or 4 (bf16, int8) with AVX2,
  * 8 with AVX-512, every row computed bit for bit as it is alone. With AVX-512 BF16, prompts with bf16 or
- * int8 weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8).
+ * int8 weights can use bf16 dot products (jneox_prompt_bf16 / jneox_prompt_int8); with AMX, prompts in every
+ * format but fp32 are AMX tile multiplies (jneox_prompt_amx).
  *
  * Paths, what each needs, and how it is tested on every machine (JNEOX_SIMD=LEVEL caps the build
  * with -mno-* flags; tests/test_quantize.py forces each level the CPU can run, and skips, with the
@@ -41,9 +42,11 @@
  *                                            Alder Lake); the avx2 level builds without it
  *   avx512      3       avx512f              + 8 rows per pass for batches of 3+ rows (int8: 8 rows,
  *                                            vpdpbusd on 256-bit registers where avx512_vnni + avx512vl),
- *                                            prompts in chunks of 128 rows (with AMX, bf16/int8/int4
- *                                            prompts: jneox_unpack_rows + oneDNN's bf16)
+ *                                            prompts in chunks of 128 rows (on an AMX CPU capped below
+ *                                            amx, bf16/int8/int4 prompts: jneox_unpack_rows + oneDNN)
  *   avx512bf16  4       avx512f avx512_bf16  + bf16/int8 prompts with bf16 dot products (vdpbf16ps)
+ *   amx         5       + amx_tile amx_bf16  + bf16/int8/int4 prompts as AMX tile multiplies on the packed weight
+ *                       (and Linux 5.16+)    (jneox_prompt_amx), activations rounded to bf16
  *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; int8 with
  *                                            vmull_s8/vpadalq_s16, 4 rows per pass; not forcible by
  *                                            JNEOX_SIMD: tests/test_kernels_c.py under qemu
@@ -51,11 +54,15 @@
  * Tests: test_every_kernel_path_is_exact_and_batch_invariant[LEVEL-*] (decode rows 1..16, each
  * level), test_int8_kernel_gives_the_same_bits_on_every_path (every level against each other and a
  * float64 product of the same int8 activations), test_every_prompt_kernel_path_is_exact_and_chunk_
- * invariant[LEVEL-*] (avx512, avx512bf16), test_prompt_blocks_unpack_exactly[LEVEL-*],
+ * invariant[LEVEL-*] (avx512, avx512bf16, amx), test_amx_prompts_are_exact_products_of_bf16_activations,
+ * test_prompt_blocks_unpack_exactly[LEVEL-*],
  * test_prompts_through_gemm_blocks[LEVEL-*] (each level), test_simd_level_comes_from_the_environment,
  * tests/test_kernels_c.py (natively and under qemu, 1..9 rows); `JNEOX_SIMD=avx2 make test` runs the
  * whole suite so.
  */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* syscall(), for the AMX permission (jneox_amx) */
+#endif
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -798,6 +805,237 @@ void jneox_unpack_rows(int fmt, const void *W, const uint16_t *scale, int K, int
     }
 }
 
+/* ---- prompts on AMX: tile matrix multiplies straight from the packed weights -------------------
+ * With AMX (Intel Xeon since Sapphire Rapids) one tdpbf16ps multiplies a 16x32 bf16 tile by a 32x16 one,
+ * 16 times the work of an AVX-512 dot product instruction. oneDNN's bf16 matmul reaches it only from a
+ * plain-layout weight, so the block path (above) re-laid out all 7.2 GB of a 3.6B model's bf16 tiles per
+ * prompt and oneDNN then reordered them again: 2.6 s for 128 tokens, against transformers' 1.6-1.8 s
+ * (issue 15). Here each thread re-lays out 32 output rows x one K block of the packed weight at a time
+ * into AMX tiles in its own cache (bf16 copied, int8 widened exactly, int4 times its scale and rounded to
+ * bf16 as jneox_unpack_rows does), the next 32 rows between the tile multiplies of these (the vector units
+ * re-lay out while the tile unit multiplies), and multiplies them with every row of the prompt: the weight
+ * is read from memory once per call, whatever the prompt's length.
+ *   A tiles: 16 output rows x 32 k of the re-laid out weight (64 bytes a row);
+ *   B tiles: 32 k x 16 prompt rows in AMX's pair layout (row p: each prompt row's bf16 pair 2p, 2p+1), made
+ *            once per call from x, in K blocks whose B tiles stay in L2 (AMX_KBLOCK_BYTES);
+ *   C tiles: 16 output rows x 16 prompt rows, fp32, kept in the scratch between K blocks and written to
+ *            y[m][n] (times the int8 row scale, plus bias) after the last.
+ * Each output is one fixed sequence of tdpbf16ps over k whatever the other rows, so a row's bits depend
+ * neither on the prompt's length nor on its split (tests: test_every_prompt_kernel_path_is_exact_and_chunk_
+ * invariant[amx-*], test_amx_prompts_are_exact_products_of_bf16_activations). Needs K % 32 == 0 (int4:
+ * G % 32 == 0); quantize.py sends anything else to the other paths. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(BF16_DOT) && defined(__linux__)
+#define AMX 1
+#include <sys/syscall.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <unistd.h>
+#define AMX_KBLOCK_BYTES (1 << 20) /* a K block's slice of the B tiles (the prompt's activations): stays in L2 */
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
+
+/* rows 4*t .. 4*t+3 of the weight, k0 .. k0+31, as 4 rows of 32 bf16 at dst (64 bytes apart) */
+static inline void amx_rows(int fmt, const void *W, const uint16_t *scale, int K, int G, int t, int k0, uint16_t *dst) {
+    if (fmt == 1) { /* bf16 [N/4][K/8][4][8]: 4 chunks of 64 bytes; 128-bit block r of each is row r */
+        const uint16_t *src = (const uint16_t *)W + (size_t)t * RT * K + (size_t)k0 * RT;
+        __m512i v0 = _mm512_loadu_si512(src), v1 = _mm512_loadu_si512(src + 32), v2 = _mm512_loadu_si512(src + 64),
+                v3 = _mm512_loadu_si512(src + 96);
+        __m512i t0 = _mm512_shuffle_i32x4(v0, v1, 0x44), t1 = _mm512_shuffle_i32x4(v0, v1, 0xEE),
+                t2 = _mm512_shuffle_i32x4(v2, v3, 0x44), t3 = _mm512_shuffle_i32x4(v2, v3, 0xEE);
+        _mm512_storeu_si512(dst, _mm512_shuffle_i32x4(t0, t2, 0x88));
+        _mm512_storeu_si512(dst + 32, _mm512_shuffle_i32x4(t0, t2, 0xDD));
+        _mm512_storeu_si512(dst + 64, _mm512_shuffle_i32x4(t1, t3, 0x88));
+        _mm512_storeu_si512(dst + 96, _mm512_shuffle_i32x4(t1, t3, 0xDD));
+    } else if (fmt == 2) { /* int8 [N/4][K/8][4][8]: 4 chunks of 32 bytes; 64-bit lane r of each is row r */
+        const int8_t *src = (const int8_t *)W + (size_t)t * RT * K + (size_t)k0 * RT;
+        __m256i c0 = _mm256_loadu_si256((const __m256i *)src), c1 = _mm256_loadu_si256((const __m256i *)(src + 32)),
+                c2 = _mm256_loadu_si256((const __m256i *)(src + 64)), c3 = _mm256_loadu_si256((const __m256i *)(src + 96));
+        __m256i t0 = _mm256_unpacklo_epi64(c0, c1), t1 = _mm256_unpackhi_epi64(c0, c1),
+                t2 = _mm256_unpacklo_epi64(c2, c3), t3 = _mm256_unpackhi_epi64(c2, c3);
+        __m256i row[4] = {_mm256_permute2x128_si256(t0, t2, 0x20), _mm256_permute2x128_si256(t1, t3, 0x20),
+                          _mm256_permute2x128_si256(t0, t2, 0x31), _mm256_permute2x128_si256(t1, t3, 0x31)};
+        for (int r = 0; r < RT; r++) {
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(row[r])));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(row[r], 1)));
+            _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)); /* exact: |q| <= 127 */
+        }
+    } else { /* int4 [N/4][K/G][4][G/2] bytes, fp16 scales [N/4][K/G][4]; G % 32 == 0: 16 k in one half-group */
+        const int half = G / 2;
+        for (int r = 0; r < RT; r++) {
+            __m512 p[2];
+            for (int h = 0; h < 2; h++) {
+                const int k = k0 + 16 * h, g = k / G, j = k % G;
+                const uint8_t *b = (const uint8_t *)W + (size_t)t * RT * K / 2 + ((size_t)g * RT + r) * half + j % half;
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+                if (j >= half) q = _mm512_srli_epi32(q, 4);
+                q = _mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(15)), _mm512_set1_epi32(8));
+                float sc = f16_f32(scale[(size_t)t * RT * (K / G) + (size_t)g * RT + r]);
+                p[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc));
+            }
+            _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0])); /* to nearest even */
+        }
+    }
+}
+
+/* unit u of an n-block's re-layout (unit = 4 rows x 32 k: u % 8 the 4 rows, u / 8 the 32 k) into a
+ * [kb/32][32 rows][32] buffer; rows past N are zeros */
+static inline void amx_pack_unit(int fmt, const void *W, const uint16_t *scale, int K, int G, int N, int nb, int k0,
+                                 int u, uint16_t *a) {
+    const int tl = u % 8, s = u / 8, t = nb * 8 + tl;
+    uint16_t *dst = a + ((size_t)s * 32 + (size_t)tl * RT) * 32;
+    if (t * RT < N && fmt != 3) { /* this tile's stream 4 units on (int8 10-20% faster, measured on one core) */
+        const int bytes = fmt == 1 ? 256 : 128;
+        const char *p = (const char *)W + ((size_t)t * RT * K + (size_t)(k0 + 32 * s) * RT) * (fmt == 1 ? 2 : 1);
+        for (int i = 0; i < bytes; i += 64) _mm_prefetch(p + 4 * bytes + i, _MM_HINT_T0);
+    }
+    if (t * RT < N) amx_rows(fmt, W, scale, K, G, t, k0 + 32 * s, dst);
+    else memset(dst, 0, RT * 64);
+}
+
+/* a C tile (16 output rows n0.. x 16 prompt rows m0..) into y[m][n] (times the int8 row scale, plus bias) */
+static inline void amx_out(int fmt, const float *c, const float *scale, const float *bias, float *y, int M, int N,
+                           int n0, int m0) {
+    const __m512i down = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    const __mmask16 live = N - n0 >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+    __m512 sc = fmt == 2 ? _mm512_maskz_loadu_ps(live, scale + n0) : _mm512_set1_ps(1.f);
+    __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
+    for (int m = 0; m < 16 && m0 + m < M; m++) {
+        __m512 v = _mm512_i32gather_ps(down, c + m, 4); /* column m of the tile */
+        _mm512_mask_storeu_ps(y + (size_t)(m0 + m) * N + n0, live, _mm512_fmadd_ps(v, sc, b));
+    }
+}
+
+/* the K block: its B tiles (AMX_KBLOCK_BYTES) stay in L2 */
+static inline int amx_kblock(int Mp, int K) {
+    int kblock = AMX_KBLOCK_BYTES / (Mp * 2) / 32 * 32;
+    kblock = kblock < 256 ? 256 : kblock;
+    return K < kblock ? K : kblock;
+}
+#endif
+
+/* whether the AMX prompt kernel runs here: built with AMX, and Linux lets this process use the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; kernels before 5.16 refuse it) */
+int jneox_amx(void) {
+#ifdef AMX
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+
+
+/* the scratch jneox_prompt_amx needs (0 without AMX): the B tiles, the C tiles, and each thread's two
+ * re-laid out blocks of weight rows (an allocation of their own per call cost page faults every call) */
+long jneox_prompt_amx_scratch(int M, int N, int K, int threads) {
+#ifdef AMX
+    const long Mp = (M + 31) / 32 * 32;
+    return (long)K * Mp * 2 + (long)(N + 31) / 32 * 32 * Mp * 4 + (long)threads * 2 * 64 * amx_kblock((int)Mp, K);
+#else
+    (void)M, (void)N, (void)K, (void)threads;
+    return 0;
+#endif
+}
+
+/* x: [M][K] fp32 (rounded to bf16 here, to nearest even); fmt: 1 bf16, 2 int8 (scale: fp32 per output row),
+ * 3 int4 (scale: fp16 groups of G); scratch: jneox_prompt_amx_scratch bytes, 64-byte aligned; y: [M][N];
+ * N: output rows padded to tiles of 4 */
+void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale, const float *bias, float *y,
+                      int M, int N, int K, int G, void *scratch, int threads) {
+#ifdef AMX
+    if (!jneox_amx()) return; /* never so from quantize.py, which asks jneox_amx first (a ~1 us syscall) */
+    const int Mp = (M + 31) / 32 * 32, mt = Mp / 16, nblocks = (N + 31) / 32;
+    /* B tiles, [K/32][Mp/16][16 pairs][16 rows] (each tile 1 KB in a row), then C tiles [N/16][Mp/16][16][16] */
+    uint32_t *xt = (uint32_t *)scratch;
+    float *ct = (float *)((char *)scratch + (size_t)K * Mp * 2);
+    const int kblock = amx_kblock(Mp, K);
+    uint16_t *blocks = (uint16_t *)(ct + (size_t)nblocks * 32 * Mp);
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int ms = 0; ms < mt * (K / 32); ms++) { /* one 16-row x 32-k piece of x into its B tile */
+            const int mb = ms % mt, s = ms / mt;
+            uint32_t *tile = xt + ((size_t)s * mt + mb) * 256;
+            for (int m = 0; m < 16; m++) {
+                const int row = mb * 16 + m;
+                __m512i v = _mm512_setzero_si512();
+                if (row < M) {
+                    const float *src = x + (size_t)row * K + (size_t)s * 32;
+                    v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+                }
+                _mm512_i32scatter_epi32(tile + m, _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160,
+                                                                     176, 192, 208, 224, 240), v, 4);
+            }
+        }
+        /* (the omp for's barrier: every B tile is written before the first multiply) */
+        amx_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+        _tile_loadconfig(&cfg);
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int tid = 0, nth = 1;
+#endif
+        const int lo = (int)((long)nblocks * tid / nth), hi = (int)((long)nblocks * (tid + 1) / nth);
+        float c[256] __attribute__((aligned(64)));
+        /* two re-laid out n-blocks: the next one is made between the tile multiplies of this one, so the
+         * vector units re-lay out while the tile unit multiplies */
+        uint16_t *a[2] = {blocks + (size_t)tid * 2 * 32 * kblock, blocks + ((size_t)tid * 2 + 1) * 32 * kblock};
+        for (int k0 = 0; k0 < K && lo < hi; k0 += kblock) {
+            const int kb = K - k0 < kblock ? K - k0 : kblock, steps = kb / 32, units = 8 * steps;
+            const int last = k0 + kb == K;
+            for (int u = 0; u < units; u++) amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, lo, k0, u, a[0]);
+            for (int nb = lo; nb < hi; nb++) {
+                uint16_t *cur = a[(nb - lo) & 1], *nxt = a[(nb - lo + 1) & 1];
+                const int todo = nb + 1 < hi ? units : 0, q_all = (Mp / 32) * steps;
+                int u = 0, q = 0;
+                for (int m0 = 0; m0 < Mp; m0 += 32) {
+                    float *c0 = ct + ((size_t)(2 * nb) * mt + m0 / 16) * 256, *c1 = c0 + (size_t)mt * 256;
+                    if (k0 == 0) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, c0, 64); _tile_loadd(1, c0 + 256, 64);
+                        _tile_loadd(2, c1, 64); _tile_loadd(3, c1 + 256, 64);
+                    }
+                    const uint32_t *b = xt + ((size_t)k0 / 32 * mt + m0 / 16) * 256;
+                    for (int s = 0; s < steps; s++, b += (size_t)mt * 256) {
+                        _tile_loadd(4, cur + (size_t)s * 1024, 64);
+                        _tile_loadd(5, cur + (size_t)s * 1024 + 512, 64);
+                        _tile_loadd(6, b, 64);
+                        _tile_loadd(7, b + 256, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                        for (q++; u < (long)todo * q / q_all; u++)
+                            amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, nb + 1, k0, u, nxt);
+                    }
+                    if (!last) {
+                        _tile_stored(0, c0, 64); _tile_stored(1, c0 + 256, 64);
+                        _tile_stored(2, c1, 64); _tile_stored(3, c1 + 256, 64);
+                        continue;
+                    }
+                    const float *sc = (const float *)scale;
+                    _tile_stored(0, c, 64); amx_out(fmt, c, sc, bias, y, M, N, nb * 32, m0);
+                    _tile_stored(1, c, 64); amx_out(fmt, c, sc, bias, y, M, N, nb * 32, m0 + 16);
+                    if (nb * 32 + 16 < N) {
+                        _tile_stored(2, c, 64); amx_out(fmt, c, sc, bias, y, M, N, nb * 32 + 16, m0);
+                        _tile_stored(3, c, 64); amx_out(fmt, c, sc, bias, y, M, N, nb * 32 + 16, m0 + 16);
+                    }
+                }
+                for (; u < todo; u++) amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, nb + 1, k0, u, nxt);
+            }
+        }
+        _tile_release();
+    }
+#else
+    (void)fmt, (void)x, (void)W, (void)scale, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)G, (void)scratch,
+        (void)threads;
+#endif
+}
+
 /* ---- decode attention (one or a few new tokens per row) --------------------------------------------------------- */
 static inline float dot_f32(const float *a, const float *b, int n) {
     int i = 0;
@@ -887,10 +1125,12 @@ void jneox_decode_attention(const float *qkv, const float *cos, const float *sin
     }
 }
 
-/* 4 with AVX-512 BF16 (also the prompt kernels), 3 with AVX-512 (the batch path), 2 with AVX2/FMA,
+/* 5 with AMX (bf16/int8/int4 prompts in tiles), 4 with AVX-512 BF16 (also the prompt kernels), 3 with AVX-512 (the batch path), 2 with AVX2/FMA,
  * 1 with NEON (64-bit ARM), 0 for the portable loops */
 int jneox_kernels_simd(void) {
-#if defined(BF16_DOT)
+#if defined(AMX)
+    return 5;
+#elif defined(BF16_DOT)
     return 4;
 #elif defined(__AVX512F__)
     return 3;
