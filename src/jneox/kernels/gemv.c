@@ -893,17 +893,43 @@ static inline void amx_pack_unit(int fmt, const void *W, const uint16_t *scale, 
     else memset(dst, 0, RT * 64);
 }
 
-/* a C tile (16 output rows n0.. x 16 prompt rows m0..) into y[m][n] (times the int8 row scale, plus bias) */
+/* a 16x16 fp32 block transposed in registers (r[i] row i in, column i out): 64 shuffles where 16
+ * gathers cost 256 loads */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + j], 128-bit lane l: rows 4i..4i+3 of column 4l + j */
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) { /* lanes l of r[j], r[4+j], r[8+j], r[12+j] together: column 4l + j */
+        __m512 t0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), t1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE),
+               t2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44), t3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+        t[j] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* a C tile (16 output rows n0.. x 16 prompt rows m0.., row-major at c) into y[m][n] (times the int8 row
+ * scale, plus bias) */
 static inline void amx_out(int fmt, const float *c, const float *scale, const float *bias, float *y, int M, int N,
                            int n0, int m0) {
-    const __m512i down = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     const __mmask16 live = N - n0 >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
     __m512 sc = fmt == 2 ? _mm512_maskz_loadu_ps(live, scale + n0) : _mm512_set1_ps(1.f);
     __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
-    for (int m = 0; m < 16 && m0 + m < M; m++) {
-        __m512 v = _mm512_i32gather_ps(down, c + m, 4); /* column m of the tile */
-        _mm512_mask_storeu_ps(y + (size_t)(m0 + m) * N + n0, live, _mm512_fmadd_ps(v, sc, b));
-    }
+    __m512 r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(c + 16 * i);
+    transpose16(r);
+    for (int m = 0; m < 16 && m0 + m < M; m++)
+        _mm512_mask_storeu_ps(y + (size_t)(m0 + m) * N + n0, live, _mm512_fmadd_ps(r[m], sc, b));
 }
 
 /* the K block: its B tiles (AMX_KBLOCK_BYTES) stay in L2 */
@@ -955,17 +981,15 @@ void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale,
         _Pragma("omp for schedule(static)")
         for (int ms = 0; ms < mt * (K / 32); ms++) { /* one 16-row x 32-k piece of x into its B tile */
             const int mb = ms % mt, s = ms / mt;
-            uint32_t *tile = xt + ((size_t)s * mt + mb) * 256;
+            __m512 r[16]; /* row m: its 16 bf16 pairs; transposed: row p, the 16 rows' pair p */
             for (int m = 0; m < 16; m++) {
                 const int row = mb * 16 + m;
-                __m512i v = _mm512_setzero_si512();
-                if (row < M) {
-                    const float *src = x + (size_t)row * K + (size_t)s * 32;
-                    v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
-                }
-                _mm512_i32scatter_epi32(tile + m, _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160,
-                                                                     176, 192, 208, 224, 240), v, 4);
+                const float *src = x + (size_t)row * K + (size_t)s * 32;
+                r[m] = row < M ? (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))
+                               : _mm512_setzero_ps();
             }
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_store_ps((float *)(xt + ((size_t)s * mt + mb) * 256 + 16 * p), r[p]);
         }
         /* (the omp for's barrier: every B tile is written before the first multiply) */
         amx_config cfg;
