@@ -161,6 +161,25 @@ def catalog_conversations(passages: list[str], count: int, seed: int) -> list[li
     return out
 
 
+def scrambled_conversations(passages: list[str], count: int, seed: int) -> list[list[Utterance]]:
+    """``count`` repeat tasks over ``passages`` cut into pieces of 1-4 characters and shuffled: real
+    characters in an order no language model predicts, so that only copying lowers the loss. On the
+    natural passages alone the demo model did not start to copy (held-out answer loss 5.6 -> 4.9 in
+    100 steps, its greedy repeats unrelated to the passage)."""
+    rng = random.Random(seed)
+    out = []
+    for passage in passages[:count]:
+        pieces, i = [], 0
+        while i < len(passage):
+            n = rng.randint(1, 4)
+            pieces.append(passage[i:i + n])
+            i += n
+        rng.shuffle(pieces)
+        text = "".join(pieces)
+        out.append([Utterance(USER, f"{REPEAT_INSTRUCTION}\n{text}"), Utterance(SYSTEM, text)])
+    return out
+
+
 def split(files: list[Path], heldout_percent: int = DEFAULT_HELDOUT_PERCENT):
     """(training, held-out) hand-written conversations, split exactly as for the demo model's SFT."""
     conversations = deduplicate([c for f in files for c in read_conversation_file(f)])
@@ -177,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--catalogs", type=Path,
                         help="a folder of Japanese gettext catalogs (*.mo, e.g. /usr/share/locale/ja/LC_MESSAGES): "
                              "repeat, typo and quote tasks over their messages join the training data")
+    parser.add_argument("--scrambled", type=int, default=0,
+                        help="repeat tasks over shuffled pieces of training passages (and catalog messages) added (default: 0)")
     parser.add_argument("--chat-share", type=float, default=1.0,
                         help="share of the training conversations mixed in to keep the model chatting (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -188,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
         if not passages:
             parser.error(f"--catalogs {args.catalogs}: no Japanese messages in *.mo files there")
         copies += catalog_conversations(passages, len(copies), args.seed)
+    else:
+        passages = []
+    if args.scrambled:
+        pool = [p for _, p in qa_pairs(train) if 60 <= len(p) <= 300] + passages
+        random.Random(args.seed + 2).shuffle(pool)
+        copies += scrambled_conversations(pool, args.scrambled, args.seed + 3)
     mixed = copies + random.Random(args.seed).sample(train, int(len(train) * args.chat_share))
     random.Random(args.seed).shuffle(mixed)
     write_jsonl([as_card_json(c) for c in mixed], args.out_dir / "train.jsonl")
