@@ -389,9 +389,11 @@ def test_copy_data_keeps_heldout_text_out_of_training(tmp_path):
     lines = [json.dumps(_conversation(f"質問その{i}ですか？", f"答えその{i}は、この文章の中にあります。続きの文もここにあります。三つ目の文も、この段落の最後にきちんと置いてあります。"),
                         ensure_ascii=False) for i in range(120)]
     (folder / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    make_copy_data.main(["--conversations", str(folder), "--out-dir", str(tmp_path / "out"), "--scrambled", "30"])
+    make_copy_data.main(["--conversations", str(folder), "--out-dir", str(tmp_path / "out"), "--short", "40"])
     train = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8")
-    assert train.count(make_copy_data.REPEAT_INSTRUCTION) >= 30  # the scrambled ones come from training passages only
+    short = (tmp_path / "out" / "short.jsonl").read_text(encoding="utf-8")
+    assert short.count(make_copy_data.REPEAT_INSTRUCTION) == 40
+    train += short  # the short spans come from training passages only
     heldout = [json.loads(line) for line in (tmp_path / "out" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
     chat = [json.loads(line) for line in (tmp_path / "out" / "chat.jsonl").read_text(encoding="utf-8").splitlines()]
     assert heldout and chat and len(chat) < 40

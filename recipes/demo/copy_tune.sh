@@ -6,8 +6,9 @@
 # Settings (environment variables):
 #   OUT       work folder (default ~/.cache/jneox/demo/copy); nothing is written into the repository
 #   MODEL     the model to start from (default models/demo)
-#   STEPS     SFT steps of 8 conversations (default 300)
-#   LR        peak learning rate (default 3e-4; 6e-4 made the training loss climb in the first 50 steps)
+#   SHORT_STEPS  first stage: steps of 16 short repeat tasks (default 400, lr 1e-3)
+#   STEPS     second stage: steps of 8 full-length copy tasks and conversations (default 150)
+#   LR        the second stage's peak learning rate (default 3e-4; 6e-4 made the loss climb in the first 50 steps)
 #   CATALOGS  Japanese gettext catalogs for copy tasks over unseen text (default /usr/share/locale/ja/LC_MESSAGES)
 #   PYTHON    interpreter with jneox installed (default python)
 # A step that finished is skipped when run again with the same OUT.
@@ -20,7 +21,8 @@ RECIPE="$REPO/recipes/demo"
 MODEL_OUT="${1:?usage: copy_tune.sh MODEL_OUT (a folder that does not exist yet)}"
 OUT="${OUT:-$HOME/.cache/jneox/demo/copy}"
 MODEL="${MODEL:-$REPO/models/demo}"
-STEPS="${STEPS:-300}"
+SHORT_STEPS="${SHORT_STEPS:-400}"
+STEPS="${STEPS:-150}"
 LR="${LR:-3e-4}"
 CATALOGS="${CATALOGS:-/usr/share/locale/ja/LC_MESSAGES}"
 PYTHON="${PYTHON:-python}"
@@ -40,11 +42,16 @@ step() {  # step NAME COMMAND...: run COMMAND unless NAME finished before
 
 catalogs=()
 [[ -d "$CATALOGS" ]] && catalogs=(--catalogs "$CATALOGS")
-step data "$PYTHON" "$RECIPE/make_copy_data.py" --out-dir "$OUT/data" "${catalogs[@]}" --chat-share 0.4
-step sft "$PYTHON" -m jneox sft --model "$MODEL" --data "$OUT/data/train.jsonl" --val-data "$OUT/data/heldout.jsonl" \
-  --out "$OUT/sft" --max-steps "$STEPS" --max-len 512 --batch-size 8 --lr "$LR" --min-lr "$(awk "BEGIN{print $LR/10}")" \
-  --warmup-steps 10 --eval-every 50 --eval-batches 4 --save-every 50 --log-every 10 --device cpu \
-  --save-dtype bfloat16 --no-progress $([[ -f "$OUT/sft/trainer_state.pt" ]] && echo --resume)
+step data "$PYTHON" "$RECIPE/make_copy_data.py" --out-dir "$OUT/data" "${catalogs[@]}" --chat-share 0.4 --short 6000
+resume() { [[ -f "$1/trainer_state.pt" ]] && echo --resume || true; }
+common=(--val-data "$OUT/data/heldout.jsonl" --max-len 512 --warmup-steps 10 --eval-every 100 --eval-batches 4
+        --save-every 50 --log-every 10 --device cpu --save-dtype bfloat16 --no-progress)
+# first short spans (half scrambled: only copying predicts them), where copying starts; then the full-length
+# tasks (extractive QA over three passages, repeats, typo fixes) and conversations
+step short "$PYTHON" -m jneox sft --model "$MODEL" --data "$OUT/data/short.jsonl" --out "$OUT/short" \
+  --max-steps "$SHORT_STEPS" --batch-size 16 --lr 1e-3 --min-lr 1e-4 "${common[@]}" $(resume "$OUT/short")
+step sft "$PYTHON" -m jneox sft --model "$OUT/short" --data "$OUT/data/train.jsonl" --out "$OUT/sft" \
+  --max-steps "$STEPS" --batch-size 8 --lr "$LR" --min-lr "$(awk "BEGIN{print $LR/10}")" "${common[@]}" $(resume "$OUT/sft")
 
 echo "== model to $MODEL_OUT"
 staging="$MODEL_OUT.partial"
