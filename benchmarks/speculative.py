@@ -4,8 +4,9 @@
 Three measurements, printed as tables:
 
 1. **Acceptance**, greedy, on a trained model (default: the shipped demo model; the README's figures
-   use the demo model fine-tuned to copy, see ``recipes/demo/make_copy_data.py``): for each task, new
-   tokens, passes of the model, tokens per pass and tok/s (``--clock``), plain and with each guesser
+   use the demo model fine-tuned to copy, see ``recipes/demo/copy_tune.sh``): for each task, new
+   tokens, passes of the model, tokens per pass and decode tok/s (``--clock``; after the prompt's pass,
+   which is run once per prompt and replayed for the other runs), plain and with each guesser
    (prompt lookup with k = 3, 5, 8 guesses per pass; ``--draft`` a smaller model with the same
    ``spiece.model``). Tasks, from held-out conversations only (never trained on): ``copy`` (extractive
    QA over three passages as JSQuAD, repeating a passage, fixing its typos: the answer quotes the
@@ -24,6 +25,13 @@ Three measurements, printed as tables:
     .venv/bin/python benchmarks/speculative.py                       # demo model + 2 layers of the 3.6B shape
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speculative.py --model COPY --draft models/demo --prompts 12 --clock cpu
     .venv/bin/python benchmarks/speculative.py --model COPY --layers 36   # idle machine
+
+End to end at the 3.6B cost: the copy-tuned demo model (``recipes/demo/copy_tune.sh COPY``) widened
+to the 3.6B shape with the same function (``benchmarks/widen.py COPY WIDE``), with itself at its
+own size as the draft (an upper bound on a draft's acceptance: it is the target's function):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speculative.py --model WIDE --demo-dtype bfloat16 \
+        --draft COPY --draft-dtype float32 --prompts 8 --new-tokens 48 --layers 0 --tasks copy
 """
 from __future__ import annotations
 
