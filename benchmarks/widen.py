@@ -48,7 +48,7 @@ from jneox.config import ModelConfig
 from jneox.errors import JneoxError
 from jneox.model import meta_model
 
-PAD_LOGIT = -1e4  # far below any real logit (the demo model's lie within +-40), and exact in bfloat16
+PAD_LOGIT = -1e4  # far below any real logit (the demo model's max |logit| was 18 on the prompt checked)
 
 
 class WidenError(JneoxError):
@@ -56,8 +56,8 @@ class WidenError(JneoxError):
 
 
 def residual_embedding(d: int, d_big: int) -> torch.Tensor:
-    """E = sqrt(d'/d) Q (d' x d, float64): orthonormal columns scaled so that RMS is kept, with
-    Q maps the uniform unit vector of R^d to that of R^d'."""
+    """E = sqrt(d'/d) Q (d' x d, float64): Q has orthonormal columns and maps the uniform unit vector
+    of R^d to that of R^d'; the scale keeps a vector's RMS (and so LayerNorm's eps)."""
     u = torch.zeros(d_big, dtype=torch.float64)
     u[:d] = d ** -0.5
     w = u - torch.full((d_big,), d_big ** -0.5, dtype=torch.float64)
