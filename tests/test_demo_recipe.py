@@ -376,14 +376,24 @@ def test_copy_tasks_answer_with_the_prompts_own_words():
     assert all(n == len(convs) for n in kinds.values())
 
 
+def test_scrambled_repeats_are_the_passages_pieces_reordered():
+    passages = ["これは一番目の段落です。説明の文が続きます。", "二つ目の段落には、別の言葉がいくつも並んでいます。"]
+    for (user, system), passage in zip(make_copy_data.scrambled_conversations(passages, 5, seed=0), passages):
+        assert user.text == f"{make_copy_data.REPEAT_INSTRUCTION}\n{system.text}"
+        assert sorted(system.text) == sorted(passage) and system.text != passage
+
+
 def test_copy_data_keeps_heldout_text_out_of_training(tmp_path):
     folder = tmp_path / "conversations"
     folder.mkdir()
     lines = [json.dumps(_conversation(f"質問その{i}ですか？", f"答えその{i}は、この文章の中にあります。続きの文もここにあります。三つ目の文も、この段落の最後にきちんと置いてあります。"),
                         ensure_ascii=False) for i in range(120)]
     (folder / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    make_copy_data.main(["--conversations", str(folder), "--out-dir", str(tmp_path / "out")])
+    make_copy_data.main(["--conversations", str(folder), "--out-dir", str(tmp_path / "out"), "--short", "40"])
     train = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8")
+    short = (tmp_path / "out" / "short.jsonl").read_text(encoding="utf-8")
+    assert short.count(make_copy_data.REPEAT_INSTRUCTION) == 40
+    train += short  # the short spans come from training passages only
     heldout = [json.loads(line) for line in (tmp_path / "out" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
     chat = [json.loads(line) for line in (tmp_path / "out" / "chat.jsonl").read_text(encoding="utf-8").splitlines()]
     assert heldout and chat and len(chat) < 40
