@@ -884,7 +884,7 @@ static inline void amx_pack_unit(int fmt, const void *W, const uint16_t *scale, 
                                  int u, uint16_t *a) {
     const int tl = u % 8, s = u / 8, t = nb * 8 + tl;
     uint16_t *dst = a + ((size_t)s * 32 + (size_t)tl * RT) * 32;
-    if (t * RT < N && fmt != 3) { /* this tile's stream 4 units on (int8 10-20% faster, measured on one core) */
+    if (t * RT < N && fmt != 3) { /* this tile's stream 4 units on (int8 10-20% faster on one core of the shared machine) */
         const int bytes = fmt == 1 ? 256 : 128;
         const char *p = (const char *)W + ((size_t)t * RT * K + (size_t)(k0 + 32 * s) * RT) * (fmt == 1 ? 2 : 1);
         for (int i = 0; i < bytes; i += 64) _mm_prefetch(p + 4 * bytes + i, _MM_HINT_T0);
@@ -949,7 +949,6 @@ int jneox_amx(void) {
     return 0;
 #endif
 }
-
 
 /* the scratch jneox_prompt_amx needs (0 without AMX): the B tiles, the C tiles, and each thread's two
  * re-laid out blocks of weight rows (an allocation of their own per call cost page faults every call) */
