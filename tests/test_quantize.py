@@ -151,24 +151,33 @@ def test_every_prompt_kernel_path_is_exact_and_chunk_invariant(level, fmt, group
             assert torch.equal(packed._kernel(lib, x[:rows]), whole[:rows]), rows
 
 
-@pytest.mark.parametrize("fmt, group", [("bfloat16", 64), ("int8", 64), ("int4", 64), ("int4", 32)])
-@pytest.mark.parametrize("shape", [(86, 192, True), (40, 2048, False)])  # the second: K in two blocks of 300 rows
-def test_amx_prompts_are_exact_products_of_bf16_activations(fmt, group, shape):
-    """jneox_prompt_amx (AMX tile multiplies on the packed weight): the product of the activations rounded
-    to bf16 with the weight (int8: its exact codes, scaled after; int4: dequantized and rounded to bf16,
-    as the GEMM block path rounds it), summed in fp32, for output rows that fill no whole tile, K in one or
-    several blocks, with and without bias; and each row the same bits in any split of the prompt."""
+AMX_CASES = [(fmt, group, shape) for fmt, group in [("bfloat16", 64), ("int8", 64), ("int4", 64), ("int4", 32)]
+             for shape in [(86, 192, True), (40, 2048, False), (84, 96, True)]  # (40, 2048): K in two blocks
+             if fmt != "int4" or shape[1] % group == 0]
+
+
+@pytest.mark.parametrize("fmt, group, shape", AMX_CASES)
+def test_amx_prompts_are_exact_products(fmt, group, shape):
+    """jneox_prompt_amx (AMX tile multiplies on the packed weight), for output rows that fill no whole tile,
+    K in one or several blocks, with and without bias: int8 weights with K % 64 == 0 multiply int8 tiles on
+    activations rounded to int8 per block of 64 as the decode kernel rounds them (so a row equals its decode
+    row up to the order of the float sums), every other case bf16 tiles on activations rounded to bf16 (int8:
+    its exact codes, scaled after; int4: dequantized and rounded to bf16, as the GEMM block path rounds it);
+    fp32 sums; and each row the same bits in any split of the prompt."""
     lib = _library("amx")
     n, k, bias = shape
     torch.manual_seed(7)
     packed = PackedLinear.from_linear(nn.Linear(k, n, bias=bias), fmt, group_size=group)
     assert packed._amx_takes(lib)
     x = torch.randn(300, k)
+    x[3] = 0.0  # a row of zeros: scale 0
+    x[5, :8] *= 1000  # one large value in a block
+    int8_tiles = fmt == "int8" and k % 64 == 0
     if fmt == "int8":
         w = quantize._untile(packed.weight)[:n].double()
     else:
         w = packed.unpacked_weight().to(torch.bfloat16).double()
-    want = x.to(torch.bfloat16).double() @ w.T
+    want = (_int8_activations(x) if int8_tiles else x.to(torch.bfloat16).double()) @ w.T
     if fmt == "int8":
         want = want * packed.scale[:n].double()
     if bias:
@@ -178,6 +187,9 @@ def test_amx_prompts_are_exact_products_of_bf16_activations(fmt, group, shape):
         assert _rel(whole.double(), want) < 1e-6
         for a, b in ((0, MAX_KERNEL_ROWS + 1), (5, 38), (100, 228), (233, 300), (0, 300)):
             assert torch.equal(packed._kernel(lib, x[a:b]), whole[a:b]), (a, b)
+        if int8_tiles:  # the decode kernel's integer block sums, in another float order
+            decoded = torch.cat([packed._kernel(lib, x[i : i + 1]) for i in range(MAX_KERNEL_ROWS)])
+            assert _rel(whole[:MAX_KERNEL_ROWS], decoded) < 1e-6
 
 
 @pytest.mark.parametrize("in_features", [256, 96, 200])  # blocks of 64, 32 and 8 along K

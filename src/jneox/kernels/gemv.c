@@ -46,7 +46,8 @@
  *                                            amx, bf16/int8/int4 prompts: jneox_unpack_rows + oneDNN)
  *   avx512bf16  4       avx512f avx512_bf16  + bf16/int8 prompts with bf16 dot products (vdpbf16ps)
  *   amx         5       + amx_tile amx_bf16  + bf16/int8/int4 prompts as AMX tile multiplies on the packed weight
- *                       (and Linux 5.16+)    (jneox_prompt_amx), activations rounded to bf16
+ *                       (and Linux 5.16+)    (jneox_prompt_amx): bf16 tiles, int8 x int8 tiles (amx_int8) for
+ *                                            int8 weights with K % 64 == 0
  *   (aarch64)   1       neon (asimd)         2 x 4-lane FMAs per 8 weights, 1-2 rows per pass; int8 with
  *                                            vmull_s8/vpadalq_s16, 4 rows per pass; not forcible by
  *                                            JNEOX_SIMD: tests/test_kernels_c.py under qemu
@@ -54,7 +55,7 @@
  * Tests: test_every_kernel_path_is_exact_and_batch_invariant[LEVEL-*] (decode rows 1..16, each
  * level), test_int8_kernel_gives_the_same_bits_on_every_path (every level against each other and a
  * float64 product of the same int8 activations), test_every_prompt_kernel_path_is_exact_and_chunk_
- * invariant[LEVEL-*] (avx512, avx512bf16, amx), test_amx_prompts_are_exact_products_of_bf16_activations,
+ * invariant[LEVEL-*] (avx512, avx512bf16, amx), test_amx_prompts_are_exact_products,
  * test_prompt_blocks_unpack_exactly[LEVEL-*],
  * test_prompts_through_gemm_blocks[LEVEL-*] (each level), test_simd_level_comes_from_the_environment,
  * tests/test_kernels_c.py (natively and under qemu, 1..9 rows); `JNEOX_SIMD=avx2 make test` runs the
@@ -820,9 +821,15 @@ void jneox_unpack_rows(int fmt, const void *W, const uint16_t *scale, int K, int
  *            once per call from x, in K blocks whose B tiles stay in L2 (AMX_KBLOCK_BYTES);
  *   C tiles: 16 output rows x 16 prompt rows, fp32, kept in the scratch between K blocks and written to
  *            y[m][n] (times the int8 row scale, plus bias) after the last.
- * Each output is one fixed sequence of tdpbf16ps over k whatever the other rows, so a row's bits depend
+ * int8 weights with K % 64 == 0 multiply int8 x int8 tiles instead (tdpbssd, 16x16 outputs x 64 k): the
+ * activations rounded to int8 per block of 64 exactly as quantize_x rounds them for the decode kernel, the
+ * weight re-laid out without widening, each block's exact int32 sums times its row's block scale added
+ * up in fp32 (the decode kernel's integer sums in another float order: a prompt row is its decode row
+ * to ~1e-7). The per-block float work costs about what the widening did: measured on a shared machine
+ * (128 rows, 2 threads) 2816->8448 about even, 11264->2816 10-30% faster.
+ * Each output is one fixed sequence of tile multiplies over k whatever the other rows, so a row's bits depend
  * neither on the prompt's length nor on its split (tests: test_every_prompt_kernel_path_is_exact_and_chunk_
- * invariant[amx-*], test_amx_prompts_are_exact_products_of_bf16_activations). Needs K % 32 == 0 (int4:
+ * invariant[amx-*], test_amx_prompts_are_exact_products). Needs K % 32 == 0 (int4:
  * G % 32 == 0); quantize.py sends anything else to the other paths. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(BF16_DOT) && defined(__linux__)
 #define AMX 1
@@ -831,6 +838,11 @@ void jneox_unpack_rows(int fmt, const void *W, const uint16_t *scale, int K, int
 #include <omp.h>
 #endif
 #include <unistd.h>
+#ifdef __AMX_INT8__
+#define AMX_INT8 1
+#else
+#define AMX_INT8 0
+#endif
 #define AMX_KBLOCK_BYTES (1 << 20) /* a K block's slice of the B tiles (the prompt's activations): stays in L2 */
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
@@ -891,6 +903,26 @@ static inline void amx_pack_unit(int fmt, const void *W, const uint16_t *scale, 
     }
     if (t * RT < N) amx_rows(fmt, W, scale, K, G, t, k0 + 32 * s, dst);
     else memset(dst, 0, RT * 64);
+}
+
+/* int8 x int8 tiles (tdpbssd), for int8 weights where K % 64 == 0: unit u = 4 rows x 64 k (one activation
+ * block) of n-block nb, as 4 rows of 64 bytes into [kb/64][32 rows][64]; rows past N are zeros */
+static inline void amx_pack_unit8(const int8_t *W, int K, int N, int nb, int k0, int u, int8_t *a) {
+    const int tl = u % 8, s = u / 8, t = nb * 8 + tl;
+    int8_t *dst = a + ((size_t)s * 32 + (size_t)tl * RT) * 64;
+    if (t * RT >= N) {
+        memset(dst, 0, RT * 64);
+        return;
+    }
+    const int8_t *src = W + (size_t)t * RT * K + (size_t)(k0 + 64 * s) * RT; /* 8 chunks [4 rows][8 bytes] */
+    for (int i = 0; i < 256; i += 64) _mm_prefetch((const char *)src + 4 * 256 + i, _MM_HINT_T0);
+    __m512i v0 = _mm512_loadu_si512(src), v1 = _mm512_loadu_si512(src + 64), v2 = _mm512_loadu_si512(src + 128),
+            v3 = _mm512_loadu_si512(src + 192); /* 64-bit lane 4h + r of v_i: chunk 2i + h, row r */
+    for (int r = 0; r < RT; r++) {
+        const __m512i idx = _mm512_setr_epi64(r, 4 + r, 8 + r, 12 + r, r, 4 + r, 8 + r, 12 + r);
+        _mm512_storeu_si512(dst + 64 * r, _mm512_mask_blend_epi64(0xF0, _mm512_permutex2var_epi64(v0, idx, v1),
+                                                                  _mm512_permutex2var_epi64(v2, idx, v3)));
+    }
 }
 
 /* a 16x16 fp32 block transposed in registers (r[i] row i in, column i out): 64 shuffles where 16
@@ -970,22 +1002,42 @@ void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale,
 #ifdef AMX
     if (!jneox_amx()) return; /* never so from quantize.py, which asks jneox_amx first (a ~1 us syscall) */
     const int Mp = (M + 31) / 32 * 32, mt = Mp / 16, nblocks = (N + 31) / 32;
-    /* B tiles, [K/32][Mp/16][16 pairs][16 rows] (each tile 1 KB in a row), then C tiles [N/16][Mp/16][16][16] */
+    /* int8 weights with K % 64 == 0: int8 x int8 tiles (tdpbssd) on activations rounded to int8 per block of
+     * 64, as the decode kernel rounds them; each block's int32 sums times its scale, summed in fp32 */
+    const int i8 = fmt == 2 && K % 64 == 0 && AMX_INT8, sw = i8 ? 64 : 32; /* k per step */
+    /* B tiles, [K/sw][Mp/16][16 pairs or quads][16 rows] (each tile 1 KB in a row; int8: then the block scales
+     * [K/64][Mp]), then C tiles [N/16][Mp/16][16][16] (int8: the fp32 sums) */
     uint32_t *xt = (uint32_t *)scratch;
+    float *xs = (float *)((char *)scratch + (size_t)K * Mp);
     float *ct = (float *)((char *)scratch + (size_t)K * Mp * 2);
-    const int kblock = amx_kblock(Mp, K);
+    const int kblock = i8 ? amx_kblock(Mp, K) / 64 * 64 : amx_kblock(Mp, K);
     uint16_t *blocks = (uint16_t *)(ct + (size_t)nblocks * 32 * Mp);
     _Pragma("omp parallel num_threads(threads)")
     {
         _Pragma("omp for schedule(static)")
-        for (int ms = 0; ms < mt * (K / 32); ms++) { /* one 16-row x 32-k piece of x into its B tile */
+        for (int ms = 0; ms < mt * (K / sw); ms++) { /* one 16-row x sw-k piece of x into its B tile */
             const int mb = ms % mt, s = ms / mt;
-            __m512 r[16]; /* row m: its 16 bf16 pairs; transposed: row p, the 16 rows' pair p */
+            __m512 r[16]; /* row m: its 16 bf16 pairs (int8 quads); transposed: row p, the 16 rows' pair p */
             for (int m = 0; m < 16; m++) {
                 const int row = mb * 16 + m;
-                const float *src = x + (size_t)row * K + (size_t)s * 32;
-                r[m] = row < M ? (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))
-                               : _mm512_setzero_ps();
+                const float *src = x + (size_t)row * K + (size_t)s * sw;
+                if (row >= M) {
+                    r[m] = _mm512_setzero_ps();
+                    if (i8) xs[(size_t)s * Mp + row] = 0.f;
+                } else if (!i8) {
+                    r[m] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+                } else { /* rounded to int8 as quantize_x does for the decode kernel: one scale per 64 */
+                    __m512 f[4], am = _mm512_setzero_ps();
+                    for (int i = 0; i < 4; i++) f[i] = _mm512_loadu_ps(src + 16 * i), am = _mm512_max_ps(am, _mm512_abs_ps(f[i]));
+                    const float amax = _mm512_reduce_max_ps(am), inv = amax > 0.f ? 127.f / amax : 0.f;
+                    __m128i q[4];
+                    for (int i = 0; i < 4; i++)
+                        q[i] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(f[i], _mm512_set1_ps(inv))));
+                    __m512i v = _mm512_castsi128_si512(q[0]);
+                    v = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(v, q[1], 1), q[2], 2), q[3], 3);
+                    r[m] = (__m512)v;
+                    xs[(size_t)s * Mp + row] = amax / 127.f;
+                }
             }
             transpose16(r);
             for (int p = 0; p < 16; p++) _mm512_store_ps((float *)(xt + ((size_t)s * mt + mb) * 256 + 16 * p), r[p]);
@@ -1003,18 +1055,63 @@ void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale,
 #endif
         const int lo = (int)((long)nblocks * tid / nth), hi = (int)((long)nblocks * (tid + 1) / nth);
         float c[256] __attribute__((aligned(64)));
+        int32_t ci[4][256] __attribute__((aligned(64))); /* int8: one block's sums */
+        (void)ci;
         /* two re-laid out n-blocks: the next one is made between the tile multiplies of this one, so the
          * vector units re-lay out while the tile unit multiplies */
         uint16_t *a[2] = {blocks + (size_t)tid * 2 * 32 * kblock, blocks + ((size_t)tid * 2 + 1) * 32 * kblock};
         for (int k0 = 0; k0 < K && lo < hi; k0 += kblock) {
-            const int kb = K - k0 < kblock ? K - k0 : kblock, steps = kb / 32, units = 8 * steps;
+            const int kb = K - k0 < kblock ? K - k0 : kblock, steps = kb / sw, units = 8 * steps;
             const int last = k0 + kb == K;
-            for (int u = 0; u < units; u++) amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, lo, k0, u, a[0]);
+            for (int u = 0; u < units; u++) {
+                if (i8) amx_pack_unit8((const int8_t *)W, K, N, lo, k0, u, (int8_t *)a[0]);
+                else amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, lo, k0, u, a[0]);
+            }
             for (int nb = lo; nb < hi; nb++) {
                 uint16_t *cur = a[(nb - lo) & 1], *nxt = a[(nb - lo + 1) & 1];
                 const int todo = nb + 1 < hi ? units : 0, q_all = (Mp / 32) * steps;
                 int u = 0, q = 0;
-                for (int m0 = 0; m0 < Mp; m0 += 32) {
+#if AMX_INT8
+                for (int m0 = 0; i8 && m0 < Mp; m0 += 32) {
+                    float *c0 = ct + ((size_t)(2 * nb) * mt + m0 / 16) * 256, *c1 = c0 + (size_t)mt * 256;
+                    float *acc[4] = {c0, c0 + 256, c1, c1 + 256}; /* tile i: A tile i / 2, B tile i % 2 */
+                    const uint32_t *b = xt + ((size_t)k0 / 64 * mt + m0 / 16) * 256;
+                    const float *xsb = xs + (size_t)k0 / 64 * Mp + m0;
+                    for (int s = 0; s < steps; s++, b += (size_t)mt * 256, xsb += Mp) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                        _tile_loadd(4, (const char *)cur + (size_t)s * 2048, 64);
+                        _tile_loadd(5, (const char *)cur + (size_t)s * 2048 + 1024, 64);
+                        _tile_loadd(6, b, 64);
+                        _tile_loadd(7, b + 256, 64);
+                        _tile_dpbssd(0, 4, 6);
+                        _tile_dpbssd(1, 4, 7);
+                        _tile_dpbssd(2, 5, 6);
+                        _tile_dpbssd(3, 5, 7);
+                        _tile_stored(0, ci[0], 64); _tile_stored(1, ci[1], 64);
+                        _tile_stored(2, ci[2], 64); _tile_stored(3, ci[3], 64);
+                        const int first = k0 == 0 && s == 0;
+                        for (int i = 0; i < 4; i++) { /* each output's block sum times its row's block scale */
+                            const __m512 sc = _mm512_loadu_ps(xsb + 16 * (i % 2));
+                            for (int j = 0; j < 16; j++) {
+                                const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(ci[i] + 16 * j));
+                                float *at = acc[i] + 16 * j;
+                                _mm512_store_ps(at, first ? _mm512_mul_ps(v, sc) : _mm512_fmadd_ps(v, sc, _mm512_load_ps(at)));
+                            }
+                        }
+                        for (q++; u < (long)todo * q / q_all; u++)
+                            amx_pack_unit8((const int8_t *)W, K, N, nb + 1, k0, u, (int8_t *)nxt);
+                    }
+                    if (!last) continue;
+                    const float *sc = (const float *)scale;
+                    amx_out(fmt, acc[0], sc, bias, y, M, N, nb * 32, m0);
+                    amx_out(fmt, acc[1], sc, bias, y, M, N, nb * 32, m0 + 16);
+                    if (nb * 32 + 16 < N) {
+                        amx_out(fmt, acc[2], sc, bias, y, M, N, nb * 32 + 16, m0);
+                        amx_out(fmt, acc[3], sc, bias, y, M, N, nb * 32 + 16, m0 + 16);
+                    }
+                }
+#endif
+                for (int m0 = 0; !i8 && m0 < Mp; m0 += 32) {
                     float *c0 = ct + ((size_t)(2 * nb) * mt + m0 / 16) * 256, *c1 = c0 + (size_t)mt * 256;
                     if (k0 == 0) {
                         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -1048,7 +1145,10 @@ void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale,
                         _tile_stored(3, c, 64); amx_out(fmt, c, sc, bias, y, M, N, nb * 32 + 16, m0 + 16);
                     }
                 }
-                for (; u < todo; u++) amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, nb + 1, k0, u, nxt);
+                for (; u < todo; u++) {
+                    if (i8) amx_pack_unit8((const int8_t *)W, K, N, nb + 1, k0, u, (int8_t *)nxt);
+                    else amx_pack_unit(fmt, W, (const uint16_t *)scale, K, G, N, nb + 1, k0, u, nxt);
+                }
             }
         }
         _tile_release();
