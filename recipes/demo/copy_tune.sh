@@ -32,13 +32,7 @@ if [[ -e "$MODEL_OUT" ]]; then
   exit 2
 fi
 mkdir -p "$OUT"
-step() {  # step NAME COMMAND...: run COMMAND unless NAME finished before
-  local name="$1"; shift
-  if [[ -e "$OUT/.done-$name" ]]; then echo "== $name: done before, skipped"; return; fi
-  echo "== $name"; local started=$SECONDS
-  "$@"
-  touch "$OUT/.done-$name"; echo "== $name: $((SECONDS - started)) s"
-}
+source "$RECIPE/steps.sh"
 
 catalogs=()
 [[ -d "$CATALOGS" ]] && catalogs=(--catalogs "$CATALOGS")

@@ -23,13 +23,7 @@ PPO="${PPO:-0}"
 PYTHON="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 mkdir -p "$OUT"
-step() {  # step NAME COMMAND...: run COMMAND unless NAME finished before
-  local name="$1"; shift
-  if [[ -e "$OUT/.done-$name" ]]; then echo "== $name: done before, skipped"; return; fi
-  echo "== $name"; local started=$SECONDS
-  "$@"
-  touch "$OUT/.done-$name"; echo "== $name: $((SECONDS - started)) s"
-}
+source "$RECIPE/steps.sh"
 #   TRAIN_PAIRS  keep this many training pairs, chosen by hash (default 240: about 10 minutes per step on
 #                the shared 2-core machine; empty for all 539)
 TRAIN_PAIRS="${TRAIN_PAIRS-240}"
