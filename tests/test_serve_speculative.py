@@ -272,7 +272,8 @@ def test_cli_serve_speculate(serve_checkpoint, tmp_path, capsys):  # noqa: F811
     from jneox.cli import main
 
     base = ["serve", "--model", str(serve_checkpoint)]
-    for bad, flag in ((["--draft-tokens", "0"], "--draft-tokens"), (["--draft-tokens", "x"], "--draft-tokens")):
+    for bad, flag in ((["--draft-tokens", "0"], "--draft-tokens"), (["--draft-tokens", "x"], "--draft-tokens"),
+                      (["--draft-tokens", "16"], "must be 1 to 15")):  # 17 rows: past the decode kernels' batch
         with pytest.raises(SystemExit) as e:
             main([*base, "--speculate", "lookup", *bad])
         assert e.value.code == 2 and flag in capsys.readouterr().err

@@ -9,7 +9,8 @@ import torch
 
 from jneox.checkpoint import load, load_model
 from jneox.generate import SamplingParams, generate, generate_tokens
-from jneox.speculative import DraftModel, PromptLookup, _check
+from jneox.errors import UsageError
+from jneox.speculative import MAX_DRAFT_TOKENS, DraftModel, PromptLookup, _check
 
 from conftest import make_hf_model, save_hf
 
@@ -50,6 +51,20 @@ def test_greedy_lookup_gives_plain_greedy_tokens_in_fewer_passes(tmp_path, weigh
         got = list(generate_tokens(counted, prompt, params, draft=PromptLookup(4)))
         assert got == want
         assert counted.calls < len(want) * 0.75, (counted.calls, len(want))
+
+
+def test_draft_tokens_stay_within_one_batch_of_the_decode_kernels(tmp_path):
+    # 15 guesses + the newest token = 16 rows, the decode kernels' batch, where each row gets its
+    # bits decoded alone: greedy still equals plain greedy with int8's activation rounding
+    model = load_model(save_hf(make_hf_model(seed=3, initializer_range=0.05), tmp_path / "c"), weights="int8")
+    params = SamplingParams(temperature=0, max_new_tokens=40)
+    prompt = _prompt(40, 0)
+    assert list(generate_tokens(model, prompt, params, draft=PromptLookup(MAX_DRAFT_TOKENS))) == \
+        list(generate_tokens(model, prompt, params))
+    for make in (lambda n: PromptLookup(n), lambda n: DraftModel(model, n)):
+        for bad in (0, MAX_DRAFT_TOKENS + 1):
+            with pytest.raises(UsageError, match=f"1 to {MAX_DRAFT_TOKENS}.*got {bad}"):
+                make(bad)
 
 
 def test_greedy_with_a_draft_model(tmp_path):

@@ -314,3 +314,22 @@ def test_train_tokenizer_cli_reports_bad_data_with_file_and_line(tmp_path, capsy
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "よい行"}, "{broken"])
     assert main(["train-tokenizer", "--input", bad, "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
     assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_train_tokenizer_cli_keeps_an_existing_tokenizer_unless_told(tmp_path, capsys):
+    """--out at a model folder must not silently replace the model's own tokenizer."""
+    from jneox.cli import main
+    from conftest import DATA
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "spiece.model").write_bytes(b"the model's own tokenizer")
+    args = ["train-tokenizer", "--input", str(DATA / "ja_sample.txt"), "--vocab-size", "1000", "--out", str(out)]
+    assert main(args) == 2
+    assert f"{out / 'spiece.model'}: already exists" in capsys.readouterr().err
+    assert (out / "spiece.model").read_bytes() == b"the model's own tokenizer"
+    assert sorted(p.name for p in out.iterdir()) == ["spiece.model"]  # nothing written beside it
+    assert main([*args, "--overwrite"]) == 0
+    from jneox.tokenizer import Tokenizer
+    tok = Tokenizer(out / "spiece.model")  # replaced by the trained one
+    assert [tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]

@@ -97,7 +97,7 @@ step sft-data \
 # a small vocabulary suits a small model: fewer embedding rows to learn from 16 MB of text
 step tokenizer \
   "$PYTHON" -m jneox train-tokenizer --input "$OUT/corpus.jsonl" "$OUT/sft-data/conversations.txt" \
-    --vocab-size "$VOCAB" --out "$OUT/tokenizer" --seed 0
+    --vocab-size "$VOCAB" --out "$OUT/tokenizer" --seed 0 --overwrite  # the recipe's own folder (a rerun)
 
 # the training conversations' text joins the documentation prose (held-out ones stay out): the
 # corpus is all manuals, and the model should also have read everyday Japanese before SFT

@@ -8,6 +8,7 @@ import time
 
 from .checkpoint import OFFICIAL_MODEL  # (importing jneox imports torch and these modules anyway)
 from .quantize import FORMATS
+from .speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 DTYPES = (*FORMATS, "float16")  # the packed CPU formats, and float16 for plain PyTorch
 OVERWRITE_HELP = ("replace OUT even if it is not a jneox checkpoint folder, deleting everything in it (without it, "
@@ -39,7 +40,8 @@ def _add_speculate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", metavar="lookup|DRAFT", help="speculative decoding, same output, fewer passes: "
                    "'lookup' guesses tokens copied from the context; a folder or hub id names a smaller draft "
                    "model with the same tokenizer")
-    p.add_argument("--draft-tokens", type=_at_least(1), default=5, help="guesses checked per pass (default: 5)")
+    p.add_argument("--draft-tokens", type=_at_least(1, hi=MAX_DRAFT_TOKENS), default=DEFAULT_DRAFT_TOKENS,
+                   help=f"guesses checked per pass, 1 to {MAX_DRAFT_TOKENS} (default: {DEFAULT_DRAFT_TOKENS})")
 
 
 def _params(args):
@@ -412,7 +414,7 @@ def cmd_train_tokenizer(args) -> int:
              for line in doc.replace("\r\n", "\n").split("\n"))
     t0 = time.perf_counter()
     path = train_tokenizer(None, args.out, args.vocab_size, sentences=lines,
-                           input_sentence_size=args.input_sentence_size, seed=args.seed)
+                           input_sentence_size=args.input_sentence_size, seed=args.seed, overwrite=args.overwrite)
     if stats.summary():
         print(f"jneox: {stats.summary()}", file=sys.stderr)
     tokenizer = Tokenizer(path)
@@ -491,12 +493,13 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _at_least(lo: float, cast=int):
-    """An argparse type: ``cast(text)``, refused below ``lo``."""
+def _at_least(lo: float, cast=int, hi: float | None = None):
+    """An argparse type: ``cast(text)``, refused below ``lo`` (and above ``hi``, if given)."""
     def parse(text: str):
         v = cast(text)
-        if not v >= lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        if not v >= lo or (hi is not None and not v <= hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}" if hi is None
+                                             else f"must be {lo} to {hi}, got {text}")
         return v
 
     parse.__name__ = cast.__name__  # argparse names it in "invalid int value: 'x'"
@@ -569,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text files, or .jsonl files with one document per line")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="output folder; spiece.model is written there")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/spiece.model (without it: an error)")
     p.add_argument("--input-sentence-size", type=int, default=0,
                    help="train on a random sample of this many lines (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of that sample (default: 0)")

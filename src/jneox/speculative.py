@@ -19,10 +19,21 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import UsageError
+from .kernels import MAX_KERNEL_ROWS
 from .generate import SamplingParams, check_prompt_fits, filtered_logits, sample_categorical, sample_next
 from .model import GPTNeoX
 
 DEFAULT_DRAFT_TOKENS = 5  # guesses per step: 6 rows per pass, still the kernels' decode path
+# the newest token and its guesses are checked as one batch of the decode kernels, whose rows get the
+# bits they get decoded alone: more rows would go the prompt path, and greedy would equal plain greedy
+# only up to rounding
+MAX_DRAFT_TOKENS = MAX_KERNEL_ROWS - 1
+
+
+def _check_num_tokens(num_tokens: int) -> None:
+    if not 1 <= num_tokens <= MAX_DRAFT_TOKENS:
+        raise UsageError(f"the number of draft tokens must be 1 to {MAX_DRAFT_TOKENS} (one pass checks it and the "
+                         f"newest token as one batch of the decode kernels), got {num_tokens}")
 
 
 class PromptLookup:
@@ -30,9 +41,9 @@ class PromptLookup:
     (``n`` from ``max_ngram`` down to ``min_ngram``). Costs no model pass."""
 
     def __init__(self, num_tokens: int = DEFAULT_DRAFT_TOKENS, max_ngram: int = 3, min_ngram: int = 1):
-        if num_tokens < 1 or not 1 <= min_ngram <= max_ngram:
-            raise UsageError(f"need num_tokens >= 1 and 1 <= min_ngram <= max_ngram, got {num_tokens}, "
-                             f"{min_ngram}, {max_ngram}")
+        _check_num_tokens(num_tokens)
+        if not 1 <= min_ngram <= max_ngram:
+            raise UsageError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.num_tokens, self.max_ngram, self.min_ngram = num_tokens, max_ngram, min_ngram
 
     def start(self, max_len: int) -> None:
@@ -59,8 +70,7 @@ class DraftModel:
     its own KV cache across steps and rolls back to what the big model accepted."""
 
     def __init__(self, model: GPTNeoX, num_tokens: int = DEFAULT_DRAFT_TOKENS):
-        if num_tokens < 1:
-            raise UsageError(f"num_tokens must be >= 1, got {num_tokens}")
+        _check_num_tokens(num_tokens)
         self.model, self.num_tokens = model.eval(), num_tokens
         self.cache, self.fed = None, []
 

@@ -120,6 +120,7 @@ def train_tokenizer(
     input_sentence_size: int = 0,
     num_threads: int | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Train a sentencepiece model with the card's options and write ``out_dir/spiece.model``.
 
@@ -129,9 +130,14 @@ def train_tokenizer(
     defaults to ``identity`` so that every text round-trips exactly; ``nmt_nfkc`` folds full-width
     ASCII and similar, at the price of exact round trips. ``input_sentence_size`` trains on a random
     sample of that many lines, drawn here with ``seed`` (sentencepiece's own sampling is not
-    reproducible).
+    reproducible). An existing ``out_dir/spiece.model`` (say, a model folder's own tokenizer) is
+    replaced only with ``overwrite=True``.
     """
     out = Path(out_dir)
+    target = out / "spiece.model"
+    if target.exists() and not overwrite:  # checked before the training, which can take minutes
+        raise TokenizerError(f"{target}: already exists; give a new folder, or overwrite=True (--overwrite) "
+                             "to replace it")
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     for f in input_files or []:
@@ -173,7 +179,6 @@ def train_tokenizer(
             )
         except RuntimeError as e:
             raise TokenizerError(f"sentencepiece training failed: {e}") from None
-        target = out / "spiece.model"
         with staged_file(target) as partial:  # not a rename from /tmp: it may be another file system
             partial.write_bytes(prefix.with_suffix(".model").read_bytes())
     return target
