@@ -159,10 +159,11 @@ AMX_CASES = [(fmt, group, shape) for fmt, group in [("bfloat16", 64), ("int8", 6
 @pytest.mark.parametrize("fmt, group, shape", AMX_CASES)
 def test_amx_prompts_are_exact_products(fmt, group, shape):
     """jneox_prompt_amx (AMX tile multiplies on the packed weight), for output rows that fill no whole tile,
-    K in one or several blocks, with and without bias: int8 weights with K % 64 == 0 multiply int8 tiles on
-    activations rounded to int8 per block of 64 as the decode kernel rounds them (so a row equals its decode
-    row up to the order of the float sums), every other case bf16 tiles on activations rounded to bf16 (int8:
-    its exact codes, scaled after; int4: dequantized and rounded to bf16, as the GEMM block path rounds it);
+    K in one or several blocks, with and without bias: int8 weights with K % 64 == 0 and int4 in groups of
+    64 multiply int8 tiles on activations rounded to int8 per block of 64 as the decode kernel rounds them
+    (so a row equals its decode row up to the order of the float sums), every other case bf16 tiles on
+    activations rounded to bf16 (int8: its exact codes, scaled after; int4: dequantized and rounded to bf16,
+    as the GEMM block path rounds it);
     fp32 sums; and each row the same bits in any split of the prompt."""
     lib = _library("amx")
     n, k, bias = shape
@@ -172,9 +173,11 @@ def test_amx_prompts_are_exact_products(fmt, group, shape):
     x = torch.randn(300, k)
     x[3] = 0.0  # a row of zeros: scale 0
     x[5, :8] *= 1000  # one large value in a block
-    int8_tiles = fmt == "int8" and k % 64 == 0
+    int8_tiles = fmt == "int8" and k % 64 == 0 or fmt == "int4" and group == 64
     if fmt == "int8":
         w = quantize._untile(packed.weight)[:n].double()
+    elif int8_tiles:  # int4: its codes times its group scales, exact in fp32
+        w = packed.unpacked_weight().double()
     else:
         w = packed.unpacked_weight().to(torch.bfloat16).double()
     want = (_int8_activations(x) if int8_tiles else x.to(torch.bfloat16).double()) @ w.T

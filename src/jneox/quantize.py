@@ -21,8 +21,8 @@ whole or through the server. Three paths, chosen per CPU and format (:meth:`Pack
 
 - AMX tile multiplies straight from the packed weight (``jneox_prompt_amx``): bf16, int8 and int4 where the
   CPU has AMX (Intel Xeon since Sapphire Rapids); bf16 tiles on activations rounded to bf16, except int8
-  weights with K a multiple of 64: int8 tiles on activations rounded to int8 per block of 64, as the decode
-  kernel rounds them. Each row is computed on its own, so it takes a whole prompt at once (the weight read once) and any split gives the same bits. It
+  weights with K a multiple of 64 and int4 weights in groups of 64: int8 tiles on activations rounded to int8
+  per block of 64, as the decode kernel rounds them. Each row is computed on its own, so it takes a whole prompt at once (the weight read once) and any split gives the same bits. It
   replaced the GEMM blocks below on such CPUs: see the README's prefill table for the measured gain;
 - the kernels' AVX-512 batch path (8 rows per pass; bf16 and int8 with AVX-512 BF16 dot products,
   activations rounded to bf16, where the CPU has them): fp32 prompts on AVX-512, and every format on
@@ -290,7 +290,7 @@ class PackedLinear(nn.Module):
 
     def _amx(self, lib, x: torch.Tensor) -> torch.Tensor:
         """A prompt (any number of rows, each computed alone) through ``jneox_prompt_amx`` (gemv.c), which
-        rounds the activations (to bf16, or to int8 per block for int8 weights) and re-lays out the weight
+        rounds the activations (to bf16, or to int8 per block for int8 and 64-group int4 weights) and re-lays out the weight
         tile by tile as it multiplies."""
         m, k = x.shape
         n_pad, threads = self.weight.shape[0] * TILE, torch.get_num_threads()
