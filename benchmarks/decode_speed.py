@@ -352,9 +352,10 @@ def child_jneox(args, fmt: str) -> dict:
     cache = model.new_cache(1, P + N)
     model(ids[:, :8], input_pos=torch.arange(8), last_only=True, cache=cache)  # warm-up (kernel build and load)
 
+    # into the same cache each time, as the server reuses a slot. A fresh cache gets its pages at first
+    # write (model._zeros): 36 layers x 128 tokens take 25,344 page faults (~3.5 us each here), as
+    # transformers' first prompt pays for the fresh memory its allocator hands out; later ones reuse both
     def prompt():
-        nonlocal cache
-        cache = model.new_cache(1, P + N)  # empty, its pages untouched, as for a new request
         return model(ids, input_pos=torch.arange(P), last_only=True, cache=cache)
 
     prefill_ms, prefill_all, logits = best_prefill_ms(prompt, args.prefill_repeats)
