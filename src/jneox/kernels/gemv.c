@@ -1046,7 +1046,7 @@ void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale,
     const int Mp = (M + 31) / 32 * 32, mt = Mp / 16, nblocks = (N + 31) / 32;
     /* int8 weights with K % 64 == 0: int8 x int8 tiles (tdpbssd) on activations rounded to int8 per block of
      * 64, as the decode kernel rounds them; each block's int32 sums times its scale, summed in fp32 */
-    const int i8 = (fmt == 2 && K % 64 == 0 || fmt == 3 && G == 64) && AMX_INT8, sw = i8 ? 64 : 32; /* k per step */
+    const int i8 = ((fmt == 2 && K % 64 == 0) || (fmt == 3 && G == 64)) && AMX_INT8, sw = i8 ? 64 : 32; /* k per step */
     /* B tiles, [K/sw][Mp/16][16 pairs or quads][16 rows] (each tile 1 KB in a row; int8: then the block scales
      * [K/64][Mp]), then C tiles [N/16][Mp/16][16][16] (int8: the fp32 sums) */
     uint32_t *xt = (uint32_t *)scratch;
