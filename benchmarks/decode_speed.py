@@ -213,7 +213,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--prefill-repeats", type=int, default=3,
-                   help="time the prompt this many times (each from an empty cache) and report the fastest")
+                   help="time the prompt this many times and report the fastest (default: 3)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,4,16", help="batch sizes for jneox bf16/int8 aggregate decode")
     p.add_argument("--batch-steps", type=int, default=16, help="decode steps per batch-size measurement")
@@ -313,7 +313,7 @@ def print_table(results, notes, args, bandwidth, config, cpu: str) -> None:
 
 # ---- one row, in its own process -------------------------------------------------------------
 def best_prefill_ms(run, repeats: int) -> tuple[float, list[float], object]:
-    """Time ``run()`` (one prompt from an empty cache) ``repeats`` times: the fastest, all, the last result.
+    """Time ``run()`` (one whole prompt) ``repeats`` times: the fastest, all, the last result.
 
     The fastest, because on a shared CPU one prompt's time swings 1.5-2x: on this project's AMX
     machine the tile unit's throughput halved for seconds at a time (2.4 -> 1.05 TFLOP/s) while

@@ -19,8 +19,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import UsageError
-from .kernels import MAX_KERNEL_ROWS
 from .generate import SamplingParams, check_prompt_fits, filtered_logits, sample_categorical, sample_next
+from .kernels import MAX_KERNEL_ROWS
 from .model import GPTNeoX
 
 DEFAULT_DRAFT_TOKENS = 5  # guesses per step: 6 rows per pass, still the kernels' decode path

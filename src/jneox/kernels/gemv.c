@@ -1044,8 +1044,9 @@ void jneox_prompt_amx(int fmt, const float *x, const void *W, const void *scale,
 #ifdef AMX
     if (!jneox_amx()) return; /* never so from quantize.py, which asks jneox_amx first (a ~1 us syscall) */
     const int Mp = (M + 31) / 32 * 32, mt = Mp / 16, nblocks = (N + 31) / 32;
-    /* int8 weights with K % 64 == 0: int8 x int8 tiles (tdpbssd) on activations rounded to int8 per block of
-     * 64, as the decode kernel rounds them; each block's int32 sums times its scale, summed in fp32 */
+    /* int8 weights with K % 64 == 0, and int4 in groups of 64: int8 x int8 tiles (tdpbssd) on activations
+     * rounded to int8 per block of 64, as the decode kernel rounds them; each block's int32 sums times its
+     * scale (int4: times the group scale too), summed in fp32 */
     const int i8 = ((fmt == 2 && K % 64 == 0) || (fmt == 3 && G == 64)) && AMX_INT8, sw = i8 ? 64 : 32; /* k per step */
     /* B tiles, [K/sw][Mp/16][16 pairs or quads][16 rows] (each tile 1 KB in a row; int8: then the block scales
      * [K/64][Mp]), then C tiles [N/16][Mp/16][16][16] (int8: the fp32 sums) */
