@@ -330,6 +330,23 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return torch.randint(4, vocab, (n,), generator=torch.Generator().manual_seed(1234)).tolist()
 
 
+# One whole prompt, each runtime as its prefill is timed here and in prefill_ab.py.
+def jneox_prompt(model, ids: torch.Tensor, cache):
+    # into the same cache each time, as the server reuses a slot. A fresh cache gets its pages at first
+    # write (model._zeros): 36 layers x 128 tokens take 25,344 page faults (~3.5 us each here), as
+    # transformers' first prompt pays for the fresh memory its allocator hands out; later ones reuse both
+    return lambda: model(ids, input_pos=torch.arange(ids.shape[1]), last_only=True, cache=cache)
+
+
+def transformers_prompt(model, ids: torch.Tensor):
+    # the last token's logits only, as generate() asks for them (and as jneox's last_only)
+    return lambda: model(ids, use_cache=True, logits_to_keep=1)
+
+
+def ct2_prompt(gen, prompt: list[str]):
+    return lambda: gen.generate_batch([prompt], max_length=1, sampling_topk=1, include_prompt_in_result=False)
+
+
 def child(args) -> dict:
     runtime, fmt = args.child.split(":")
     runtime = runtime.partition("@")[0]
@@ -351,14 +368,7 @@ def child_jneox(args, fmt: str) -> dict:
     ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
     cache = model.new_cache(1, P + N)
     model(ids[:, :8], input_pos=torch.arange(8), last_only=True, cache=cache)  # warm-up (kernel build and load)
-
-    # into the same cache each time, as the server reuses a slot. A fresh cache gets its pages at first
-    # write (model._zeros): 36 layers x 128 tokens take 25,344 page faults (~3.5 us each here), as
-    # transformers' first prompt pays for the fresh memory its allocator hands out; later ones reuse both
-    def prompt():
-        return model(ids, input_pos=torch.arange(P), last_only=True, cache=cache)
-
-    prefill_ms, prefill_all, logits = best_prefill_ms(prompt, args.prefill_repeats)
+    prefill_ms, prefill_all, logits = best_prefill_ms(jneox_prompt(model, ids, cache), args.prefill_repeats)
     tokens = [int(logits[0, -1].argmax())]
     t = time.perf_counter()
     for pos in range(P, P + N - 1):
@@ -415,9 +425,7 @@ def child_transformers(args, fmt: str) -> dict:
     ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
     with torch.inference_mode():
         model(ids[:, :8])
-        # the last token's logits only, as generate() asks for them (and as jneox's last_only)
-        prefill_ms, prefill_all, _ = best_prefill_ms(lambda: model(ids, use_cache=True, logits_to_keep=1),
-                                                     args.prefill_repeats)
+        prefill_ms, prefill_all, _ = best_prefill_ms(transformers_prompt(model, ids), args.prefill_repeats)
         clock = Clock()
         model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, streamer=clock, pad_token_id=0)
     first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt itself
@@ -438,9 +446,7 @@ def child_ct2(args, fmt: str) -> dict:
     P, N = args.prompt_tokens, args.new_tokens
     prompt = [tok.id_to_piece(i) for i in prompt_ids(P, tok.vocab_size)]
     gen.generate_batch([prompt[:8]], max_length=1, sampling_topk=1)  # warm-up
-    prefill_ms, prefill_all, _ = best_prefill_ms(
-        lambda: gen.generate_batch([prompt], max_length=1, sampling_topk=1, include_prompt_in_result=False),
-        args.prefill_repeats)
+    prefill_ms, prefill_all, _ = best_prefill_ms(ct2_prompt(gen, prompt), args.prefill_repeats)
     times = []
     for _ in gen.generate_tokens(prompt, max_length=N, min_length=N, sampling_topk=1):
         times.append(time.perf_counter())

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from decode_speed import convert_ct2, cpu_description, make_checkpoint, prompt_ids
+from decode_speed import (convert_ct2, cpu_description, ct2_prompt, jneox_prompt, make_checkpoint, prompt_ids,
+                          transformers_prompt)
 
 
 def jneox_runner(ckpt: Path, fmt: str, P: int):
@@ -33,8 +34,7 @@ def jneox_runner(ckpt: Path, fmt: str, P: int):
     ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
     cache = model.new_cache(1, P)
     model(ids[:, :8], input_pos=torch.arange(8), last_only=True, cache=cache)  # kernel build and load
-    # the same cache each time, as the server reuses a slot (and transformers its allocator's memory)
-    return lambda: model(ids, input_pos=torch.arange(P), last_only=True, cache=cache)
+    return jneox_prompt(model, ids, cache)
 
 
 def transformers_runner(ckpt: Path, fmt: str, P: int):
@@ -43,7 +43,7 @@ def transformers_runner(ckpt: Path, fmt: str, P: int):
     model = GPTNeoXForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, fmt)).eval()
     ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
     model(ids[:, :8])
-    return lambda: model(ids, use_cache=True, logits_to_keep=1)  # the last token's logits, as generate() asks
+    return transformers_prompt(model, ids)
 
 
 def ctranslate2_runner(ckpt: Path, fmt: str, P: int, ct2_dir: Path):
@@ -55,7 +55,7 @@ def ctranslate2_runner(ckpt: Path, fmt: str, P: int, ct2_dir: Path):
     gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=fmt, intra_threads=torch.get_num_threads())
     prompt = [tok.id_to_piece(i) for i in prompt_ids(P, tok.vocab_size)]
     gen.generate_batch([prompt[:8]], max_length=1, sampling_topk=1)
-    return lambda: gen.generate_batch([prompt], max_length=1, sampling_topk=1, include_prompt_in_result=False)
+    return ct2_prompt(gen, prompt)
 
 
 def main() -> None:
