@@ -332,6 +332,21 @@ def test_quantized_model_logits_and_greedy_tokens(folder, fmt):
         assert got[:16] == want[:16]
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_a_packed_model_called_with_autograd_on_builds_no_graph(folder, fmt):
+    """`model(ids, cache=...)` without inference_mode (a user's own loop) runs the same kernels and keeps
+    nothing alive through the KV cache: a packed model's parameters are frozen."""
+    model = load_model(folder, weights=fmt)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(4, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = model(ids, input_pos=torch.arange(12), cache=model.new_cache(1, 16))
+    cache = model.new_cache(1, 16)
+    got = model(ids, input_pos=torch.arange(12), cache=cache)  # autograd on
+    assert not got.requires_grad and all(c.k.grad_fn is None and c.v.grad_fn is None for c in cache)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_prompt_whole_or_in_the_servers_chunks(tmp_path_factory, spiece_model, fmt):
     """generate() feeds a prompt whole, the server in chunks of kernel_prompt_rows(): the packed linears

@@ -82,8 +82,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _fused_decode_library(x: torch.Tensor, cache: KVCache):
-    """The native library when the fused single-token attention applies (CPU, fp32 cache, no autograd)."""
-    if x.device.type != "cpu" or cache.k.dtype != torch.float32 or torch.is_grad_enabled():
+    """The native library when the fused single-token attention may apply (CPU, fp32 cache); the caller
+    also checks that autograd has nothing to record."""
+    if x.device.type != "cpu" or cache.k.dtype != torch.float32:
         return None
     return kernels.library()
 
@@ -116,15 +117,18 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
         B, T, C = x.shape
         H, D = self.config.num_heads, self.config.head_dim
-        if cache is not None and T <= kernels.MAX_KERNEL_ROWS:
+        qkv = self.qkv(x)
+        # the fused kernel when nothing needs a gradient: with grad on, a frozen model (a packed one) takes
+        # it too, so its answers do not depend on whether the caller disabled grad
+        if cache is not None and T <= kernels.MAX_KERNEL_ROWS and not qkv.requires_grad:
             lib = _fused_decode_library(x, cache)
             first = _consecutive_from(pos, B, T) if lib is not None else None
             if first is not None:
                 R = cos.shape[-1]
                 cs = (cos.reshape(B, T, R), sin.reshape(B, T, R)) if cos.dim() == 4 else (cos.reshape(T, R), sin.reshape(T, R))
-                y = kernels.decode_attention(lib, self.qkv(x).float().contiguous(), *cs, cache.k, cache.v, first, H, D)
+                y = kernels.decode_attention(lib, qkv.float().contiguous(), *cs, cache.k, cache.v, first, H, D)
                 return self.proj(y)
-        qkv = self.qkv(x).view(B, T, H, 3, D)
+        qkv = qkv.view(B, T, H, 3, D)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:

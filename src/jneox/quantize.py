@@ -512,4 +512,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, 
     model.embed = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim,
                                                                         _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
-    return model.eval()
+    # A packed model is for inference: its LayerNorm and bias parameters would otherwise make every
+    # activation require grad, so a plain `model(ids, cache=...)` outside inference_mode took the autograd
+    # path (a widened fp32 weight per linear) and the KV cache it wrote kept that whole graph alive
+    # (RSS 7.3 -> 21 GB for 36 bf16 layers, measured 2026-12-01). Frozen, such a call runs the kernels.
+    return model.requires_grad_(False).eval()
