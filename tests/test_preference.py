@@ -326,3 +326,49 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl_and_resumes_exactly_after_sigki
             assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
     for name, w in load_model(whole).state_dict().items():
         torch.testing.assert_close(load_model(broken).state_dict()[name], w, rtol=0, atol=1e-6)
+
+
+def test_ppo_under_torchrun_ddp_equals_fsdp_logs_every_rank_and_resumes_exactly(tmp_path, tiny_checkpoint):
+    """Two ranks (gloo), each answering its own prompts with its own seed. FSDP shards the blocks inside
+    the policy-with-value-head and decodes in step with the other rank, so it trains as DDP does (1e-5:
+    other sums order); the logged scores are the mean of both ranks' rewards; a run killed after its
+    step-5 checkpoint resumes each rank on its own saved rollout and ends as the whole run."""
+    from tiny_ppo_run import BATCH, PPO_EPOCHS, STEPS
+
+    def torchrun(out, *flags, check=True):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               str(TESTS / "tiny_ppo_run.py"), str(tiny_checkpoint), str(out), *flags]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        assert r.returncode == 0 or not check, r.stdout + r.stderr
+        return r
+
+    ddp, fsdp, broken = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "broken"
+    torchrun(ddp)
+    torchrun(fsdp, "--fsdp")
+    log = [r for r in read_log(ddp) if "loss" in r]
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    keys = ("loss", "objective/scores", "objective/kl", "policy/approxkl_avg", "loss/value_avg", "val/answer_length")
+    for a, b in zip(log, [r for r in read_log(fsdp) if "loss" in r]):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
+    rewards = [[json.loads(line) for line in (tmp_path / f"ddp-rewards-{rank}.jsonl").read_text().splitlines()]
+               for rank in (0, 1)]
+    assert len(rewards[0]) == len(rewards[1]) == STEPS // PPO_EPOCHS
+    for n, (r0, r1) in enumerate(zip(*rewards)):
+        assert len(r0) == len(r1) == BATCH
+        for r in log[n * PPO_EPOCHS:(n + 1) * PPO_EPOCHS]:  # no missing-</s> penalty in this run
+            assert r["objective/scores"] == pytest.approx(sum(r0 + r1) / (2 * BATCH), abs=1e-9)
+    assert torchrun(broken, "--kill-at-rollout", "4", check=False).returncode != 0
+    assert torch.load(broken / "trainer_state.pt", weights_only=False)["step"] == 5
+    torchrun(broken, "--resume")
+    resumed = [r for r in read_log(broken) if "loss" in r]
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(log, resumed):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
+    whole = load_model(ddp).state_dict()
+    for name, w in load_model(broken).state_dict().items():
+        torch.testing.assert_close(w, whole[name], rtol=0, atol=1e-6)
+    for name, w in load_model(fsdp).state_dict().items():
+        torch.testing.assert_close(w, whole[name], rtol=1e-4, atol=1e-5)

@@ -70,15 +70,36 @@ def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[f
     return t.tolist()
 
 
+def all_ranks(flag: bool, d: Dist, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (a collective: every rank must ask)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (a collective)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap(model: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Module:
-    """DDP (every rank holds the model) or FSDP2 ``fully_shard`` (each block's parameters sharded
-    over the ranks, gathered for its forward/backward) for a model that does not fit one device."""
+    """DDP (every rank holds the model) or FSDP2 ``fully_shard`` (each transformer block's parameters
+    sharded over the ranks, gathered for its forward/backward) for a model that does not fit one device.
+    The blocks are found wherever they sit: PPO's policy-with-value-head holds the model one level down."""
     if not d.enabled:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
+        from ..model import Block
+
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block)
         fully_shard(model)
         return model

@@ -131,8 +131,10 @@ class Objective:
         """Figures of the last :meth:`prepare` to log with the step (e.g. PPO's rollout scores)."""
         return {}
 
-    def state_dict(self) -> dict:
-        """What a resumed run needs besides the model and optimizer (tensors and plain values only)."""
+    def state_dict(self, model_state: dict) -> dict:
+        """What a resumed run needs besides the model and optimizer (tensors and plain values only).
+        Called on every rank (it may gather from them); ``model_state`` is the full model state dict on
+        rank 0. Only rank 0's answer is saved."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -457,6 +459,7 @@ class Trainer:
 
         cfg = self.cfg
         model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP
+        objective_state = self.objective.state_dict(model_state)  # may be a collective too
         if self.is_main:
             scales = lora_scales(distributed.unwrap(model))
             full = model_state
@@ -472,7 +475,7 @@ class Trainer:
                          "world_size": self.dist.world_size, "kind": self.kind,
                          "config": {k: v if isinstance(v, (bool, int, float, type(None))) else str(v)
                                     for k, v in asdict(cfg).items()},
-                         "objective": self.objective.state_dict()}
+                         "objective": objective_state}
                 if scales:
                     state["lora"] = lora_state(model_state)  # the base comes from the original --model
                 elif cfg.save_dtype != "float32":

@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from ..generate import SamplingParams, sample_next
+from . import distributed
 from .data import IGNORE_INDEX
+from .distributed import Dist
 from .loop import Objective, Trainer, TrainConfig
 from .preference import token_logps
 
@@ -58,16 +60,29 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache=None,
+                values: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """(logits, values); with ``values=False`` the policy's logits alone, and ``input_pos``/``cache``
+        as :class:`~jneox.model.GPTNeoX` takes them (sampling). Under FSDP this module is the sharded
+        root, so the rollout's decoding goes through here rather than calling the policy directly."""
+        if not values:
+            return self.policy(idx, input_pos=input_pos, cache=cache)
         h = self.policy(idx, head=False)
         return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float()
 
 
 @torch.no_grad()
 def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int,
-                 generator: torch.Generator | None = None, vocab_size: int | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, vocab_size: int | None = None, *,
+                 forward: Callable | None = None, all_done: Callable[[bool], bool] | None = None) -> list[list[int]]:
     """Sampled answers (token ids, ``</s>`` included when reached) to a batch of prompts, decoded
-    together with one KV cache: every row at its own position, as the server does."""
+    together with one KV cache: every row at its own position, as the server does.
+
+    ``forward(ids, input_pos=, cache=)`` gives the logits (default: ``model`` itself). ``all_done(flag)``
+    says whether every rank is done: under torchrun all ranks decode the same number of steps, since
+    FSDP gathers each block's weights from all of them at every step."""
+    forward = forward or model
+    all_done = all_done or bool
     device = model.embed.weight.device
     B, lens = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
     width = int(lens.max())
@@ -79,7 +94,7 @@ def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
         ids[row, :len(p)] = torch.as_tensor(list(p), device=device)
     cache = model.new_cache(B, total)
     # right-padded prefill from position 0; each row's padding is overwritten by its own answer
-    logits = model(ids, input_pos=torch.arange(width, device=device), cache=cache)
+    logits = forward(ids, input_pos=torch.arange(width, device=device), cache=cache)
     last = logits[torch.arange(B, device=device), lens - 1]
     pos, out = lens.clone(), [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -88,10 +103,10 @@ def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(token[row]))
         done |= (token == eos_id) | (pos + 1 >= total)
-        if bool(done.all()):
+        if all_done(bool(done.all())):
             break
         step_pos = torch.where(done, pos - 1, pos)  # finished rows rewrite their own last slot, harmlessly
-        last = model(token[:, None], input_pos=step_pos[:, None], cache=cache)[:, -1]
+        last = forward(token[:, None], input_pos=step_pos[:, None], cache=cache)[:, -1]
         pos = torch.where(done, pos, pos + 1)
     return out
 
@@ -128,14 +143,15 @@ class PPOObjective(Objective):
     """See the module docstring. ``model`` is the :class:`PolicyWithValue` being trained; ``reward_model``
     a reward model (``jneox.checkpoint.load_reward_model``) or a function ``(prompt ids, answer ids) ->
     score`` (a rule, e.g. a toy reward in a test); ``reference`` the frozen starting policy, or None
-    with LoRA (the adapters are switched off instead)."""
+    with LoRA (the adapters are switched off instead); ``dist`` the torchrun ranks (each samples its own
+    prompts with its own seed; the logged rollout figures cover all ranks)."""
 
     per_token = False
 
     def __init__(self, model: PolicyWithValue, reward_model: nn.Module | Callable, reference: nn.Module | None,
-                 cfg: PPOConfig, eos_id: int, pad_id: int, vocab_size: int, seed: int = 0, rank: int = 0):
+                 cfg: PPOConfig, eos_id: int, pad_id: int, vocab_size: int, seed: int = 0, dist: Dist = Dist()):
         self.model, self.reward_model, self.reference, self.cfg = model, reward_model, reference, cfg
-        self.eos_id, self.pad_id, self.vocab_size, self.seed, self.rank = eos_id, pad_id, vocab_size, seed, rank
+        self.eos_id, self.pad_id, self.vocab_size, self.seed, self.dist = eos_id, pad_id, vocab_size, seed, dist
         self.params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
         self.rollout: list[tuple] = []
         self.metrics: dict = {}
@@ -144,7 +160,7 @@ class PPOObjective(Objective):
     def prepare(self, step: int, batches: list, model: nn.Module) -> list:
         if step % self.cfg.ppo_epochs == 0 or not self.rollout:
             gen = torch.Generator(device=batches[0][0].device).manual_seed(
-                (self.seed * 1_000_003 + step) * 1009 + self.rank)
+                (self.seed * 1_000_003 + step) * 1009 + self.dist.rank)
             parts = [self._rollout(ids, lens, gen) for ids, lens in batches]
             self.rollout = [p[0] for p in parts]
             self._set_metrics([p[1] for p in parts])
@@ -159,7 +175,9 @@ class PPOObjective(Objective):
         was_training = self.model.training
         self.model.eval()
         prompts = [prompt_ids[b, :int(lens[b])].tolist() for b in range(len(lens))]
-        answers = sample_batch(policy, prompts, self.params, self.eos_id, gen, self.vocab_size)
+        answers = sample_batch(policy, prompts, self.params, self.eos_id, gen, self.vocab_size,
+                               forward=lambda *a, **k: self.model(*a, values=False, **k),
+                               all_done=lambda flag: distributed.all_ranks(flag, self.dist, device))
         ended = torch.tensor([bool(a) and a[-1] == self.eos_id for a in answers], device=device)
         B, R = len(prompts), max(len(a) for a in answers)
         width = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1  # the last token is only a target
@@ -178,7 +196,7 @@ class PPOObjective(Objective):
         values = values.gather(1, index) * mask
         if self.reference is None:
             with adapters_off(policy):
-                ref_logits = policy(ids)
+                ref_logits = self.model(ids, values=False)
         else:
             ref_logits = self.reference(ids)
         ref_logps = token_logps(ref_logits, labels, cfg.temperature).gather(1, index) * mask
@@ -204,10 +222,13 @@ class PPOObjective(Objective):
         return (ids, labels, index, mask, old_logps, values, advantages, returns), metrics
 
     def _set_metrics(self, parts: list[dict]) -> None:
-        self.metrics = {}
-        for name in parts[0]:
-            v = torch.cat([p[name] for p in parts])
-            self.metrics[name] = float(v.sum()) if name == "val/num_eos_tokens" else float(v.mean())
+        """Each figure's mean over the rollout's answers on all ranks (``val/num_eos_tokens``: the count)."""
+        names = list(parts[0])
+        values = [torch.cat([p[name] for p in parts]) for name in names]
+        sums = distributed.all_reduce_sum([float(v.sum()) for v in values] + [float(len(values[0]))],
+                                          self.dist, values[0].device)
+        self.metrics = {name: total if name == "val/num_eos_tokens" else total / sums[-1]
+                        for name, total in zip(names, sums)}
 
     def step_metrics(self) -> dict:
         return dict(self.metrics)
@@ -239,16 +260,23 @@ class PPOObjective(Objective):
         raise NotImplementedError("PPO has no held-out loss")
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"value_head": {k: v.detach().cpu() for k, v in self.model.value_head.state_dict().items()},
-                "rollout": [[t.cpu() for t in part] for part in self.rollout], "metrics": dict(self.metrics)}
+    def state_dict(self, model_state: dict) -> dict:
+        """The value head (from the full state dict) and every rank's rollout, in rank order."""
+        rollouts = distributed.gather_objects([[t.cpu() for t in part] for part in self.rollout], self.dist)
+        return {"value_head": {k.removeprefix("value_head."): v for k, v in model_state.items()
+                               if k.startswith("value_head.")},
+                "rollouts": rollouts, "metrics": dict(self.metrics)}
 
     def load_state_dict(self, state: dict) -> None:
+        """A rank takes its own rollout back; resumed with another number of ranks, the next step samples
+        a new one."""
         if not state:
             return
         self.model.value_head.load_state_dict(state["value_head"])
         device = self.model.value_head.weight.device
-        self.rollout = [tuple(t.to(device) for t in part) for part in state["rollout"]]
+        rollouts = state.get("rollouts", [state["rollout"]] if "rollout" in state else [])  # "rollout": before torchrun
+        mine = rollouts[self.dist.rank] if len(rollouts) == self.dist.world_size else []
+        self.rollout = [tuple(t.to(device) for t in part) for part in mine]
         self.metrics = dict(state["metrics"])
 
     def write_model(self, state, config, folder, tokenizer_file, dtype) -> None:
@@ -290,5 +318,5 @@ def ppo(model: str | os.PathLike, reward_model: str | os.PathLike | Callable, da
     else:
         rm = load_reward_model(reward_model).requires_grad_(False).eval().to(trainer.device)
     objective = PPOObjective(policy, rm, reference, ppo_cfg, tokenizer.eos_id, pad_id(tokenizer), tokenizer.vocab_size,
-                             seed=cfg.seed, rank=trainer.dist.rank)
+                             seed=cfg.seed, dist=trainer.dist)
     return trainer.fit(policy, prompts, [], collate_prompts, tokenizer_file=tokenizer.path, objective=objective)
