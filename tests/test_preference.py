@@ -372,3 +372,27 @@ def test_ppo_under_torchrun_ddp_equals_fsdp_logs_every_rank_and_resumes_exactly(
         torch.testing.assert_close(w, whole[name], rtol=0, atol=1e-6)
     for name, w in load_model(fsdp).state_dict().items():
         torch.testing.assert_close(w, whole[name], rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_under_torchrun_equals_one_process(tmp_path, tiny_checkpoint):
+    """`jneox dpo` with 2 ranks x 2 pairs (DDP, then FSDP) logs what 1 process x 4 pairs logs (1e-5:
+    the ranks' sums in another order); every rank computes the reference log-probabilities itself."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    common = ["-m", "jneox", "dpo", "--model", str(tiny_checkpoint), "--data", str(data), "--max-steps", "4",
+              "--log-every", "1", "--device", "cpu", "--no-progress", "--max-len", "128", "--val-fraction", "0.25",
+              "--lr", "1e-3", "--save-every", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, *common, "--batch-size", "4"],
+            "ddp": [*torchrun, *common, "--batch-size", "2"], "fsdp": [*torchrun, *common, "--batch-size", "2", "--fsdp"]}
+    logs = {}
+    for name, cmd in runs.items():
+        r = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        logs[name] = read_log(tmp_path / name)
+    assert [r["step"] for r in logs["one"] if "loss" in r] == [1, 2, 3, 4]
+    for name in ("ddp", "fsdp"):
+        assert len(logs[name]) == len(logs["one"])
+        for a, b in zip(logs["one"], logs[name]):
+            for k in ("loss", "eval_loss", "rewards/margins", "rewards/accuracies", "eval_rewards/margins"):
+                assert (k in a) == (k in b) and b.get(k, 0) == pytest.approx(a.get(k, 0), abs=1e-5), (name, a, b)
