@@ -95,17 +95,24 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Modu
     if not d.enabled:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        from ..model import Block
-
-        for block in [m for m in model.modules() if isinstance(m, Block)]:
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        return shard(model)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 ``fully_shard`` in place: one unit per transformer block, and the rest (embedding, final norm,
+    heads) in the root unit. Also for frozen models that every rank calls in step (PPO's reference and
+    reward models), so that no rank holds a whole copy."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..model import Block
+
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block)
+    fully_shard(model)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -317,6 +317,11 @@ def ppo(model: str | os.PathLike, reward_model: str | os.PathLike | Callable, da
         rm = reward_model
     else:
         rm = load_reward_model(reward_model).requires_grad_(False).eval().to(trainer.device)
+    if cfg.fsdp and trainer.dist.enabled:  # the frozen models too: each rank holds its shard only
+        if reference is not None:
+            reference = distributed.shard(reference)
+        if isinstance(rm, nn.Module):
+            rm = distributed.shard(rm)
     objective = PPOObjective(policy, rm, reference, ppo_cfg, tokenizer.eos_id, pad_id(tokenizer), tokenizer.vocab_size,
                              seed=cfg.seed, dist=trainer.dist)
     return trainer.fit(policy, prompts, [], collate_prompts, tokenizer_file=tokenizer.path, objective=objective)
