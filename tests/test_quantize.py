@@ -228,6 +228,32 @@ def test_int8_kernel_gives_the_same_bits_on_every_path(in_features):
         assert torch.equal(out, first), name
 
 
+def test_int4_g64_kernel_gives_the_same_bits_on_avx2_and_avx512():
+    """int4 in groups of 64 rounds the activations to int8 from AVX2 up (int4x8_tile); the AVX-512 tile
+    holds two output rows per register but keeps the AVX2 tile's arithmetic lane for lane: a row's bits
+    do not depend on the instruction set, alone or in a pair."""
+    torch.manual_seed(5)
+    lin = nn.Linear(320, 84)
+    packed = PackedLinear.from_linear(lin, "int4", group_size=64)
+    x = torch.randn(MAX_KERNEL_ROWS, 320)
+    x[3] = 0.0
+    x[5, :8] *= 1000
+    results = {}
+    with torch.no_grad():
+        for level in ("avx2", "avx512", "amx"):
+            lib = _library(level) if level == "avx2" else kernels.library(level)
+            if kernels.simd_level(lib) < kernels.SIMD_LEVELS[level]:
+                continue
+            out = torch.cat([packed._kernel(lib, x[i : i + 1]) for i in range(MAX_KERNEL_ROWS)])
+            assert torch.equal(packed._kernel(lib, x[2:4]), out[2:4]), level  # a pair: two rows per pass
+            results[level] = out
+    if len(results) < 2:
+        pytest.skip("this CPU has no AVX-512: only the AVX2 int4 tile runs here")
+    assert _rel(results["avx2"], lin(x)) < TOLERANCE["int4"]
+    for level, out in results.items():
+        assert torch.equal(out, results["avx2"]), level
+
+
 @pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
 @pytest.mark.parametrize("fmt, group", FORMAT_CASES)
 def test_prompt_blocks_unpack_exactly(level, fmt, group):
