@@ -148,7 +148,7 @@ static inline float32x4_t neon_bf16x4(const uint16_t *p) { return vreinterpretq_
  * and bf16 10-50% faster. The int8 and int4 tiles were as fast or slower with it while their
  * arithmetic was the limit; since int8 rounds its activations to int8 and int4 has an AVX-512 tile,
  * it pays there too: 36 layers of the 3.6B shape, 1 row, 2 threads, one process alternating builds,
- * int8 4.19 -> 4.47 tok/s (median of 8, 7 pairs won) and int4 (AVX-512) 7.5 -> 8.3 (10 of 10),
+ * int8 4.19 -> 4.44 tok/s (median of 8, 7 pairs won) and int4 (AVX-512) 7.5 -> 8.3 (10 of 10),
  * int4 held to AVX2 6.95 -> 7.12 (7 of 8) on a Sapphire Rapids Xeon. */
 #define PREFETCH_NEXT(next, offset)                                                          \
     if (next) __builtin_prefetch((next) + (offset), 0, 2) /* into L2 */
