@@ -90,8 +90,8 @@ def gather_objects(obj, d: Dist) -> list:
 
 def wrap(model: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Module:
     """DDP (every rank holds the model) or FSDP2 ``fully_shard`` (each transformer block's parameters
-    sharded over the ranks, gathered for its forward/backward) for a model that does not fit one device.
-    The blocks are found wherever they sit: PPO's policy-with-value-head holds the model one level down."""
+    sharded over the ranks, gathered for its forward/backward: :func:`shard`) for a model that does not
+    fit one device."""
     if not d.enabled:
         return model
     if fsdp:
@@ -102,8 +102,9 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Modu
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """FSDP2 ``fully_shard`` in place: one unit per transformer block, and the rest (embedding, final norm,
-    heads) in the root unit. Also for frozen models that every rank calls in step (PPO's reference and
+    """FSDP2 ``fully_shard`` in place: one unit per transformer block, wherever it sits (PPO's
+    policy-with-value-head holds the model one level down), and the rest (embedding, final norm, heads)
+    in the root unit. Also for frozen models that every rank calls in step (PPO's reference and
     reward models), so that no rank holds a whole copy."""
     from torch.distributed.fsdp import fully_shard
 
