@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: chat test install
+.PHONY: chat test install docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,3 +22,7 @@ chat: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# docs/ as a site in build/site/ (mkdocs comes with the test extras); tests/test_docs.py builds it too
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict --site-dir build/site
