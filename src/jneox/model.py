@@ -43,8 +43,25 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        self.register_buffer("k", _zeros(shape, dtype, device), persistent=False)
-        self.register_buffer("v", _zeros(shape, dtype, device), persistent=False)
+        self._hold(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
+
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache whose keys and values (B, H, max_len, D) are ``k`` and ``v`` themselves (no copy)."""
+        cache = cls.__new__(cls)
+        nn.Module.__init__(cache)
+        cache._hold(k, v)
+        return cache
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Every field of a cache: its key and value tensors."""
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    def rows(self, a: int, b: int) -> "KVCache":
+        """Rows ``[a, b)`` as a cache of their own, a view: writes go to this cache. The model writes
+        input row i to cache row i, so this is how a caller addresses a range of rows (a server's slots)."""
+        return KVCache.over(self.k[a:b], self.v[a:b])
 
     @property
     def max_len(self) -> int:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..generate import SamplingParams, sample_next
+from ..sampling import SamplingParams, sample_next
 from . import distributed
 from .data import IGNORE_INDEX
 from .distributed import Dist
@@ -40,8 +40,8 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     missing_eos_penalty: float = 1.0
-    temperature: float = 0.7  # the card's
-    max_new_tokens: int = 128  # the card's
+    temperature: float = SamplingParams.temperature
+    max_new_tokens: int = SamplingParams.max_new_tokens
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
