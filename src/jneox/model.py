@@ -209,6 +209,10 @@ class GPTNeoX(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        # how the linear layers hold their weights: None for plain PyTorch ones, else the packed format
+        # that jneox.quantize.quantize_model gave them (and its int4 group size), which a saver records
+        self.weight_format: str | None = None
+        self.group_size: int | None = None
 
     # ---- KV cache --------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
