@@ -190,8 +190,8 @@ class Block(nn.Module):
 def meta_model(config: ModelConfig) -> "GPTNeoX":
     """A :class:`GPTNeoX` whose parameters are meta tensors (no memory), to be filled from a checkpoint
     or with ``to_empty`` + ``init_weights``. Built without ``normal_`` on meta tensors, whose first
-    call imports ``torch._dynamo`` (see ``GPTNeoX.__init__``): the 3.6B shape takes 0.1 s, not
-    1.4 s and more, most of ``jneox chat``'s start-up. Nothing of torch is patched."""
+    call imports ``torch._dynamo`` (see ``GPTNeoX.__init__``), which would be most of ``jneox chat``'s
+    start-up. Nothing of torch is patched."""
     return GPTNeoX(config, device="meta")
 
 
@@ -200,7 +200,7 @@ class GPTNeoX(nn.Module):
         super().__init__()
         self.config = config
         # nn.Embedding initialises its weight with normal_, which on a meta tensor imports torch._dynamo
-        # (1.4 s and more of start-up); a meta model's embedding is given its (empty) weight instead
+        # (seconds of start-up); a meta model's embedding is given its (empty) weight instead
         meta = device is not None and torch.device(device).type == "meta"
         weight = torch.empty(config.vocab_size, config.hidden_size, device="meta") if meta else None
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight, device=device)

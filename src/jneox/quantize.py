@@ -23,25 +23,18 @@ whole or through the server. Three paths, chosen per CPU and format (:meth:`Pack
   CPU has AMX (Intel Xeon since Sapphire Rapids); bf16 tiles on activations rounded to bf16, except int8
   weights with K a multiple of 64 and int4 weights in groups of 64: int8 tiles on activations rounded to int8
   per block of 64, as the decode kernel rounds them. Each row is computed on its own, so it takes a whole prompt at once (the weight read once) and any split gives the same bits. It
-  replaced the GEMM blocks below on such CPUs: see the README's prefill table for the measured gain;
+  replaced the GEMM blocks below on such CPUs, being faster there;
 - the kernels' AVX-512 batch path (8 rows per pass; bf16 and int8 with AVX-512 BF16 dot products,
   activations rounded to bf16, where the CPU has them): fp32 prompts on AVX-512, and every format on
-  AVX-512 CPUs without AMX (as measured earlier on one, against PyTorch's matmul on a widened
-  weight: 128 tokens, 2 layers of the 3.6B shape, fp32 625 -> 264 ms, bf16 290 -> 175, int8 404 -> 196, int4
-  512 -> 238);
+  AVX-512 CPUs without AMX, where it beats PyTorch's matmul on a widened weight in every format;
 - PyTorch's GEMM, one block of ``PROMPT_BLOCK_BYTES`` of output rows at a time, re-laid out (and
   dequantized) from the tiles by ``jneox_unpack_rows`` into a buffer reused per block: to bf16 for
   oneDNN's bf16 matmul where the CPU has AMX but the kernels are capped below it (JNEOX_SIMD), else to
-  fp32 for MKL's sgemm (AVX2-only and portable builds, which have no prompt kernels). Before it, such prompts widened the
-  whole weight to a fresh matrix at every call (~14 GB written per 3.6B prefill in fp32).
-  Measured on this AMX Xeon (one 3.6B-shape layer's weights, 128 rows, 1 thread, CPU time, machine
-  shared): kernels -> blocks int8 2816x8448 102 -> 33 ms, 11264x2816 129 -> 76; bf16 2816x11264
-  115 -> 55, int4 104 -> 60; fp32 about even (70-210 ms either way), so fp32 keeps the kernels.
-  AVX2 emulated (MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 JNEOX_SIMD=avx2), the
-  widened whole weight -> blocks: fp32 229 -> 150 ms, bf16 253 -> 168, int8 281 -> 174, int4
-  371 -> 169 (2816x11264). Blocks of 16 MiB beat 2 MiB ones (which fit L2) by 10-40% here: each
-  block is two parallel library calls, and on a loaded machine, 2 threads, 2 MiB blocks ran 4-10x
-  slower than the kernels (threads waiting at each call's barrier) where 16-32 MiB ones did not.
+  fp32 for MKL's sgemm (AVX2-only and portable builds, which have no prompt kernels). The whole weight
+  is never widened to a fresh matrix per call, which would write several times its bytes per prompt.
+  On AMX CPUs with the kernels capped, the blocks beat the kernels for bf16, int8 and int4; for fp32
+  they are about even, so fp32 keeps the kernels. Blocks are larger than L2: each is two parallel
+  library calls, and with small blocks threads wait at every call's barrier on a loaded machine.
 
 Without the native kernels a CPU layer holds its weight in the layout PyTorch's own CPU ops take,
 decided when the layer is made and converted once, as it is packed or loaded (see
@@ -67,7 +60,7 @@ PREFILL_CHUNK = 128  # longer inputs go to the AVX-512 batch path in chunks of t
 PROMPT_BLOCK_BYTES = 16 << 20  # a prompt's weight block for PyTorch's GEMM (see _gemm_blocks)
 TILE = 4  # output rows per tile, as in gemv.c
 DEFAULT_GROUP = 64
-# rows packed at a time (a multiple of TILE): blocks that stay in cache (int4 3x faster than whole
+# rows packed at a time (a multiple of TILE): blocks that stay in cache (much faster than whole
 # matrices) and keep conversion's temporaries small, a few MB instead of a fp32 copy of the matrix
 PACK_ROWS = 256
 
@@ -469,8 +462,8 @@ INT4_CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 def _int4_scales(groups: torch.Tensor) -> torch.Tensor:
     """fp16 scale per group: absmax/7 shrunk by whichever factor of INT4_CLIP_SEARCH gives the least
-    squared error (clipping a few large weights buys finer steps for the rest; ~11% less error
-    than plain absmax on Gaussian weights)."""
+    squared error (clipping a few large weights buys finer steps for the rest: less error than
+    plain absmax on Gaussian weights)."""
     amax = groups.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / 7.0
     best_scale, best_err = None, None
     for f in INT4_CLIP_SEARCH:
@@ -505,8 +498,8 @@ def return_freed_memory() -> None:
     """Hand the pages of memory freed inside malloc's heap back to the OS (glibc's ``malloc_trim``).
     Packing a matrix frees its temporaries, but small lasting allocations (biases, norms, Python
     objects) land in the freed space, so the next matrix's temporaries extend the heap and the holes
-    stay resident: loading 36 layers of the 3.6B shape in int8 peaked 0.8 GB above the weights and
-    the interpreter (heap 1.7 GB), with the checkpoint's file pages already released. A no-op where
+    stay resident, so a load's peak grows far above the weights and the interpreter, even with the
+    checkpoint's file pages already released. A no-op where
     the C library has no malloc_trim (musl, macOS, Windows)."""
     trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
