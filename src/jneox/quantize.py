@@ -117,7 +117,7 @@ class PackedLinear(nn.Module):
         # the tiled buffers' shapes and dtypes: the kernels' layout, and the state dict's in every layout
         if fmt == "int4":
             groups = k // group_size
-            self._tiled = {"weight": ((n_pad // TILE, groups, TILE, group_size // 2), torch.uint8),
+            self._tiled: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"weight": ((n_pad // TILE, groups, TILE, group_size // 2), torch.uint8),
                            "scale": ((n_pad // TILE, groups, TILE), torch.float16)}
         else:
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[fmt]
@@ -131,11 +131,12 @@ class PackedLinear(nn.Module):
         if torch_layout is None:
             torch_layout = torch.device(device or "cpu").type in ("cpu", "meta") and kernels.library() is None
         self.torch_layout = torch_layout
-        self._torch: dict | None = None  # the weight in that layout, once converted
         self.register_state_dict_post_hook(_tiles_in_state_dict)
 
     def _empty_tiles(self, device) -> None:
-        """Uninitialised tiled buffers, to be packed or loaded into."""
+        """Uninitialised tiled buffers, to be packed or loaded into (a layer held in PyTorch's layout
+        drops it: new weights come as tiles)."""
+        self._torch: dict | None = None  # the weight in PyTorch's layout, once converted
         for name, (shape, dtype) in self._tiled.items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
 
@@ -156,6 +157,8 @@ class PackedLinear(nn.Module):
         straddle two blocks)."""
         n, k = weight.shape
         g = self.group_size
+        if self._torch is not None:
+            self._empty_tiles(self.bias.device if self.bias is not None else "cpu")
         for r0 in range(0, self.weight.shape[0] * TILE, PACK_ROWS):  # padding < TILE rows: r0 < n always
             r1 = min(r0 + PACK_ROWS, self.weight.shape[0] * TILE)
             rows = weight[r0:r1]
@@ -189,7 +192,6 @@ class PackedLinear(nn.Module):
         """Loads the tiles (every layout saves them), then converts them where this layer takes
         PyTorch's layout."""
         if self._torch is not None:
-            self._torch = None
             self._empty_tiles(self.bias.device if self.bias is not None else "cpu")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.torch_layout and self.weight.device.type == "cpu":
