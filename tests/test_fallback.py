@@ -27,7 +27,7 @@ def test_pytorch_ops_compute_the_packed_product(no_kernels, fmt, group, rows):
     packed = PackedLinear.from_linear(lin, fmt, group_size=group)
     x = torch.randn(rows, 128)
     with torch.no_grad():
-        weight = packed.unpacked_weight()  # before conversion: from the tiles
+        weight = packed.unpacked_weight()
         exact = nn.functional.linear(x, weight, packed.bias)
         got = packed(x)
         assert _rel(got, exact) < (1e-6 if fmt == "float32" else 6e-3)  # only the rounding to bf16
@@ -39,14 +39,16 @@ def test_pytorch_ops_compute_the_packed_product(no_kernels, fmt, group, rows):
 def test_no_widening_per_call_and_one_copy_of_the_weight(no_kernels, fmt, monkeypatch):
     torch.manual_seed(0)
     packed = PackedLinear.from_linear(nn.Linear(256, 512, bias=False), fmt)
-    tiled_bytes = packed.weight.nbytes
+    tiled_bytes = packed.state_dict()["weight"].nbytes  # the tiles it saves, as packing made them
+    converted = packed._torch
+    assert converted is not None  # converted as it was packed, not by a call
     x = torch.randn(1, 256)
     with torch.no_grad():
         first = packed(x)
         monkeypatch.setattr(PackedLinear, "unpacked_weight", lambda *a, **k: pytest.fail("weight widened per call"))
         again = packed(x)
-    assert torch.equal(first, again)
-    assert packed.weight.numel() == 0  # the tiled copy is freed ...
+    assert torch.equal(first, again) and packed._torch is converted
+    assert packed.torch_layout and packed.weight.numel() == 0  # the tiled copy is freed ...
     assert sum(t.nbytes for k, t in packed._torch.items() if k == "weight") <= tiled_bytes  # ... for one of its size
 
 

@@ -2,8 +2,9 @@
 from .chat import ChatSession, format_prompt, parse_answer
 from .checkpoint import CheckpointError, OFFICIAL_MODEL, load, load_model, load_tokenizer, save
 from .config import ModelConfig
-from .generate import Completion, SamplingParams, generate, stream
+from .generate import Completion, generate, stream
 from .model import GPTNeoX
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, train_tokenizer
 
 __version__ = "0.1.0"

@@ -465,7 +465,7 @@ def save_quantized(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_file: s
     marks it as such."""
     from safetensors.torch import save_file
 
-    fmt = getattr(model, "weight_format", None)
+    fmt = model.weight_format
     if fmt is None:
         raise CheckpointError("the model is not quantized: use save() for float checkpoints")
     with staged_folder(out_dir, overwrite) as tmp:

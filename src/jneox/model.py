@@ -43,8 +43,25 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        self.register_buffer("k", _zeros(shape, dtype, device), persistent=False)
-        self.register_buffer("v", _zeros(shape, dtype, device), persistent=False)
+        self._hold(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
+
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache whose keys and values (B, H, max_len, D) are ``k`` and ``v`` themselves (no copy)."""
+        cache = cls.__new__(cls)
+        nn.Module.__init__(cache)
+        cache._hold(k, v)
+        return cache
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Every field of a cache: its key and value tensors."""
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    def rows(self, a: int, b: int) -> "KVCache":
+        """Rows ``[a, b)`` as a cache of their own, a view: writes go to this cache. The model writes
+        input row i to cache row i, so this is how a caller addresses a range of rows (a server's slots)."""
+        return KVCache.over(self.k[a:b], self.v[a:b])
 
     @property
     def max_len(self) -> int:
@@ -173,8 +190,8 @@ class Block(nn.Module):
 def meta_model(config: ModelConfig) -> "GPTNeoX":
     """A :class:`GPTNeoX` whose parameters are meta tensors (no memory), to be filled from a checkpoint
     or with ``to_empty`` + ``init_weights``. Built without ``normal_`` on meta tensors, whose first
-    call imports ``torch._dynamo`` (see ``GPTNeoX.__init__``): the 3.6B shape takes 0.1 s, not
-    1.4 s and more, most of ``jneox chat``'s start-up. Nothing of torch is patched."""
+    call imports ``torch._dynamo`` (see ``GPTNeoX.__init__``), which would be most of ``jneox chat``'s
+    start-up. Nothing of torch is patched."""
     return GPTNeoX(config, device="meta")
 
 
@@ -183,7 +200,7 @@ class GPTNeoX(nn.Module):
         super().__init__()
         self.config = config
         # nn.Embedding initialises its weight with normal_, which on a meta tensor imports torch._dynamo
-        # (1.4 s and more of start-up); a meta model's embedding is given its (empty) weight instead
+        # (seconds of start-up); a meta model's embedding is given its (empty) weight instead
         meta = device is not None and torch.device(device).type == "meta"
         weight = torch.empty(config.vocab_size, config.hidden_size, device="meta") if meta else None
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight, device=device)
@@ -192,6 +209,10 @@ class GPTNeoX(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        # how the linear layers hold their weights: None for plain PyTorch ones, else the packed format
+        # that jneox.quantize.quantize_model gave them (and its int4 group size), which a saver records
+        self.weight_format: str | None = None
+        self.group_size: int | None = None
 
     # ---- KV cache --------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:

@@ -23,29 +23,22 @@ whole or through the server. Three paths, chosen per CPU and format (:meth:`Pack
   CPU has AMX (Intel Xeon since Sapphire Rapids); bf16 tiles on activations rounded to bf16, except int8
   weights with K a multiple of 64 and int4 weights in groups of 64: int8 tiles on activations rounded to int8
   per block of 64, as the decode kernel rounds them. Each row is computed on its own, so it takes a whole prompt at once (the weight read once) and any split gives the same bits. It
-  replaced the GEMM blocks below on such CPUs: see the README's prefill table for the measured gain;
+  replaced the GEMM blocks below on such CPUs, being faster there;
 - the kernels' AVX-512 batch path (8 rows per pass; bf16 and int8 with AVX-512 BF16 dot products,
   activations rounded to bf16, where the CPU has them): fp32 prompts on AVX-512, and every format on
-  AVX-512 CPUs without AMX (as measured earlier on one, against PyTorch's matmul on a widened
-  weight: 128 tokens, 2 layers of the 3.6B shape, fp32 625 -> 264 ms, bf16 290 -> 175, int8 404 -> 196, int4
-  512 -> 238);
+  AVX-512 CPUs without AMX, where it beats PyTorch's matmul on a widened weight in every format;
 - PyTorch's GEMM, one block of ``PROMPT_BLOCK_BYTES`` of output rows at a time, re-laid out (and
   dequantized) from the tiles by ``jneox_unpack_rows`` into a buffer reused per block: to bf16 for
   oneDNN's bf16 matmul where the CPU has AMX but the kernels are capped below it (JNEOX_SIMD), else to
-  fp32 for MKL's sgemm (AVX2-only and portable builds, which have no prompt kernels). Before it, such prompts widened the
-  whole weight to a fresh matrix at every call (~14 GB written per 3.6B prefill in fp32).
-  Measured on this AMX Xeon (one 3.6B-shape layer's weights, 128 rows, 1 thread, CPU time, machine
-  shared): kernels -> blocks int8 2816x8448 102 -> 33 ms, 11264x2816 129 -> 76; bf16 2816x11264
-  115 -> 55, int4 104 -> 60; fp32 about even (70-210 ms either way), so fp32 keeps the kernels.
-  AVX2 emulated (MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 JNEOX_SIMD=avx2), the
-  widened whole weight -> blocks: fp32 229 -> 150 ms, bf16 253 -> 168, int8 281 -> 174, int4
-  371 -> 169 (2816x11264). Blocks of 16 MiB beat 2 MiB ones (which fit L2) by 10-40% here: each
-  block is two parallel library calls, and on a loaded machine, 2 threads, 2 MiB blocks ran 4-10x
-  slower than the kernels (threads waiting at each call's barrier) where 16-32 MiB ones did not.
+  fp32 for MKL's sgemm (AVX2-only and portable builds, which have no prompt kernels). The whole weight
+  is never widened to a fresh matrix per call, which would write several times its bytes per prompt.
+  On AMX CPUs with the kernels capped, the blocks beat the kernels for bf16, int8 and int4; for fp32
+  they are about even, so fp32 keeps the kernels. Blocks are larger than L2: each is two parallel
+  library calls, and with small blocks threads wait at every call's barrier on a loaded machine.
 
-Without the native kernels everything runs through PyTorch's own CPU ops on the weight converted
-once, at its first use, to the layout they take (see :meth:`PackedLinear._torch_form`), never
-widened per call.
+Without the native kernels a CPU layer holds its weight in the layout PyTorch's own CPU ops take,
+decided when the layer is made and converted once, as it is packed or loaded (see
+:meth:`PackedLinear.use_torch_layout`): never widened per call, never changed by a call.
 """
 from __future__ import annotations
 
@@ -60,13 +53,14 @@ from torch import nn
 from . import kernels
 from .kernels import MAX_KERNEL_ROWS  # noqa: F401  (the decode kernels always take this many rows)
 from .errors import JneoxError
+from .model import GPTNeoX
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 PREFILL_CHUNK = 128  # longer inputs go to the AVX-512 batch path in chunks of this many rows
 PROMPT_BLOCK_BYTES = 16 << 20  # a prompt's weight block for PyTorch's GEMM (see _gemm_blocks)
 TILE = 4  # output rows per tile, as in gemv.c
 DEFAULT_GROUP = 64
-# rows packed at a time (a multiple of TILE): blocks that stay in cache (int4 3x faster than whole
+# rows packed at a time (a multiple of TILE): blocks that stay in cache (much faster than whole
 # matrices) and keep conversion's temporaries small, a few MB instead of a fp32 copy of the matrix
 PACK_ROWS = 256
 
@@ -109,7 +103,7 @@ class PackedLinear(nn.Module):
     """A linear layer whose weight is stored packed in one of :data:`FORMATS`."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = True,
-                 group_size: int = DEFAULT_GROUP, device=None):
+                 group_size: int = DEFAULT_GROUP, device=None, torch_layout: bool | None = None):
         super().__init__()
         if fmt not in FORMATS:
             raise QuantizationError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -120,19 +114,31 @@ class PackedLinear(nn.Module):
                                     f"in_features ({in_features})")
         self.in_features, self.out_features, self.fmt, self.group_size = in_features, out_features, fmt, group_size
         k, n_pad = in_features, -(-out_features // TILE) * TILE
+        # the tiled buffers' shapes and dtypes: the kernels' layout, and the state dict's in every layout
         if fmt == "int4":
             groups = k // group_size
-            shape, dtype = (n_pad // TILE, groups, TILE, group_size // 2), torch.uint8
-            self.register_buffer("scale", torch.empty(n_pad // TILE, groups, TILE, dtype=torch.float16, device=device))
+            self._tiled: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"weight": ((n_pad // TILE, groups, TILE, group_size // 2), torch.uint8),
+                           "scale": ((n_pad // TILE, groups, TILE), torch.float16)}
         else:
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[fmt]
-            shape = (n_pad // TILE, k // 8, TILE, 8)
+            self._tiled = {"weight": ((n_pad // TILE, k // 8, TILE, 8), dtype)}
             if fmt == "int8":
-                self.register_buffer("scale", torch.empty(n_pad, dtype=torch.float32, device=device))
-        self.register_buffer("weight", torch.empty(shape, dtype=dtype, device=device))
+                self._tiled["scale"] = ((n_pad,), torch.float32)
+        self._empty_tiles(device)
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device) if bias else None)
-        self._torch = None  # without the native kernels: the weight as PyTorch's CPU ops take it (see _torch_form)
+        # without the native kernels a CPU layer runs PyTorch's own ops, on the weight in the layout they
+        # take: decided here, converted once the weight is packed or loaded (see use_torch_layout)
+        if torch_layout is None:
+            torch_layout = torch.device(device or "cpu").type in ("cpu", "meta") and kernels.library() is None
+        self.torch_layout = torch_layout
         self.register_state_dict_post_hook(_tiles_in_state_dict)
+
+    def _empty_tiles(self, device) -> None:
+        """Uninitialised tiled buffers, to be packed or loaded into (a layer held in PyTorch's layout
+        drops it: new weights come as tiles)."""
+        self._torch: dict | None = None  # the weight in PyTorch's layout, once converted
+        for name, (shape, dtype) in self._tiled.items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = DEFAULT_GROUP,
@@ -145,12 +151,14 @@ class PackedLinear(nn.Module):
     @torch.no_grad()
     def pack_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, release=None) -> None:
         """Quantize and pack a float (out, in) weight into this module's buffers, ``PACK_ROWS`` rows at a
-        time, so that the temporaries are one block's, never a whole fp32 copy (for the 3.6B model's
-        32000-row head that copy is 360 MB, and quantizing it made three). ``release(rows)`` is called with
+        time, so that the temporaries are one block's, never a whole fp32 copy (quantizing a whole matrix
+        at once made three such copies). ``release(rows)`` is called with
         each block of ``weight`` once it is packed, then with the whole ``weight`` (for the pages that
         straddle two blocks)."""
         n, k = weight.shape
         g = self.group_size
+        if self._torch is not None:
+            self._empty_tiles(self.bias.device if self.bias is not None else "cpu")
         for r0 in range(0, self.weight.shape[0] * TILE, PACK_ROWS):  # padding < TILE rows: r0 < n always
             r1 = min(r0 + PACK_ROWS, self.weight.shape[0] * TILE)
             rows = weight[r0:r1]
@@ -177,6 +185,26 @@ class PackedLinear(nn.Module):
             release(weight)
         if bias is not None:
             self.bias.copy_(bias.float())
+        if self.torch_layout:
+            self.use_torch_layout()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loads the tiles (every layout saves them), then converts them where this layer takes
+        PyTorch's layout."""
+        if self._torch is not None:
+            self._empty_tiles(self.bias.device if self.bias is not None else "cpu")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.torch_layout and self.weight.device.type == "cpu":
+            self.use_torch_layout()
+
+    def _apply(self, fn, recurse=True):
+        # PyTorch's layout is for its CPU ops: a layer moved elsewhere goes back to the tiles it was packed in
+        if self._torch is not None and fn(torch.empty(0)).device.type != "cpu":
+            tiles = _tiled_state(self)
+            self._torch, self.torch_layout = None, False
+            for name, t in tiles.items():
+                self.register_buffer(name, t)
+        return super()._apply(fn, recurse)
 
     def unpacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as an (out, in) matrix of ``dtype``, dequantized."""
@@ -195,14 +223,15 @@ class PackedLinear(nn.Module):
 
     # ---- without the native kernels: PyTorch's CPU ops, weight converted once -------------------
     @torch.no_grad()
-    def _torch_form(self) -> dict:
-        """The weight in the layout PyTorch's own CPU ops take, made at the first call without the native
-        kernels; the tiled buffers are then freed (the state dict tiles it again, see
+    def use_torch_layout(self) -> None:
+        """Convert the packed weight to the layout PyTorch's own CPU ops take, once (the layer runs those
+        ops from then on); the tiled buffers are freed (the state dict tiles it again, see
         :func:`_tiles_in_state_dict`), so memory stays at one copy. Widening the packed weight at every
-        call instead, as before, made a 3.6B decode step read and write several times the weight bytes.
+        call instead would read and write several times the weight's bytes per decode step.
         fp32 and bf16 take ``F.linear`` (bf16 activations for a bf16 weight, as transformers runs
         bf16), int8 ``torch._weight_int8pack_mm`` and int4 ``torch._weight_int4pack_mm_for_cpu``, both
-        with bf16 activations (with fp32 ones both ops measured 7-200x slower on this CPU)."""
+        with bf16 activations (with fp32 ones both ops are many times slower on the CPU)."""
+        self.torch_layout = True
         if self._torch is None:
             n = self.out_features
             form = {"weight": _untile(self.weight)[:n].contiguous()} if self.fmt != "int4" else {}
@@ -221,10 +250,9 @@ class PackedLinear(nn.Module):
             self.weight = torch.empty(0, dtype=self.weight.dtype)
             if self.fmt in ("int8", "int4"):
                 self.scale = torch.empty(0, dtype=self.scale.dtype)
-        return self._torch
 
     def _torch_linear(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._torch_form()
+        t = self._torch
         if self.fmt == "float32":
             return F.linear(x.float(), t["weight"], self.bias)
         xb = x.to(torch.bfloat16)
@@ -263,7 +291,7 @@ class PackedLinear(nn.Module):
         lib = kernels.library() if x.device.type == "cpu" else None
         if torch.is_grad_enabled() and x.requires_grad:
             y = self._dense(x2)
-        elif lib is None and x.device.type == "cpu":
+        elif lib is None and self._torch is not None:
             y = self._torch_linear(x2)
         elif lib is None:
             y = self._dense(x2)
@@ -407,26 +435,28 @@ def _int4_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles_in_state_dict(module: "PackedLinear", state: dict, prefix: str, local_metadata) -> None:
-    """A layer converted for PyTorch's ops (see :meth:`PackedLinear._torch_form`) saves the tiled layout
+    """A layer held in PyTorch's layout (see :meth:`PackedLinear.use_torch_layout`) saves the tiled layout
     all the same, with its own scales, so a packed checkpoint reads the same whichever path ran."""
+    if module._torch is not None:
+        state.update({prefix + name: t for name, t in _tiled_state(module).items()})
+
+
+def _tiled_state(module: "PackedLinear") -> dict[str, torch.Tensor]:
+    """The tiled buffers (weight, scale) of a layer held in PyTorch's layout, as packing made them."""
     t = module._torch
-    if t is None:
-        return
     n, k = module.out_features, module.in_features
     n_pad = -(-n // TILE) * TILE
     w = module.unpacked_weight()
     w = torch.cat((w, w.new_zeros(n_pad - n, k)))
     if module.fmt in ("float32", "bfloat16"):
-        state[prefix + "weight"] = _tile(w.to(t["weight"].dtype), 8)
-    elif module.fmt == "int8":
+        return {"weight": _tile(w.to(t["weight"].dtype), 8)}
+    if module.fmt == "int8":
         s32 = t["scale32"]
-        state[prefix + "weight"] = _tile(torch.round(w / s32[:, None]).clamp_(-127, 127).to(torch.int8), 8)
-        state[prefix + "scale"] = s32
-    else:
-        g = module.group_size
-        q = _int4_codes(w, t["scale16"].float()).to(torch.uint8).reshape(n_pad, k // g, g)
-        state[prefix + "weight"] = _tile((q[..., : g // 2] | (q[..., g // 2:] << 4)).reshape(n_pad, k // 2), g // 2)
-        state[prefix + "scale"] = t["scale16"].reshape(-1, TILE, k // g).transpose(1, 2).contiguous()
+        return {"weight": _tile(torch.round(w / s32[:, None]).clamp_(-127, 127).to(torch.int8), 8), "scale": s32}
+    g = module.group_size
+    q = _int4_codes(w, t["scale16"].float()).to(torch.uint8).reshape(n_pad, k // g, g)
+    return {"weight": _tile((q[..., : g // 2] | (q[..., g // 2:] << 4)).reshape(n_pad, k // 2), g // 2),
+            "scale": t["scale16"].reshape(-1, TILE, k // g).transpose(1, 2).contiguous()}
 
 
 INT4_CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -434,8 +464,8 @@ INT4_CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 def _int4_scales(groups: torch.Tensor) -> torch.Tensor:
     """fp16 scale per group: absmax/7 shrunk by whichever factor of INT4_CLIP_SEARCH gives the least
-    squared error (clipping a few large weights buys finer steps for the rest; ~11% less error
-    than plain absmax on Gaussian weights)."""
+    squared error (clipping a few large weights buys finer steps for the rest: less error than
+    plain absmax on Gaussian weights)."""
     amax = groups.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / 7.0
     best_scale, best_err = None, None
     for f in INT4_CLIP_SEARCH:
@@ -470,8 +500,8 @@ def return_freed_memory() -> None:
     """Hand the pages of memory freed inside malloc's heap back to the OS (glibc's ``malloc_trim``).
     Packing a matrix frees its temporaries, but small lasting allocations (biases, norms, Python
     objects) land in the freed space, so the next matrix's temporaries extend the heap and the holes
-    stay resident: loading 36 layers of the 3.6B shape in int8 peaked 0.8 GB above the weights and
-    the interpreter (heap 1.7 GB), with the checkpoint's file pages already released. A no-op where
+    stay resident, so a load's peak grows far above the weights and the interpreter, even with the
+    checkpoint's file pages already released. A no-op where
     the C library has no malloc_trim (musl, macOS, Windows)."""
     trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
@@ -479,8 +509,8 @@ def return_freed_memory() -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, pack: bool = True,
-                   release=None) -> nn.Module:
+def quantize_model(model: GPTNeoX, fmt: str, group_size: int = DEFAULT_GROUP, pack: bool = True,
+                   release=None) -> GPTNeoX:
     """Replace every linear layer of ``model`` (in place) by a :class:`PackedLinear` in ``fmt``.
 
     Layers are converted one at a time, ``PACK_ROWS`` rows at a time; ``release(tensor)`` is called
@@ -513,7 +543,7 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP, 
                                                                         _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
     # A packed model is for inference: its LayerNorm and bias parameters would otherwise make every
-    # activation require grad, so a plain `model(ids, cache=...)` outside inference_mode took the autograd
-    # path (a widened fp32 weight per linear) and the KV cache it wrote kept that whole graph alive
-    # (RSS 7.3 -> 21 GB for 36 bf16 layers, measured 2026-12-01). Frozen, such a call runs the kernels.
+    # activation require grad, so a plain `model(ids, cache=...)` outside inference_mode would take the
+    # autograd path (a widened fp32 weight per linear) and the KV cache it wrote would keep that whole
+    # graph alive, several times the model's memory. Frozen, such a call runs the kernels.
     return model.requires_grad_(False).eval()

@@ -14,14 +14,15 @@ distribution, a point mass for prompt lookup).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from .checkpoint import load_model
 from .errors import UsageError
-from .generate import SamplingParams, check_prompt_fits, filtered_logits, sample_categorical, sample_next
 from .kernels import MAX_KERNEL_ROWS
 from .model import GPTNeoX
+from .sampling import Sampler, SamplingParams, check_prompt_fits, filtered_logits, sample_categorical
 
 DEFAULT_DRAFT_TOKENS = 5  # guesses per step: 6 rows per pass, still the kernels' decode path
 # the newest token and its guesses are checked as one batch of the decode kernels, whose rows get the
@@ -34,6 +35,23 @@ def _check_num_tokens(num_tokens: int) -> None:
     if not 1 <= num_tokens <= MAX_DRAFT_TOKENS:
         raise UsageError(f"the number of draft tokens must be 1 to {MAX_DRAFT_TOKENS} (one pass checks it and the "
                          f"newest token as one batch of the decode kernels), got {num_tokens}")
+
+
+class Guesser(Protocol):
+    """What speculative decoding needs of a guesser: a few likely next tokens, cheaply."""
+
+    num_tokens: int  # guesses per step, at most MAX_DRAFT_TOKENS
+
+    def start(self, max_len: int) -> None:
+        """A new sequence of up to ``max_len`` tokens begins."""
+
+    def for_sequence(self) -> "Guesser":
+        """A guesser for one more sequence decoded alongside others (the server's rows)."""
+
+    def propose(self, tokens: Sequence[int], k: int, params: SamplingParams, vocab_size: int | None,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``k`` guessed tokens after ``tokens``, and the distributions (k, V) they were drawn from
+        (None: each guess is certain, a point mass). Sampling draws from ``generator``."""
 
 
 class PromptLookup:
@@ -116,59 +134,50 @@ class DraftModel:
 
 
 @torch.inference_mode()
-def speculative_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingParams, draft,
+def speculative_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingParams, draft: Guesser,
                        eos_id: int | None = None, vocab_size: int | None = None) -> Iterator[int]:
-    """:func:`jneox.generate.generate_tokens` with guesses from ``draft`` (:class:`PromptLookup` or
-    :class:`DraftModel`) checked ``draft.num_tokens`` at a time: the same tokens for greedy, the same
-    distribution for sampling."""
+    """:func:`jneox.generate.generate_tokens` with guesses from ``draft`` checked ``draft.num_tokens``
+    at a time: the same tokens for greedy, the same distribution for sampling."""
     check_prompt_fits(model, len(prompt_ids))
     device = model.embed.weight.device
-    total = min(len(prompt_ids) + params.max_new_tokens, model.config.max_position_embeddings)
-    cache = model.new_cache(1, total)
-    draft.start(total)
-    generator = None
-    if params.seed is not None and not params.greedy:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    tokens = list(prompt_ids)
+    sampler = Sampler(params, prompt_ids, model.config.max_position_embeddings, device, vocab_size)
+    cache = model.new_cache(1, sampler.total)
+    draft.start(sampler.total)
+    tokens = sampler.tokens
     # the prompt and the first token exactly as plain decoding makes them (the prompt kernels round
     # activations differently from the decode kernels, so a prompt fed otherwise gives other bits)
     ids = torch.tensor([tokens], device=device)
     logits = model(ids, input_pos=torch.arange(len(tokens), device=device), last_only=True, cache=cache)
-    seen = ids if params.repetition_penalty != 1.0 else None
-    t = int(sample_next(logits[:, -1, :vocab_size], params, generator, seen))
-    tokens.append(t)
+    t = sampler.sample(logits[:, -1])
+    sampler.accept(t)
     yield t
-    if t == eos_id or len(tokens) >= total:
+    if t == eos_id or sampler.full:
         return
     while True:  # the cache holds every token but the newest, which each step feeds with the guesses
-        k = min(draft.num_tokens, total - len(tokens) - 1)
-        guesses, q = draft.propose(tokens, k, params, vocab_size, generator) if k > 0 else ([], None)
+        k = min(draft.num_tokens, sampler.total - len(tokens) - 1)
+        guesses, q = draft.propose(tokens, k, params, vocab_size, sampler.generator) if k > 0 else ([], None)
         start = len(tokens) - 1
         ids = torch.tensor([[tokens[-1], *guesses]], device=device)
         rows = model(ids, input_pos=torch.arange(start, start + ids.shape[1], device=device), cache=cache)[0]
-        for t in verify(rows, guesses, q, tokens, params, generator, vocab_size):
+        for t in verify(rows, guesses, q, sampler):
             yield t
-            if t == eos_id or len(tokens) >= total:
+            if t == eos_id or sampler.full:
                 return
 
 
-def verify(rows: torch.Tensor, guesses: Sequence[int], q: torch.Tensor | None, tokens: list[int],
-           params: SamplingParams, generator: torch.Generator | None,
-           vocab_size: int | None = None) -> Iterator[int]:
+def verify(rows: torch.Tensor, guesses: Sequence[int], q: torch.Tensor | None, sampler: Sampler) -> Iterator[int]:
     """The model's tokens for one checked pass: ``rows`` (at least ``len(guesses) + 1``, V) are its logits
-    after ``tokens`` and after each guess in turn (rows past that are ignored); ``q`` the guesser's
+    after ``sampler.tokens`` and after each guess in turn (rows past that are ignored); ``q`` the guesser's
     distributions (None: point masses). Yields every accepted guess, then the model's own token where
-    it rejects one, or after the last guess; each is appended to ``tokens`` (the repetition penalty's
+    it rejects one, or after the last guess; each is accepted by ``sampler`` (the repetition penalty's
     context) before it is yielded. The caller may stop early (EOS, length): nothing else changes."""
-    device = rows.device
     for i in range(len(guesses) + 1):
-        seen = torch.tensor([tokens], device=device) if params.repetition_penalty != 1.0 else None
-        row = rows[i:i + 1, :vocab_size]
+        row = rows[i:i + 1]
         if i == len(guesses):  # every guess accepted: the last row gives one more token, as plain decoding
-            t = int(sample_next(row, params, generator, seen))
+            t = sampler.sample(row)
         else:
-            t = _check(filtered_logits(row, params, seen), guesses[i], None if q is None else q[i], params, generator)
-        tokens.append(t)
+            t = _check(sampler.scores(row), guesses[i], None if q is None else q[i], sampler.params, sampler.generator)
+        sampler.accept(t)
         yield t
         if i < len(guesses) and t != guesses[i]:
             return  # the rest of the guesses followed a token the model did not pick
@@ -194,13 +203,11 @@ def _check(scores: torch.Tensor, guess: int, q: torch.Tensor | None, params: Sam
     return int(sample_categorical(rest[None], generator))
 
 
-def make_draft(spec: str | None, num_tokens: int = DEFAULT_DRAFT_TOKENS, **load_kwargs):
+def make_draft(spec: str | None, num_tokens: int = DEFAULT_DRAFT_TOKENS, **load_kwargs) -> Guesser | None:
     """``"lookup"`` -> :class:`PromptLookup`; a checkpoint folder or hub id -> :class:`DraftModel`
     (loaded with ``load_kwargs``, as :func:`jneox.checkpoint.load_model` takes them); None -> None."""
     if spec is None:
         return None
     if spec == "lookup":
         return PromptLookup(num_tokens)
-    from .checkpoint import load_model
-
     return DraftModel(load_model(spec, **load_kwargs), num_tokens)

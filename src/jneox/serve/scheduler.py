@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import secrets
 import threading
 import time
 import traceback
@@ -46,12 +45,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
-from ..generate import SamplingParams, TextAssembler, check_prompt_fits, sample_next
+from ..generate import TextAssembler
 from ..model import GPTNeoX, KVCache
 from ..quantize import MAX_KERNEL_ROWS, kernel_prompt_rows
-from ..speculative import verify
+from ..sampling import Sampler, SamplingParams, check_prompt_fits
+from ..speculative import Guesser, verify
 from ..tokenizer import Tokenizer
 
 
@@ -106,11 +105,9 @@ class Request:
     on_event: Callable[[Event], None]
     id: int = 0
     text: TextAssembler | None = None
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # prompt + generated ids, for the repetition penalty
+    sampler: Sampler | None = None  # its generator, tokens so far and length limit, from the prefill on
     slot: int = -1
     pos: int = 0  # where the next input token goes
-    total: int = 0  # prompt + answer may not pass this many positions
     next_token: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
@@ -119,17 +116,7 @@ class Request:
     generate: bool = True  # False: score the prompt only (max_tokens 0), generate nothing
     pending: list[TokenLogprob] = field(default_factory=list)  # generated tokens' logprobs not yet sent
     speculate: bool = True  # False: plain decode steps even when the engine has a draft
-    draft: object = None  # this request's guesser (PromptLookup or DraftModel), from the first token on
-
-
-class _RowsView(KVCache):
-    """Rows ``[a, b)`` of a batched KV cache, as a cache of its own (a view: writes go to the big one).
-    The model writes input row i to cache row i, so this is how a slot range is addressed."""
-
-    def __init__(self, cache: KVCache, a: int, b: int):
-        nn.Module.__init__(self)
-        self.register_buffer("k", cache.k[a:b], persistent=False)
-        self.register_buffer("v", cache.v[a:b], persistent=False)
+    draft: Guesser | None = None  # this request's guesser, from the first token on
 
 
 class Engine:
@@ -142,7 +129,8 @@ class Engine:
     decode steps speculative (see the module docstring); its model must share ``tokenizer``.
     """
 
-    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32, draft=None):
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32,
+                 draft: Guesser | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -345,22 +333,18 @@ class Engine:
         return out
 
     def _rows(self, a: int, b: int) -> list[KVCache]:
-        return [_RowsView(c, a, b) for c in self.caches]
+        """Slots ``[a, b)`` of every layer's cache: the model writes input row i to cache row i."""
+        return [c.rows(a, b) for c in self.caches]
 
     def _prefill(self, seq: Request) -> None:
         """The prompt into the request's slot (in chunks), and its first token, as generate_tokens does."""
         if seq.cancelled:
             self._free(seq)
             return
-        p = seq.params
-        seq.text = TextAssembler(self.tokenizer, p.stop)
-        seq.total = min(len(seq.prompt_ids) + p.max_new_tokens, self.window)
-        if not p.greedy:
-            seed = p.seed if p.seed is not None else secrets.randbits(63)
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        seq.text = TextAssembler(self.tokenizer, seq.params.stop)
+        # unseeded rows get a generator of their own: a row's tokens must not depend on its neighbours'
+        seq.sampler = Sampler(seq.params, seq.prompt_ids, self.window, self.device, self.vocab_size, own_generator=True)
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        if p.repetition_penalty != 1.0:
-            seq.seen = ids
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = self._rows(seq.slot, seq.slot + 1)
         scored = [TokenLogprob(seq.prompt_ids[0], None)] if seq.prompt_logprobs else None
@@ -383,7 +367,7 @@ class Engine:
             return
         if self.draft is not None and seq.speculate:
             seq.draft = self.draft.for_sequence()
-            seq.draft.start(seq.total)
+            seq.draft.start(seq.sampler.total)
         self._take(seq, logits[:, -1])
 
     def _decode_step(self, running: list[Request]) -> None:
@@ -428,23 +412,18 @@ class Engine:
         k = 0 if self.draft is None else min(self.draft.num_tokens, MAX_KERNEL_ROWS // rows - 1)
         out = {}
         for s in running if k > 0 else ():
-            n = min(k, s.total - s.pos - 2)  # the last guess's position may not be the last of the window
+            n = min(k, s.sampler.total - s.pos - 2)  # the last guess's position may not be the last of the window
             if s.draft is not None and n > 0:
-                g, q = s.draft.propose(self._context(s), n, s.params, self.vocab_size, s.generator)
+                g, q = s.draft.propose(s.sampler.tokens, n, s.params, self.vocab_size, s.sampler.generator)
                 if g:
                     out[s] = (g, q)
         return out
-
-    @staticmethod
-    def _context(seq: Request) -> list[int]:
-        """The request's tokens so far: the prompt and the answer (its last one not yet fed)."""
-        return [*seq.prompt_ids, *seq.text.token_ids]
 
     def _check_guesses(self, seq: Request, logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None) -> int:
         """The request's tokens from its verification row ``logits`` (width, V) (the accepted guesses and
         the model's own next one), passed on one by one; the number of tokens made."""
         made = 0
-        for t in verify(logits, guesses, q, self._context(seq), seq.params, seq.generator, self.vocab_size):
+        for t in verify(logits, guesses, q, seq.sampler):
             # a token equal to its guess is an accepted one (a rejected guess is never drawn again)
             self.counters["draft_accepted"] += made < len(guesses) and t == guesses[made]
             seq.pos += 1
@@ -471,17 +450,18 @@ class Engine:
 
     def _take(self, seq: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its (1, V) logits, pass its text on, and end it if done."""
-        token = sample_next(logits[:, : self.vocab_size], seq.params, seq.generator, seq.seen)
-        self._emit(seq, int(token), logits)
+        t = seq.sampler.sample(logits)
+        seq.sampler.accept(t)
+        self._emit(seq, t, logits)
 
     def _emit(self, seq: Request, t: int, logits: torch.Tensor) -> None:
-        """The request's next token ``t``, which the model's (1, V) ``logits`` gave: pass its text (and
-        logprobs) on, and end the request if done."""
+        """The request's next token ``t`` (accepted by its sampler), which the model's (1, V) ``logits``
+        gave: pass its text (and logprobs) on, and end the request if done."""
         seq.completion_tokens += 1
         if seq.logprobs is not None:
             seq.pending += self._logprobs(logits, [t], seq.logprobs)
         piece = seq.text.push(t)
-        if not seq.text.done and seq.pos + 1 >= seq.total:
+        if not seq.text.done and seq.sampler.full:
             piece += seq.text.finish("length")
         if piece:
             self._send(seq, Event(text=piece, logprobs=self._released(seq)))
@@ -491,5 +471,3 @@ class Engine:
                                   completion_tokens=seq.completion_tokens, logprobs=self._released(seq)))
             return
         seq.next_token = t
-        if seq.seen is not None:
-            seq.seen = torch.cat((seq.seen, torch.tensor([[t]], device=self.device)), dim=1)

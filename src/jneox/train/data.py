@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..chat import NL, SYSTEM, USER, ConversationError, Utterance, escape, to_utterances
 from ..errors import JneoxError, UsageError
@@ -212,8 +213,6 @@ def build_pretrain_data(paths, tokenizer, block_size: int, val_fraction: float =
     document cannot be split that way: then its last ``val_fraction`` of blocks (at least one, when
     there are two) is held out instead. Too little text for one training block is an error.
     """
-    from tqdm.auto import tqdm
-
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     stats = stats if stats is not None else DataStats()
     docs = []
@@ -412,19 +411,28 @@ def split_records(records: list, val_records: list | None, val_fraction: float, 
     return [records[i] for i in train_idx], [records[i] for i in val_idx]
 
 
+def build_split(paths, val_paths, read, encode, val_fraction: float, seed: int, skip_bad_lines: bool,
+                stats: DataStats) -> tuple[list, list]:
+    """(train, val): the records ``read(paths, skip_bad_lines, stats)`` returns, held out as
+    :func:`split_records` holds them out, each through ``encode``; the data's problems (``stats``) are
+    summed up on stderr."""
+    records = read(paths, skip_bad_lines, stats)
+    train_recs, val_recs = split_records(
+        records, read(val_paths, skip_bad_lines, stats) if val_paths else None, val_fraction, seed)
+    train = [encode(r) for r in train_recs]
+    val = [encode(r) for r in val_recs]
+    if stats.summary():
+        print(f"jneox: {stats.summary()}", file=sys.stderr)
+    return train, val
+
+
 def build_sft_data(paths, tokenizer, max_len: int, val_paths=None, val_fraction: float = 0.05, seed: int = 0,
                    skip_bad_lines: bool = False, stats: DataStats | None = None) -> tuple[list[Example], list[Example]]:
     """(train, val) fine-tuning examples; the val set is ``val_paths`` or a seeded ``val_fraction`` of
     the conversations (at least one when there are two or more)."""
     stats = stats if stats is not None else DataStats()
-    convs = read_conversations(paths, skip_bad_lines, stats)
-    train_convs, val_convs = split_records(
-        convs, read_conversations(val_paths, skip_bad_lines, stats) if val_paths else None, val_fraction, seed)
-    train = [_example(c, tokenizer, max_len, stats) for c in train_convs]
-    val = [_example(c, tokenizer, max_len, stats) for c in val_convs]
-    if stats.summary():
-        print(f"jneox: {stats.summary()}", file=sys.stderr)
-    return train, val
+    return build_split(paths, val_paths, read_conversations, lambda c: _example(c, tokenizer, max_len, stats),
+                       val_fraction, seed, skip_bad_lines, stats)
 
 
 def _example(turns, tokenizer, max_len: int, stats: DataStats) -> Example:

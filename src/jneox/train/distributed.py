@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..checkpoint import torch_device
+from ..model import Block
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,6 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from ..checkpoint import torch_device
-
     return torch_device(device)
 
 
@@ -96,8 +101,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Modu
         return model
     if fsdp:
         return shard(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -106,10 +109,6 @@ def shard(model: nn.Module) -> nn.Module:
     policy-with-value-head holds the model one level down), and the rest (embedding, final norm, heads)
     in the root unit. Also for frozen models that every rank calls in step (PPO's reference and
     reward models), so that no rank holds a whole copy."""
-    from torch.distributed.fsdp import fully_shard
-
-    from ..model import Block
-
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block)
     fully_shard(model)
@@ -129,9 +128,6 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     dicts. Keying the optimizer by names (not positions) is what lets a run resume under a
     different wrapping.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     m = unwrap(model)
     model_state = get_model_state_dict(m, options=options)
@@ -141,7 +137,5 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full, name-keyed optimizer state (from :func:`full_state_dicts`) on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))

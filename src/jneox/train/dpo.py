@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .finetune import start_fine_tuning
 from .loop import Trainer, TrainConfig
 from .preference import PairBatch, PairObjective, answer_logps, build_preference_data, collate_pairs
 
@@ -99,21 +100,20 @@ def dpo(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data
         loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> dict:
     """DPO from the checkpoint ``model`` on JSONL preference pairs (:mod:`jneox.train.preference`);
     writes ``cfg.out`` as a plain causal-LM checkpoint."""
-    from .sft import add_lora, load_start, pad_id, set_length
-
     objective = DPOObjective(beta, loss_type, label_smoothing)
-    trainer = Trainer(cfg, "dpo")
-    tokenizer, net, max_len = load_start(model, max_len)
-    train, val = build_preference_data(data, tokenizer, max_len, val_paths=val_data, val_fraction=val_fraction,
-                                       seed=cfg.seed, skip_bad_lines=skip_bad_lines)
-    set_length(trainer, len(train), epochs, max_steps)
-    pad = pad_id(tokenizer)
+
+    def examples(tokenizer, max_len, trainer):
+        return build_preference_data(data, tokenizer, max_len, val_paths=val_data, val_fraction=val_fraction,
+                                     seed=cfg.seed, skip_bad_lines=skip_bad_lines)
+
+    run = start_fine_tuning("dpo", model, cfg, max_len, examples, epochs, max_steps)
+    trainer, net, train, val, pad = run.trainer, run.net, run.train, run.val, run.pad_id
     # before LoRA and before a resumed run's weights are loaded: the reference is the starting model
     trainer.print(f"dpo: reference log-probabilities of {len(train) + len(val)} pairs")
     ref_train = reference_logps(net, train, pad, cfg.batch_size, trainer)
     ref_val = reference_logps(net, val, pad, cfg.batch_size, trainer)
-    frozen_weights = add_lora(trainer, net, lora_rank, lora_alpha, model)
+    frozen_weights = run.add_lora(lora_rank, lora_alpha)
     train_items = [(p, c, r) for p, (c, r) in zip(train, ref_train)]
     val_items = [(p, c, r) for p, (c, r) in zip(val, ref_val)]
     return trainer.fit(net, train_items, val_items, lambda items: collate_pairs(items, pad),
-                       tokenizer_file=tokenizer.path, objective=objective, frozen_weights=frozen_weights)
+                       tokenizer_file=run.tokenizer.path, objective=objective, frozen_weights=frozen_weights)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -27,11 +28,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from ..checkpoint import LOG_FILE, REPORT_FILE, STATE_FILE
+from ..checkpoint import (LOG_FILE, REPORT_FILE, STATE_FILE, check_replaceable, load_model, remove_stale_staging,
+                          staged_folder, write_checkpoint)
 from ..errors import JneoxError, UsageError
+from ..model import meta_model
 from . import distributed
 from .lora import lora_scales, lora_state, merge_lora_state
+from .report import plot_log
 
 IGNORE = -100
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -143,9 +148,6 @@ class Objective:
     def write_model(self, state: dict, config, folder: Path, tokenizer_file, dtype: torch.dtype) -> None:
         """Write the (LoRA-merged, full) state dict's checkpoint files into ``folder`` (the checkpoint's
         staging folder): here a causal LM."""
-        from ..checkpoint import write_checkpoint
-        from ..model import meta_model
-
         shell = meta_model(config)
         shell.load_state_dict(state, assign=True)
         if config.tie_word_embeddings:
@@ -154,8 +156,6 @@ class Objective:
 
     def read_model(self, folder: Path) -> dict:
         """The state dict of a checkpoint that :meth:`write_model` wrote."""
-        from ..checkpoint import load_model
-
         return load_model(folder, dtype=torch.float32).state_dict()
 
 
@@ -214,8 +214,6 @@ def load_state(path: Path) -> dict:
     """A ``trainer_state.pt`` read with ``weights_only=True``: tensors and plain Python values only
     (what :meth:`Trainer.save` writes; the config is stored as strings and numbers), so a planted
     file cannot run code when a run is resumed."""
-    import pickle
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
@@ -246,8 +244,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.is_main:  # before the model is loaded, and before the log is written into OUT
-            from ..checkpoint import check_replaceable
-
             check_replaceable(self.out, cfg.overwrite)
         self.state: dict | None = None
         if cfg.resume:
@@ -264,8 +260,6 @@ class Trainer:
 
     def print(self, *args) -> None:
         if self.is_main:
-            from tqdm import tqdm
-
             tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
 
     def log(self, record: dict) -> None:
@@ -309,8 +303,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.is_main:
-            from ..checkpoint import remove_stale_staging
-
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(self.out)  # left by a killed save
         self.restore_model(model)
@@ -348,8 +340,6 @@ class Trainer:
         metrics = {}
         if step == 0 and len(val_items):
             metrics = self.evaluate(forward, val_items, collate, step)
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.max_steps, initial=step, desc=self.kind, disable=not (self.is_main and cfg.progress),
                    dynamic_ncols=True, file=sys.stderr)
         t_last, tokens_since = time.perf_counter(), 0
@@ -455,8 +445,6 @@ class Trainer:
     def save(self, model: nn.Module, optimizer, scheduler, step: int, position: int, final: bool = False) -> None:
         """Write OUT atomically: model files (HF layout, LoRA merged) + trainer_state.pt + the log, in a
         staging folder renamed over OUT, so a kill at any moment leaves a consistent checkpoint."""
-        from ..checkpoint import staged_folder
-
         cfg = self.cfg
         model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP
         objective_state = self.objective.state_dict(model_state)  # may be a collective too
@@ -484,8 +472,6 @@ class Trainer:
                 if self.log_path.exists():
                     shutil.copyfile(self.log_path, staging / LOG_FILE)
                 if final and cfg.report:
-                    from .report import plot_log
-
                     plot_log(staging / LOG_FILE, staging / REPORT_FILE)
             self.print(f"saved step {step} to {self.out}")
         distributed.barrier(self.dist)

@@ -22,12 +22,17 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..generate import SamplingParams, sample_next
+from ..chat import format_prompt
+from ..checkpoint import load_reward_model
+from ..sampling import SamplingParams, sample_next
 from . import distributed
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, DataStats
 from .distributed import Dist
-from .loop import Objective, Trainer, TrainConfig
-from .preference import token_logps
+from .finetune import start_fine_tuning
+from .lora import adapters_off
+from .loop import Objective, TrainConfig
+from .preference import read_prompts, token_logps
+from .reward import scores_at
 
 
 @dataclass
@@ -40,8 +45,8 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     missing_eos_penalty: float = 1.0
-    temperature: float = 0.7  # the card's
-    max_new_tokens: int = 128  # the card's
+    temperature: float = SamplingParams.temperature
+    max_new_tokens: int = SamplingParams.max_new_tokens
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -168,9 +173,6 @@ class PPOObjective(Objective):
 
     @torch.no_grad()
     def _rollout(self, prompt_ids: torch.Tensor, lens: torch.Tensor, gen: torch.Generator) -> tuple[tuple, dict]:
-        from .lora import adapters_off
-        from .reward import scores_at
-
         cfg, policy, device = self.cfg, self.model.policy, prompt_ids.device
         was_training = self.model.training
         self.model.eval()
@@ -295,23 +297,21 @@ def ppo(model: str | os.PathLike, reward_model: str | os.PathLike | Callable, da
     ``data`` (preference pairs, ``{"prompt"}`` lines or conversations); writes ``cfg.out`` as a plain
     causal-LM checkpoint. Without ``max_steps``, ``epochs`` passes over the prompts, counting each
     rollout's prompts once."""
-    from ..chat import format_prompt
-    from ..checkpoint import load_reward_model
-    from .data import DataStats
-    from .preference import read_prompts
-    from .sft import add_lora, load_start, pad_id, set_length
 
-    trainer = Trainer(cfg, "ppo")
-    tokenizer, net, max_len = load_start(model, max_len)
-    prompts = [tokenizer.encode(format_prompt(p)) for p in read_prompts(data, skip_bad_lines, DataStats())]
-    budget = max_len - ppo_cfg.max_new_tokens
-    long = sum(len(p) > budget for p in prompts)
-    prompts = [p[-budget:] for p in prompts]  # keep the end of over-long prompts (the question being answered)
-    if long:
-        trainer.print(f"ppo: cut {long} prompts longer than {budget} tokens to their last {budget}")
-    set_length(trainer, len(prompts) * ppo_cfg.ppo_epochs, epochs, max_steps)
+    def examples(tokenizer, max_len, trainer):
+        prompts = [tokenizer.encode(format_prompt(p)) for p in read_prompts(data, skip_bad_lines, DataStats())]
+        budget = max_len - ppo_cfg.max_new_tokens
+        long = sum(len(p) > budget for p in prompts)
+        prompts = [p[-budget:] for p in prompts]  # keep the end of over-long prompts (the question being answered)
+        if long:
+            trainer.print(f"ppo: cut {long} prompts longer than {budget} tokens to their last {budget}")
+        return prompts, []
+
+    run = start_fine_tuning("ppo", model, cfg, max_len, examples, epochs, max_steps,
+                            items_per_pass=lambda prompts: len(prompts) * ppo_cfg.ppo_epochs)
+    trainer, tokenizer, net, prompts = run.trainer, run.tokenizer, run.net, run.train
     reference = None if lora_rank else copy.deepcopy(net).requires_grad_(False).eval().to(trainer.device)
-    add_lora(trainer, net, lora_rank, lora_alpha)
+    run.add_lora(lora_rank, lora_alpha, reread_base=False)
     policy = PolicyWithValue(net)  # after LoRA: the value head trains in full
     if callable(reward_model):
         rm = reward_model
@@ -322,6 +322,6 @@ def ppo(model: str | os.PathLike, reward_model: str | os.PathLike | Callable, da
             reference = distributed.shard(reference)
         if isinstance(rm, nn.Module):
             rm = distributed.shard(rm)
-    objective = PPOObjective(policy, rm, reference, ppo_cfg, tokenizer.eos_id, pad_id(tokenizer), tokenizer.vocab_size,
+    objective = PPOObjective(policy, rm, reference, ppo_cfg, tokenizer.eos_id, run.pad_id, tokenizer.vocab_size,
                              seed=cfg.seed, dist=trainer.dist)
     return trainer.fit(policy, prompts, [], collate_prompts, tokenizer_file=tokenizer.path, objective=objective)

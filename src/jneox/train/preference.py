@@ -19,7 +19,6 @@ target), so the prompt/answer token boundary is the one inference and SFT use. A
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,7 +27,7 @@ import torch
 
 from ..chat import SYSTEM, USER, ConversationError, Utterance, to_utterances
 from .data import (IGNORE_INDEX, DataError, DataStats, Example, _conversation, _fail, _fit, _jsonl_lines, _names,
-                   collate, split_records)
+                   build_split, collate)
 from .loop import Objective
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -189,13 +188,8 @@ def build_preference_data(paths, tokenizer, max_len: int, val_paths=None, val_fr
                           skip_bad_lines: bool = False) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, val) pairs; the val set is ``val_paths`` or a seeded ``val_fraction`` of the records."""
     stats = DataStats()
-    records = read_preferences(paths, skip_bad_lines, stats)
-    train_recs, val_recs = split_records(
-        records, read_preferences(val_paths, skip_bad_lines, stats) if val_paths else None, val_fraction, seed)
-    train = [encode_pair(r, tokenizer, max_len, stats) for r in train_recs]
-    val = [encode_pair(r, tokenizer, max_len, stats) for r in val_recs]
-    if stats.summary():
-        print(f"jneox: {stats.summary()}", file=sys.stderr)
+    train, val = build_split(paths, val_paths, read_preferences, lambda r: encode_pair(r, tokenizer, max_len, stats),
+                             val_fraction, seed, skip_bad_lines, stats)
     if not train:
         raise DataError(_names(paths if isinstance(paths, (list, tuple)) else [paths]), None,
                         "no training pairs left after the held-out split")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..errors import UsageError
 from ..model import meta_model
 from ..tokenizer import Tokenizer
+from .data import build_pretrain_data
 from .loop import Trainer, TrainConfig
 
 
@@ -41,13 +43,9 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
              skip_bad_lines: bool = False) -> dict:
     """Train a GPT-NeoX from scratch (or continue ``init``) on text files; writes ``cfg.out``.
     Returns the last eval metrics."""
-    from .data import build_pretrain_data
-
     trainer = Trainer(cfg, "pretrain")
     tokenizer = resolve_tokenizer(tokenizer_path)
     if init is not None:
-        from ..checkpoint import load_model
-
         model = load_model(init, dtype=torch.float32)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UsageError(f"--init {init}: the model has {model.config.vocab_size} token embeddings, "

@@ -32,7 +32,7 @@ def read_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 
 def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> Path:
     """Draw train and eval loss against the step (and the learning rate beneath), written atomically."""
-    import matplotlib
+    import matplotlib  # optional (the report extra): only a run that draws its curves needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import Trainer, TrainConfig
+from ..checkpoint import load_reward_model, load_tokenizer, resolve, write_reward_model
+from ..model import meta_model
+from .data import DataStats, collate
+from .finetune import pad_id, start_fine_tuning
+from .loop import TrainConfig
 from .preference import (PairBatch, PairObjective, PreferenceRecord, build_preference_data, collate_pairs,
                          encode_answer, last_answer_index, read_preferences)
 
@@ -62,17 +66,12 @@ class RewardObjective(PairObjective):
         return (losses * w).sum(), {k: (v * w).sum() for k, v in metrics.items()}
 
     def write_model(self, state, config, folder, tokenizer_file, dtype) -> None:
-        from ..checkpoint import write_reward_model
-        from ..model import meta_model
-
         shell = meta_model(config)
         shell.lm_head = nn.Linear(config.hidden_size, 1, bias=False, device="meta")
         shell.load_state_dict(state, assign=True)
         write_reward_model(shell, folder, tokenizer_file=tokenizer_file, dtype=dtype, pad_token_id=self.pad_token_id)
 
     def read_model(self, folder) -> dict:
-        from ..checkpoint import load_reward_model
-
         return load_reward_model(folder).state_dict()
 
     pad_token_id = 0
@@ -84,28 +83,24 @@ def reward(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_d
     """Train a reward model from the causal-LM checkpoint ``model`` on JSONL preference pairs; writes
     ``cfg.out`` in transformers' ``GPTNeoXForSequenceClassification`` layout. Returns the last eval
     metrics (``eval_accuracy`` is the held-out pairwise accuracy)."""
-    from .sft import add_lora, load_start, pad_id, set_length
 
-    trainer = Trainer(cfg, "reward")
-    tokenizer, net, max_len = load_start(model, max_len)
-    train, val = build_preference_data(data, tokenizer, max_len, val_paths=val_data, val_fraction=val_fraction,
-                                       seed=cfg.seed, skip_bad_lines=skip_bad_lines)
-    set_length(trainer, len(train), epochs, max_steps)
-    frozen_weights = add_lora(trainer, net, lora_rank, lora_alpha, model)
-    add_score_head(net, cfg.seed)  # after LoRA, so the new head trains with the adapters
+    def examples(tokenizer, max_len, trainer):
+        return build_preference_data(data, tokenizer, max_len, val_paths=val_data, val_fraction=val_fraction,
+                                     seed=cfg.seed, skip_bad_lines=skip_bad_lines)
+
+    run = start_fine_tuning("reward", model, cfg, max_len, examples, epochs, max_steps)
+    frozen_weights = run.add_lora(lora_rank, lora_alpha)
+    add_score_head(run.net, cfg.seed)  # after LoRA, so the new head trains with the adapters
     objective = RewardObjective()
-    objective.pad_token_id = pad_id(tokenizer)
-    return trainer.fit(net, train, val, lambda items: collate_pairs(items, objective.pad_token_id),
-                       tokenizer_file=tokenizer.path, objective=objective, frozen_weights=frozen_weights)
+    objective.pad_token_id = run.pad_id
+    return run.trainer.fit(run.net, run.train, run.val, lambda items: collate_pairs(items, objective.pad_token_id),
+                           tokenizer_file=run.tokenizer.path, objective=objective, frozen_weights=frozen_weights)
 
 
 @torch.no_grad()
 def score_answers(reward_model: nn.Module, tokenizer, records: Sequence[tuple], max_len: int | None = None,
                   batch_size: int = 8) -> list[float]:
     """The reward of each ``(prompt turns, answer)``, both encoded as ``jneox sft`` encodes a システム turn."""
-    from .data import collate
-    from .sft import pad_id
-
     max_len = max_len or reward_model.config.max_position_embeddings
     device = reward_model.embed.weight.device
     examples = [encode_answer(prompt, answer, tokenizer, max_len) for prompt, answer in records]
@@ -120,9 +115,6 @@ def score_file(reward_model: str | os.PathLike, data: list[str], out=None, max_l
                batch_size: int = 8, skip_bad_lines: bool = False) -> dict:
     """``jneox score``: one JSON line per record of ``data`` with the scores of its answers. Preference
     pairs get ``score_chosen``/``score_rejected``; the summary holds the pairwise accuracy."""
-    from ..checkpoint import load_reward_model, load_tokenizer, resolve
-    from .data import DataStats
-
     out = out or sys.stdout
     folder = resolve(reward_model)
     model, tokenizer = load_reward_model(folder), load_tokenizer(folder)
