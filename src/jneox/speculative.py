@@ -201,6 +201,6 @@ def make_draft(spec: str | None, num_tokens: int = DEFAULT_DRAFT_TOKENS, **load_
         return None
     if spec == "lookup":
         return PromptLookup(num_tokens)
-    from .checkpoint import load_model
+    from .loading import load_model
 
     return DraftModel(load_model(spec, **load_kwargs), num_tokens)

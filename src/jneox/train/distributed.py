@@ -32,7 +32,7 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from ..checkpoint import torch_device
+    from ..loading import torch_device
 
     return torch_device(device)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import LOG_FILE, REPORT_FILE, STATE_FILE
+from ..files import LOG_FILE, REPORT_FILE, STATE_FILE
 from ..errors import JneoxError, UsageError
 from . import distributed
 from .lora import lora_scales, lora_state, merge_lora_state
@@ -154,7 +154,7 @@ class Objective:
 
     def read_model(self, folder: Path) -> dict:
         """The state dict of a checkpoint that :meth:`write_model` wrote."""
-        from ..checkpoint import load_model
+        from ..loading import load_model
 
         return load_model(folder, dtype=torch.float32).state_dict()
 
@@ -246,7 +246,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.is_main:  # before the model is loaded, and before the log is written into OUT
-            from ..checkpoint import check_replaceable
+            from ..files import check_replaceable
 
             check_replaceable(self.out, cfg.overwrite)
         self.state: dict | None = None
@@ -309,7 +309,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.is_main:
-            from ..checkpoint import remove_stale_staging
+            from ..files import remove_stale_staging
 
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(self.out)  # left by a killed save
@@ -455,7 +455,7 @@ class Trainer:
     def save(self, model: nn.Module, optimizer, scheduler, step: int, position: int, final: bool = False) -> None:
         """Write OUT atomically: model files (HF layout, LoRA merged) + trainer_state.pt + the log, in a
         staging folder renamed over OUT, so a kill at any moment leaves a consistent checkpoint."""
-        from ..checkpoint import staged_folder
+        from ..files import staged_folder
 
         cfg = self.cfg
         model_state, optim_state = distributed.full_state_dicts(model, optimizer)  # collective under FSDP

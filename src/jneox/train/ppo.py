@@ -296,7 +296,7 @@ def ppo(model: str | os.PathLike, reward_model: str | os.PathLike | Callable, da
     causal-LM checkpoint. Without ``max_steps``, ``epochs`` passes over the prompts, counting each
     rollout's prompts once."""
     from ..chat import format_prompt
-    from ..checkpoint import load_reward_model
+    from ..loading import load_reward_model
     from .data import DataStats
     from .preference import read_prompts
     from .sft import add_lora, load_start, pad_id, set_length

@@ -46,7 +46,7 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
     trainer = Trainer(cfg, "pretrain")
     tokenizer = resolve_tokenizer(tokenizer_path)
     if init is not None:
-        from ..checkpoint import load_model
+        from ..loading import load_model
 
         model = load_model(init, dtype=torch.float32)
         if tokenizer.vocab_size > model.config.vocab_size:

@@ -71,7 +71,7 @@ class RewardObjective(PairObjective):
         write_reward_model(shell, folder, tokenizer_file=tokenizer_file, dtype=dtype, pad_token_id=self.pad_token_id)
 
     def read_model(self, folder) -> dict:
-        from ..checkpoint import load_reward_model
+        from ..loading import load_reward_model
 
         return load_reward_model(folder).state_dict()
 
@@ -120,7 +120,8 @@ def score_file(reward_model: str | os.PathLike, data: list[str], out=None, max_l
                batch_size: int = 8, skip_bad_lines: bool = False) -> dict:
     """``jneox score``: one JSON line per record of ``data`` with the scores of its answers. Preference
     pairs get ``score_chosen``/``score_rejected``; the summary holds the pairwise accuracy."""
-    from ..checkpoint import load_reward_model, load_tokenizer, resolve
+    from ..hub import resolve
+    from ..loading import load_reward_model, load_tokenizer
     from .data import DataStats
 
     out = out or sys.stdout

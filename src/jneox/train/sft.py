@@ -17,7 +17,8 @@ from .loop import Trainer, TrainConfig
 
 def load_start(model: str | os.PathLike, max_len: int):
     """(tokenizer, fp32 model, max_len capped at the model's window) of the checkpoint a run starts from."""
-    from ..checkpoint import load_model, load_tokenizer, resolve
+    from ..hub import resolve
+    from ..loading import load_model, load_tokenizer
 
     folder = resolve(model)
     tokenizer = load_tokenizer(folder)
@@ -56,7 +57,7 @@ def add_lora(trainer: Trainer, net: nn.Module, rank: int, alpha: float, model: s
     cast_frozen(net, frozen_dtype)
 
     def frozen_weights():  # checkpoints take the frozen tensors from the file, not their rounded copies
-        from ..checkpoint import load_model
+        from ..loading import load_model
 
         return load_model(model, dtype=torch.float32).state_dict()
 
