@@ -237,7 +237,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    from jneox.checkpoint import load_config
+    from jneox.loading import load_config
 
     work = args.work.expanduser()
     work.mkdir(parents=True, exist_ok=True)
@@ -359,7 +359,7 @@ def child(args) -> dict:
 
 @torch.inference_mode()
 def child_jneox(args, fmt: str) -> dict:
-    from jneox.checkpoint import load_model
+    from jneox.loading import load_model
 
     t = time.perf_counter()
     model = load_model(args.ckpt, weights=fmt)
@@ -436,7 +436,7 @@ def child_transformers(args, fmt: str) -> dict:
 def child_ct2(args, fmt: str) -> dict:
     import ctranslate2
 
-    from jneox.checkpoint import load_tokenizer
+    from jneox.loading import load_tokenizer
 
     tok = load_tokenizer(args.ckpt)
     t = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from jneox.checkpoint import load
+from jneox.loading import load
 from jneox.evaluate import get_task, score_ids
 from jneox.evaluate.tasks import FewshotSampler
 

@@ -92,7 +92,7 @@ def print_table(runs: dict[str, list[dict]], ckpt: Path, layers: int) -> None:
 
 @torch.inference_mode()
 def child(ckpt: Path, fmt: str, new_tokens: int) -> dict:
-    from jneox.checkpoint import load_model
+    from jneox.loading import load_model
     from jneox.generate import SamplingParams, generate_tokens
 
     peak_file, loading = [0.0], [True]

@@ -28,7 +28,7 @@ from decode_speed import (convert_ct2, cpu_description, ct2_prompt, jneox_prompt
 
 
 def jneox_runner(ckpt: Path, fmt: str, P: int):
-    from jneox.checkpoint import load_model
+    from jneox.loading import load_model
 
     model = load_model(ckpt, weights=fmt)
     ids = torch.tensor([prompt_ids(P, model.config.vocab_size)])
@@ -49,7 +49,7 @@ def transformers_runner(ckpt: Path, fmt: str, P: int):
 def ctranslate2_runner(ckpt: Path, fmt: str, P: int, ct2_dir: Path):
     import ctranslate2
 
-    from jneox.checkpoint import load_tokenizer
+    from jneox.loading import load_tokenizer
 
     tok = load_tokenizer(ckpt)
     gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=fmt, intra_threads=torch.get_num_threads())

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from jneox.checkpoint import load, resolve
+from jneox.hub import resolve
+from jneox.loading import load
 from jneox.train.data import encode_conversation, read_conversations
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")

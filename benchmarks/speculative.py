@@ -51,7 +51,7 @@ from decode_speed import cpu_description, make_checkpoint  # noqa: E402
 from make_copy_data import DEFAULT_CONVERSATIONS, conversation_files, copy_conversations, split  # noqa: E402
 
 from jneox.chat import format_prompt  # noqa: E402
-from jneox.checkpoint import load, load_config, load_model  # noqa: E402
+from jneox.loading import load, load_config, load_model  # noqa: E402
 from jneox.generate import SamplingParams, generate_tokens  # noqa: E402
 from jneox.speculative import DraftModel, PromptLookup  # noqa: E402
 

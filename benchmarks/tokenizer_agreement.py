@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
     import jneox
     from jneox.export.gguf import export_gguf
-    from jneox.export.tokenizer_json import write_hf_tokenizer
+    from jneox.hf_tokenizer import write_hf_tokenizer
     from transformers import AutoTokenizer
 
     ref = jneox.Tokenizer(args.spiece)

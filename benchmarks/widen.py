@@ -43,7 +43,10 @@ from pathlib import Path
 
 import torch
 
-from jneox.checkpoint import TOKENIZER_FILE, load_model, resolve, save
+from jneox.checkpoint import save
+from jneox.files import TOKENIZER_FILE
+from jneox.hub import resolve
+from jneox.loading import load_model
 from jneox.config import ModelConfig
 from jneox.errors import JneoxError
 from jneox.model import meta_model

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model, save_hf
-from jneox.checkpoint import CheckpointError, load, load_model, load_tokenizer, resolve, save
+from jneox.checkpoint import save
+from jneox.errors import CheckpointError
+from jneox.hub import resolve
+from jneox.loading import load, load_model, load_tokenizer
 from jneox.config import ModelConfig
 
 
@@ -143,7 +146,7 @@ def test_not_a_folder_nor_a_hub_id():
     {"HF_ENDPOINT": "http://127.0.0.1:9"},  # a hub that cannot be reached (closed loopback port)
 ], ids=["HF_HUB_OFFLINE", "unreachable"])
 def test_hub_id_offline_fails_at_once_with_a_hint(tmp_path, offline):
-    code = ("from jneox.checkpoint import resolve\n"
+    code = ("from jneox.hub import resolve\n"
             "try:\n    resolve('rinna/japanese-gpt-neox-3.6b-instruction-sft')\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}

@@ -41,7 +41,7 @@ def test_chat_reads_turns_from_stdin(tiny_checkpoint, capsys, monkeypatch):
 
 
 def test_missing_model_is_a_clear_message(capsys, monkeypatch):
-    monkeypatch.setattr("jneox.checkpoint.default_model", lambda: None)
+    monkeypatch.setattr("jneox.loading.default_model", lambda: None)
     assert main(["generate", "質問"]) == 2
     assert "no --model given" in capsys.readouterr().err
 

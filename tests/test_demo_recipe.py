@@ -294,7 +294,7 @@ def heldout_file(tmp_path):
 
 
 def test_uniform_model_has_perplexity_equal_to_its_vocabulary(tmp_path, spiece_model, heldout_file):
-    from jneox.checkpoint import load
+    from jneox.loading import load
 
     model, tokenizer = load(_fixed_checkpoint(tmp_path / "uniform", spiece_model, None))
     conversations = demo_eval.load_heldout(heldout_file)

@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 
 from conftest import make_hf_model, save_hf
-from jneox.checkpoint import load
+from jneox.loading import load
 from jneox.evaluate import evaluate, get_task, loglikelihoods
 from jneox.evaluate import metrics
 from jneox.evaluate.tasks import FewshotSampler

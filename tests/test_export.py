@@ -11,7 +11,7 @@ import jneox
 from jneox.cli import main as cli_main
 from jneox.config import ModelConfig
 from jneox.export.gguf import GGUFError, export_gguf, load_gguf
-from jneox.export.tokenizer_json import write_hf_tokenizer
+from jneox.hf_tokenizer import write_hf_tokenizer
 from jneox.model import GPTNeoX
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model, save_hf
-from jneox.checkpoint import load_model
+from jneox.loading import load_model
 from jneox.generate import SamplingParams, generate_tokens
 
 VARIANTS = {

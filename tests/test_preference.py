@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jneox.chat import SYSTEM, USER, Utterance, escape, format_prompt
-from jneox.checkpoint import load_model, load_reward_model
+from jneox.loading import load_model, load_reward_model
 from jneox.train.data import IGNORE_INDEX, DataError, DataStats, encode_conversation
 from jneox.train.dpo import DPOObjective, dpo, dpo_loss
 from jneox.train.loop import TrainConfig

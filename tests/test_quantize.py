@@ -10,7 +10,9 @@ from torch import nn
 
 from conftest import make_hf_model, save_hf
 from jneox import SamplingParams, generate, kernels, load, quantize
-from jneox.checkpoint import CheckpointError, load_model, save_quantized
+from jneox.checkpoint import save_quantized
+from jneox.errors import CheckpointError
+from jneox.loading import load_model
 from jneox.cli import main
 from jneox.generate import generate_tokens
 from jneox.quantize import (FORMATS, MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, QuantizationError,
@@ -438,7 +440,7 @@ def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
     """No C compiler: a warning (as the packed layers choose their layout), and the same results through
     PyTorch's ops."""
     code = ("import torch, warnings\n"
-            "from jneox.checkpoint import load_model\n"
+            "from jneox.loading import load_model\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    m = load_model(r'%s', weights='int8')\n"
@@ -459,7 +461,7 @@ def test_without_a_compiler_pytorch_ops_take_over(folder, tmp_path):
 _MAPPED_RSS = """
 import json, re, sys
 import torch
-from jneox.checkpoint import load_model
+from jneox.loading import load_model
 model = load_model(sys.argv[1], weights="int8")
 rss, path = {}, None
 with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:

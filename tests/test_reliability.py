@@ -11,7 +11,9 @@ import torch
 
 from conftest import DATA
 from jneox import cli
-from jneox.checkpoint import CheckpointError, load, load_model, save
+from jneox.checkpoint import save
+from jneox.errors import CheckpointError
+from jneox.loading import load, load_model
 from jneox.train.loop import TrainConfig, Trainer, TrainError
 
 
@@ -183,7 +185,7 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
     def buggy(args):
         raise ValueError("a bug in jneox")
 
-    monkeypatch.setattr(cli, "cmd_generate", buggy)
+    monkeypatch.setattr(cli.inference, "cmd_generate", buggy)
     with pytest.raises(ValueError, match="a bug in jneox"):
         cli.main(["generate", "hi"])
 
@@ -300,7 +302,7 @@ def test_hub_probe_goes_through_the_proxy(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k.lower() not in ("no_proxy", "all_proxy")}
     env.update(HF_HOME=str(tmp_path), HF_ENDPOINT="https://hub.invalid",
                HTTPS_PROXY=f"http://127.0.0.1:{server.getsockname()[1]}")
-    code = "from jneox.checkpoint import _hub_unreachable\nprint(_hub_unreachable())"
+    code = "from jneox.hub import hub_unreachable\nprint(hub_unreachable())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     thread.join(10)
     server.close()
@@ -312,7 +314,7 @@ def test_hub_probe_goes_through_the_proxy(tmp_path):
 def test_a_cache_that_cannot_be_read_is_reported(monkeypatch):
     import huggingface_hub
 
-    from jneox.checkpoint import resolve
+    from jneox.hub import resolve
 
     def unreadable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/cache/models--rinna--x/refs/main")

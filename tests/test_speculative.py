@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jneox.checkpoint import load, load_model
+from jneox.loading import load, load_model
 from jneox.generate import SamplingParams, generate, generate_tokens
 from jneox.errors import UsageError
 from jneox.speculative import MAX_DRAFT_TOKENS, DraftModel, PromptLookup, _check

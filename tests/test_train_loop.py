@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jneox import cli
-from jneox.checkpoint import load, load_model
+from jneox.loading import load, load_model
 from jneox.config import ModelConfig
 from jneox.model import GPTNeoX
 from jneox.train.lora import LoRALinear, apply_lora, lora_scales, merge_lora_state

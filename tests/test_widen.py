@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jneox.checkpoint import load, load_model
+from jneox.loading import load, load_model
 from jneox.generate import SamplingParams, generate_tokens
 
 from conftest import make_hf_model, save_hf

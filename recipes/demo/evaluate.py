@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from jneox.checkpoint import load
+from jneox.loading import load
 from jneox.evaluate.chat import (  # noqa: F401  (the measurements live in the library)
     CARD_SAMPLING,
     GREEDY,

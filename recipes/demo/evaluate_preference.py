@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from jneox.chat import SYSTEM, Utterance
-from jneox.checkpoint import load_reward_model
+from jneox.loading import load_reward_model
 from jneox.train.preference import read_preferences
 from jneox.train.reward import score_answers
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     records = read_preferences([args.heldout])
     conversations = [[*r.prompt, Utterance(SYSTEM, r.chosen)] for r in records]
     rm = load_reward_model(args.reward_model)
-    from jneox.checkpoint import load_tokenizer
+    from jneox.loading import load_tokenizer
 
     rm_tokenizer = load_tokenizer(args.reward_model)
     models = {"sft": args.sft, **dict(m.split("=", 1) for m in args.model)}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from jneox.chat import NL, format_prompt, parse_answer
-from jneox.checkpoint import load
+from jneox.loading import load
 from jneox.generate import SamplingParams
 from jneox.train.ppo import sample_batch
 

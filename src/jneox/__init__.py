@@ -1,8 +1,11 @@
 """jneox: rinna's Japanese GPT-NeoX instruction model, from tokenizer to server, in plain PyTorch."""
 from .chat import ChatSession, format_prompt, parse_answer
-from .checkpoint import CheckpointError, OFFICIAL_MODEL, load, load_model, load_tokenizer, save
+from .checkpoint import save
 from .config import ModelConfig
+from .errors import CheckpointError
 from .generate import Completion, generate, stream
+from .hub import OFFICIAL_MODEL
+from .loading import load, load_model, load_tokenizer
 from .model import GPTNeoX
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, train_tokenizer

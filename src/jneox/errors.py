@@ -10,3 +10,7 @@ class JneoxError(ValueError):
 
 class UsageError(JneoxError):
     """An option or argument value that cannot work (a flag, a sampling parameter, a device)."""
+
+
+class CheckpointError(JneoxError):
+    """A checkpoint that cannot be loaded or written; the message names the file and the tensor."""

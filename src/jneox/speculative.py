@@ -18,7 +18,6 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from .checkpoint import load_model
 from .errors import UsageError
 from .kernels import MAX_KERNEL_ROWS
 from .model import GPTNeoX
@@ -201,13 +200,3 @@ def _check(scores: torch.Tensor, guess: int, q: torch.Tensor | None, params: Sam
     if float(rest.sum()) <= 0:  # p == q: rejection has probability 0, but rounding can land here
         rest = p
     return int(sample_categorical(rest[None], generator))
-
-
-def make_draft(spec: str | None, num_tokens: int = DEFAULT_DRAFT_TOKENS, **load_kwargs) -> Guesser | None:
-    """``"lookup"`` -> :class:`PromptLookup`; a checkpoint folder or hub id -> :class:`DraftModel`
-    (loaded with ``load_kwargs``, as :func:`jneox.checkpoint.load_model` takes them); None -> None."""
-    if spec is None:
-        return None
-    if spec == "lookup":
-        return PromptLookup(num_tokens)
-    return DraftModel(load_model(spec, **load_kwargs), num_tokens)

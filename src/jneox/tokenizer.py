@@ -19,7 +19,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from .errors import JneoxError
-from .files import staged_file
+from .files import TOKENIZER_FILE, staged_file
 
 NL = "<NL>"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -134,7 +134,7 @@ def train_tokenizer(
     replaced only with ``overwrite=True``.
     """
     out = Path(out_dir)
-    target = out / "spiece.model"
+    target = out / TOKENIZER_FILE
     if target.exists() and not overwrite:  # checked before the training, which can take minutes
         raise TokenizerError(f"{target}: already exists; give a new folder, or overwrite=True (--overwrite) "
                              "to replace it")

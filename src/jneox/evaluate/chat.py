@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,10 +26,10 @@ from ..generate import SamplingParams, generate
 from .japanese import japanese_letter_ratio
 from .score import score_ids
 
-MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS = SamplingParams.max_new_tokens  # the card's
 MIN_JAPANESE_RATIO = 0.8
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
-CARD_SAMPLING = SamplingParams(temperature=0.7, max_new_tokens=MAX_NEW_TOKENS)  # the card's generate() call
+CARD_SAMPLING = SamplingParams()  # the card's generate() call: SamplingParams' defaults
 NEW_USER_TURN = re.compile(rf"(^|\n)\s*{USER}\s*[:：]")
 
 
@@ -52,7 +53,7 @@ def response_nll(model, tokenizer, conversations: Sequence[Sequence[Utterance]])
 def response_perplexity(model, tokenizer, conversations: Sequence[Sequence[Utterance]]) -> float:
     nll, tokens = response_nll(model, tokenizer, conversations)
     if tokens == 0:
-        raise JneoxError("no システム answers to score")
+        raise JneoxError(f"no {SYSTEM} answers to score")
     return math.exp(nll / tokens)
 
 
@@ -120,11 +121,9 @@ def evaluate_chat(model, tokenizer, conversations: Sequence[Sequence[Utterance]]
                   decodings: dict[str, SamplingParams] | None = None, progress=None) -> dict:
     """Response perplexity and, per decoding (default: greedy and the card's sampling), the
     compliance shares and every answer, as one JSON-ready dict."""
-    import time
-
     nll, tokens = response_nll(model, tokenizer, conversations)
     if tokens == 0:
-        raise JneoxError("no システム answers to score")
+        raise JneoxError(f"no {SYSTEM} answers to score")
     result: dict = {"conversations": len(conversations), "response_tokens": tokens,
                     "response_perplexity": math.exp(nll / tokens)}
     for name, params in (decodings or {"greedy": GREEDY, "sampling": CARD_SAMPLING}).items():

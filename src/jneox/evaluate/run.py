@@ -13,6 +13,7 @@ from ..files import staged_file
 from ..generate import SamplingParams, generate_tokens
 from ..train.data import DataError, read_conversations, read_documents
 from . import metrics
+from .chat import RULES, evaluate_chat
 from .score import rolling_nll, score_ids, tqdm_progress
 from .tasks import Doc, FewshotSampler, Task, get_task
 
@@ -33,8 +34,6 @@ def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Seque
         return evaluate_perplexity(model, tokenizer, data, text_field=text_field, stride=stride, limit=limit,
                                    batch_rows=batch_rows)
     if task == "chat":
-        from .chat import RULES, evaluate_chat
-
         conversations = read_conversations(data)[:limit] if limit else read_conversations(data)
         bar, step = tqdm_progress(2 * len(conversations), "chat", progress)
         result = evaluate_chat(model, tokenizer, conversations, seed=seed, progress=step)

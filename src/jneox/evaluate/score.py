@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..errors import JneoxError
 from ..model import GPTNeoX
@@ -146,8 +147,6 @@ def tqdm_progress(total: int, desc: str, enabled: bool = True):
     """A tqdm bar and the callback that advances it (``None`` when disabled)."""
     if not enabled:
         return None, None
-    from tqdm import tqdm
-
     bar = tqdm(total=total, desc=desc, unit="req", leave=False)
     return bar, bar.update
 

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..chat import NL
+import yaml
+
+from ..chat import NL, SYSTEM, USER
 from ..errors import UsageError
 from ..train.data import DataError, _jsonl_lines
 
-SYSTEM_OK = f"システム: 分かりました。{NL}"  # every 0.4 description ends with the system agreeing
+SYSTEM_OK = f"{SYSTEM}: 分かりました。{NL}"  # every 0.4 description ends with the system agreeing
 
 
 @dataclass
@@ -116,7 +118,7 @@ class JCommonsenseQA(Task):
     """
 
     name = "jcommonsenseqa"
-    description = f"ユーザー: 与えられた選択肢の中から、最適な答えを選んでください。{NL}{SYSTEM_OK}"
+    description = f"{USER}: 与えられた選択肢の中から、最適な答えを選んでください。{NL}{SYSTEM_OK}"
     default_fewshot = 3
 
     def parse(self, obj, source):
@@ -128,7 +130,7 @@ class JCommonsenseQA(Task):
 
     def doc_to_text(self, doc):
         choices = NL.join(f"- {c}" for c in doc.choices)
-        return f"ユーザー: 質問：{_field(doc.fields, 'question')}{NL}選択肢：{NL}{choices}{NL}システム: "
+        return f"{USER}: 質問：{_field(doc.fields, 'question')}{NL}選択肢：{NL}{choices}{NL}{SYSTEM}: "
 
 
 class JNLI(Task):
@@ -144,7 +146,7 @@ class JNLI(Task):
     name = "jnli"
     LABELS = ("entailment", "contradiction", "neutral")
     CHOICES = ["含意", "矛盾", "中立"]
-    description = (f"ユーザー: 与えられた前提と仮説の関係を回答してください。出力は以下から選択してください：{NL}"
+    description = (f"{USER}: 与えられた前提と仮説の関係を回答してください。出力は以下から選択してください：{NL}"
                    + NL.join(CHOICES) + f"{NL}{SYSTEM_OK}")
     stratified = True
     balanced = True
@@ -156,7 +158,7 @@ class JNLI(Task):
                    id=str(obj.get("sentence_pair_id", "")))
 
     def doc_to_text(self, doc):
-        return f"ユーザー: 前提：{doc.fields['sentence1']}{NL}仮説：{doc.fields['sentence2']}{NL}システム: "
+        return f"{USER}: 前提：{doc.fields['sentence1']}{NL}仮説：{doc.fields['sentence2']}{NL}{SYSTEM}: "
 
 
 class MARCJa(Task):
@@ -169,7 +171,7 @@ class MARCJa(Task):
     name = "marc_ja"
     LABELS = ("positive", "negative")
     CHOICES = ["ポジティブ", "ネガティブ"]
-    description = (f"ユーザー: 与えられた製品レビューを、ポジティブまたはネガティブの感情クラスのいずれかに分類してください。"
+    description = (f"{USER}: 与えられた製品レビューを、ポジティブまたはネガティブの感情クラスのいずれかに分類してください。"
                    f"{NL}{SYSTEM_OK}")
     balanced = True
     default_fewshot = 3
@@ -179,7 +181,7 @@ class MARCJa(Task):
         return Doc(obj, source, list(self.CHOICES), _label(obj, self.LABELS), id=str(obj.get("review_id", "")))
 
     def doc_to_text(self, doc):
-        return f"ユーザー: {doc.fields['sentence']}{NL}システム: "
+        return f"{USER}: {doc.fields['sentence']}{NL}{SYSTEM}: "
 
 
 class JSQuAD(Task):
@@ -195,7 +197,7 @@ class JSQuAD(Task):
 
     name = "jsquad"
     kind = "generation"
-    description = f"ユーザー: 与えられた文脈から、質問に対する答えを抜き出してください。{NL}{SYSTEM_OK}"
+    description = f"{USER}: 与えられた文脈から、質問に対する答えを抜き出してください。{NL}{SYSTEM_OK}"
     default_fewshot = 2
 
     def read(self, path):
@@ -241,7 +243,7 @@ class JSQuAD(Task):
 
     def doc_to_text(self, doc):
         passage = doc.fields["context"].split("[SEP]")[-1].strip()
-        return f"ユーザー: 文脈：{passage}{NL}質問：{doc.fields['question']}{NL}システム: "
+        return f"{USER}: 文脈：{passage}{NL}質問：{doc.fields['question']}{NL}{SYSTEM}: "
 
     def doc_to_target(self, doc):
         return doc.answers[0]
@@ -268,8 +270,6 @@ class CustomTask(Task):
     KEYS = {"name", "description", "template", "choices", "label", "fewshot_sep"}
 
     def __init__(self, spec_path: str | Path):
-        import yaml
-
         path = Path(spec_path)
         if not path.is_file():
             raise DataError(path, None, "no such file")

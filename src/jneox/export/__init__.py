@@ -1,5 +1,2 @@
-"""Interop: ``tokenizer.json`` for transformers/vLLM/TGI (:mod:`.tokenizer_json`) and GGUF files for
-llama.cpp/Ollama (:mod:`.gguf`, imported on use: it reads checkpoints, which import this package)."""
-from .tokenizer_json import build_tokenizer, export_hf, write_hf_tokenizer
-
-__all__ = ["build_tokenizer", "export_hf", "write_hf_tokenizer"]
+"""Interop: a Hugging Face folder whose tokenizer loads exactly in transformers (:mod:`.tokenizer_json`,
+its files written by :mod:`jneox.hf_tokenizer`) and GGUF files for llama.cpp/Ollama (:mod:`.gguf`)."""

@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, load_config, load_model, load_tokenizer, quantization_of, resolve
+from ..checkpoint import quantization_of
 from ..config import ModelConfig
+from ..errors import CheckpointError
 from ..files import staged_file
+from ..hub import resolve
+from ..loading import load_config, load_model, load_tokenizer
 from ..model import GPTNeoX, meta_model
 
 ARCH = "gptneox"
@@ -175,7 +178,7 @@ def _add_vocab(w, spiece: Path, config: ModelConfig, tokenizer: str) -> None:
     embedding) become unused tokens so that the token count equals vocab_size, as llama.cpp requires."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from .tokenizer_json import model_proto
+    from ..hf_tokenizer import model_proto
 
     proto = model_proto(spiece)
     T = _gguf().TokenType

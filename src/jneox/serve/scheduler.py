@@ -125,7 +125,7 @@ class Engine:
     ``submit`` returns at once; the request's text arrives through its ``on_event`` callback, called
     on the engine thread (keep it short: hand the event over to your own loop). ``cancel`` frees the
     request's slot at the next step. At most ``max_batch`` requests run and ``max_queue`` wait; past
-    that ``submit`` raises :class:`QueueFull`. ``draft`` (:func:`jneox.speculative.make_draft`) makes
+    that ``submit`` raises :class:`QueueFull`. ``draft`` (:func:`jneox.loading.load_draft`) makes
     decode steps speculative (see the module docstring); its model must share ``tokenizer``.
     """
 

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import load_model, load_tokenizer, resolve
+from ..hub import resolve
+from ..loading import load_model, load_tokenizer
 from ..errors import UsageError
 from ..model import GPTNeoX
 from ..tokenizer import Tokenizer

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import (LOG_FILE, REPORT_FILE, STATE_FILE, check_replaceable, load_model, remove_stale_staging,
-                          staged_folder, write_checkpoint)
+from ..checkpoint import write_checkpoint
+from ..files import LOG_FILE, REPORT_FILE, STATE_FILE, check_replaceable, remove_stale_staging, staged_folder
 from ..errors import JneoxError, UsageError
+from ..loading import load_model
 from ..model import meta_model
 from . import distributed
 from .lora import lora_scales, lora_state, merge_lora_state

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..chat import format_prompt
-from ..checkpoint import load_reward_model
+from ..loading import load_reward_model
 from ..sampling import SamplingParams, sample_next
 from . import distributed
 from .data import IGNORE_INDEX, DataStats

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..loading import load_model
 from ..config import ModelConfig
 from ..errors import UsageError
 from ..model import meta_model

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_reward_model, load_tokenizer, resolve, write_reward_model
+from ..checkpoint import write_reward_model
+from ..hub import resolve
+from ..loading import load_reward_model, load_tokenizer
 from ..model import meta_model
 from .data import DataStats, collate
 from .finetune import pad_id, start_fine_tuning

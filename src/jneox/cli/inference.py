@@ -1,0 +1,133 @@
+"""``jneox chat``, ``jneox generate`` and ``jneox serve``."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ..chat import SYSTEM, TURN_STOP, USER, ChatSession, format_prompt
+from ..generate import stream
+from ..loading import served_model_id
+from ..serve import serve
+from .args import add_model_args, add_sampling_args, add_speculate_args, at_least, draft_from_args, load_from_args, sampling_params
+
+
+def cmd_chat(args) -> int:
+    params = sampling_params(args)
+    model, tokenizer = load_from_args(args)
+    session = ChatSession(model, tokenizer, params, draft=draft_from_args(args, tokenizer))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("jneox chat: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(f"{USER}: " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        before = session.dropped_turns
+        sys.stdout.write(f"{SYSTEM}: ")
+        sys.stdout.flush()
+        try:
+            for piece in session.ask(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # stop this answer, keep chatting
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if session.dropped_turns > before:
+            print(f"(the {session.dropped_turns - before} oldest turns no longer fit the context window "
+                  f"and were dropped)", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    params = sampling_params(args)
+    model, tokenizer = load_from_args(args)
+    prompt = text if args.raw else format_prompt([{"speaker": USER, "text": text}])
+    if not args.raw:
+        params = params.with_(stop=(*params.stop, TURN_STOP))
+    t0 = time.perf_counter()
+    for piece in stream(model, tokenizer, prompt, params, draft=draft_from_args(args, tokenizer)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        print(f"({time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"jneox serve: warning: listening on {args.host} without --api-key: anyone who can reach it "
+              f"can use it", file=sys.stderr)
+    model, tokenizer = load_from_args(args)
+    draft = draft_from_args(args, tokenizer)
+    serve(model, tokenizer, model_id=served_model_id(args.model, args.model_name), host=args.host, port=args.port,
+          api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
+          allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
+          request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
+          default_max_tokens=args.default_max_tokens, draft=draft)
+    return 0
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="interactive, streaming, multi-turn chat (reads stdin lines when piped)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer one question (or continue a raw prompt with --raw)")
+    p.add_argument("text", help="the question, or '-' to read it from stdin")
+    p.add_argument("--raw", action="store_true", help="feed the text verbatim as the prompt, no conversation format")
+    p.add_argument("--verbose", "-v", action="store_true")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def add_serve_parser(sub) -> None:
+    """Every flag of ``jneox serve``."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with batched decoding and a chat page at /")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
+                        "(default: $JNEOX_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--max-queue", type=at_least(0), default=32,
+                   help="requests that may wait for a slot; past that the server answers 429 (default 32)")
+    p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (info logs every request)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host header is NAME (may be repeated; '*': any). By default "
+                        "only the --host address (and localhost on loopback) is, which stops DNS rebinding")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://example.com; '*': any) call the API "
+                        "(may be repeated; default: none)")
+    p.add_argument("--request-timeout", type=at_least(0, float), default=0, metavar="S",
+                   help="end a request that has not finished after S seconds, queueing included (default 0: no limit)")
+    p.add_argument("--shutdown-timeout", type=at_least(0, float), default=30, metavar="S",
+                   help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
+    p.add_argument("--default-max-tokens", type=at_least(1), metavar="N",
+                   help="longest answer when a request gives no max_tokens (default 512; never past the window)")
+    add_speculate_args(p)
+    p.set_defaults(func=cmd_serve)

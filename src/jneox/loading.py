@@ -1,0 +1,175 @@
+"""Loading a model for use: :func:`load` (model and tokenizer of a checkpoint folder, hub id or GGUF
+file, checked against each other), the load options that ``--dtype``/``--device`` stand for, and the
+decisions every front end shares: which model when none is named, how a model is named when served,
+how evaluation loads float32, and a draft model for speculative decoding."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import check_reward_config, quantization_of, read_float, read_quantized
+from .config import ConfigError, ModelConfig
+from .errors import CheckpointError, UsageError
+from .files import CONFIG_FILE, TOKENIZER_FILE
+from .hub import OFFICIAL_MODEL, default_model, resolve
+from .model import GPTNeoX
+from .quantize import FORMATS
+from .speculative import DEFAULT_DRAFT_TOKENS, DraftModel, PromptLookup
+from .tokenizer import Tokenizer, TokenizerError
+
+
+def torch_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` this machine has; a :class:`UsageError` naming it otherwise
+    (instead of PyTorch's traceback at the first tensor moved there)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device}: not a device name (expected cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine "
+                             f"(PyTorch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
+def torch_device_is_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
+
+
+def load_options(dtype: str, device: str) -> dict:
+    """``--dtype``/``--device`` as arguments of :func:`load`: packed kernels on CPU, plain PyTorch elsewhere."""
+    if torch_device_is_cpu(device) and dtype != "float16":
+        return {"weights": dtype, "device": device}
+    if dtype in ("int8", "int4"):
+        raise CheckpointError(f"--dtype {dtype} runs on jneox's CPU kernels only; use --device cpu")
+    return {"dtype": getattr(torch, dtype), "device": device}
+
+
+def eval_load_options(dtype: str, device: str) -> dict:
+    """:func:`load_options` for evaluation, which loads float32 on CPU as plain PyTorch modules: scoring
+    runs many rows at once, where MKL's matmul beats the packed fp32 kernels (made for few-row decode)."""
+    if dtype == "float32" and torch_device_is_cpu(device):
+        return {"dtype": torch.float32, "device": device}
+    return load_options(dtype, device)
+
+
+def model_or_default(model: str | os.PathLike | None) -> str | os.PathLike:
+    """``model``; when it is None the demo model shipped in the repository, else an error naming the
+    official model."""
+    if model is not None:
+        return model
+    demo = default_model()
+    if demo is None:
+        raise CheckpointError(f"no --model given. Pass a checkpoint folder or a hub id, e.g. --model {OFFICIAL_MODEL}")
+    return demo
+
+
+def served_model_id(model: str | os.PathLike | None, name: str | None = None) -> str:
+    """The model id a server reports: ``name`` if given, else a folder by its name and a hub id as it is
+    (the demo model's folder name without ``model``)."""
+    if name:
+        return name
+    if model:
+        return Path(model).name if Path(model).is_dir() else str(model)
+    return Path(default_model() or "jneox").name
+
+
+def load_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: {CONFIG_FILE} is missing")
+    try:
+        return ModelConfig.from_file(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device = "cpu", weights: str | None = None, score_head: bool = False) -> GPTNeoX:
+    """A :class:`GPTNeoX` with the checkpoint's weights.
+
+    ``dtype`` gives plain PyTorch modules in that dtype (None keeps the file's), for training and
+    GPUs. ``weights`` ("float32", "bfloat16", "int8" or "int4") instead packs every linear layer
+    for the fast CPU kernels (see :mod:`jneox.quantize`), converting layer by layer. A checkpoint
+    saved by :func:`jneox.checkpoint.save_quantized` loads in its own format without conversion.
+    ``score_head`` loads a reward model (see :func:`load_reward_model`).
+
+    Every tensor is checked: an unknown name, a wrong shape or a missing tensor is an error naming
+    the file and the tensor. The model is built without allocating random weights first.
+    """
+    torch_device(device)
+    folder = resolve(path_or_id)
+    config = load_config(folder)
+    if weights is not None and weights not in FORMATS:
+        raise CheckpointError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
+    quant = quantization_of(folder)
+    if quant is not None:
+        if weights not in (None, quant["format"]):
+            raise CheckpointError(f"{folder} is quantized to {quant['format']}; load it with that format or "
+                                  f"quantize the original checkpoint to {weights}")
+        return read_quantized(folder, config, quant).to(device)
+    return read_float(folder, config, dtype, weights, score_head).to(device)
+
+
+def load_reward_model(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+                      device: str | torch.device = "cpu") -> GPTNeoX:
+    """A reward model saved by :func:`jneox.checkpoint.save_reward_model` (or transformers): a
+    :class:`GPTNeoX` whose ``lm_head`` is the score head, so ``model(ids)[..., 0]`` is the score at every
+    position."""
+    folder = resolve(path_or_id)
+    check_reward_config(folder)
+    return load_model(folder, dtype=dtype, device=device, score_head=True)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
+    folder = resolve(path_or_id)
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: {TOKENIZER_FILE} is missing (the sentencepiece model that goes with the weights)")
+    try:
+        return Tokenizer(path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+         device: str | torch.device = "cpu", weights: str | None = None) -> tuple[GPTNeoX, Tokenizer]:
+    """Model and tokenizer of a checkpoint folder, hub id or GGUF file, checked against each other.
+    ``dtype`` / ``weights`` as in :func:`load_model` (for GGUF: :func:`jneox.export.gguf.load_gguf`)."""
+    if str(path_or_id).endswith(".gguf"):
+        # the lead switches this to a top-level import of .gguf_file at merge
+        from .export.gguf import load_gguf_with_tokenizer
+
+        return load_gguf_with_tokenizer(path_or_id, dtype=dtype or torch.float32, weights=weights, device=device)
+    torch_device(device)
+    folder = resolve(path_or_id)
+    load_config(folder)  # cheap checks first: a bad folder or device fails before gigabytes are read
+    tokenizer = load_tokenizer(folder)
+    model = load_model(folder, dtype=dtype, device=device, weights=weights)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} pieces but the model's "
+                              f"vocab_size is {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def load_draft(spec: str | None, tokenizer: Tokenizer, num_tokens: int = DEFAULT_DRAFT_TOKENS, **load_kwargs):
+    """The guesser that ``--speculate spec`` names for a model whose tokenizer is ``tokenizer``: None
+    for None, :class:`~jneox.speculative.PromptLookup` for ``"lookup"``, else a checkpoint folder or hub
+    id loaded (with ``load_kwargs``, as :func:`load_model` takes them) as a
+    :class:`~jneox.speculative.DraftModel`, which must share the tokenizer."""
+    if spec is None:
+        return None
+    if spec == "lookup":
+        return PromptLookup(num_tokens)
+    try:
+        folder = resolve(spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"--speculate {spec}: {e}") from None
+    if load_tokenizer(folder).path.read_bytes() != tokenizer.path.read_bytes():
+        raise CheckpointError(f"--speculate {spec}: its {TOKENIZER_FILE} differs from the model's; a draft "
+                              f"model must use the same tokenizer")
+    return DraftModel(load_model(str(folder), **load_kwargs), num_tokens)
