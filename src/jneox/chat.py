@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from .errors import JneoxError
+from .generate import stream
+from .sampling import SamplingParams
 from .tokenizer import NL  # the piece that stands for a newline
 
 USER = "ユーザー"
@@ -110,8 +112,6 @@ class ChatSession:
     streams the answer, and drops the oldest turns when the context window is full."""
 
     def __init__(self, model, tokenizer, params=None, draft=None):
-        from .generate import SamplingParams
-
         self.model, self.tokenizer, self.draft = model, tokenizer, draft
         self.params = params or SamplingParams()
         self.history: list[Utterance] = []
@@ -132,8 +132,6 @@ class ChatSession:
 
     def ask(self, user_text: str):
         """Stream the answer to ``user_text``; the history holds both turns once the stream is done."""
-        from .generate import stream
-
         prompt = self.prompt_for(user_text)
         params = self.params.with_(stop=tuple(dict.fromkeys((*self.params.stop, TURN_STOP))))
         pieces = []
