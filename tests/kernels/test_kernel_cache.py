@@ -2,6 +2,7 @@
 
 The loads run in a subprocess: loading a truncated or corrupted library can kill the process (SIGBUS,
 SIGILL), which must fail the test, not pytest."""
+import importlib
 import os
 import shutil
 import signal
@@ -13,6 +14,9 @@ import pytest
 
 from jneox import kernels
 from jneox.kernels.build import TEMP_PREFIX, file_hash
+
+# the module (jneox.kernels.build, the attribute, is its build function)
+build_module = importlib.import_module("jneox.kernels.build")
 
 # loads the kernels as every command does, and checks one product against PyTorch
 LOAD = """
@@ -99,3 +103,19 @@ def test_a_killed_build_leaves_nothing_behind(cache, tmp_path):
     left = sorted(p.name for p in cache.iterdir())
     assert left == sorted([so.name, so.name + ".sha256", running.name])  # ... and gone after the next build
     _load_in_subprocess()
+
+
+def test_the_build_key_covers_every_source_file(tmp_path, monkeypatch):
+    """A change to any file of csrc/ (a header included by the unity file too) builds a new library."""
+    copy = tmp_path / "csrc"
+    shutil.copytree(build_module.CSRC, copy)
+    monkeypatch.setattr(build_module, "CSRC", copy)
+    command, flags = ["cc"], list(build_module.FLAGS)
+    before = build_module._key(command, flags)
+    assert len(build_module.sources()) == len(list(copy.glob("*.[ch]"))) > 2
+    for src in build_module.sources():
+        original = src.read_bytes()
+        src.write_bytes(original + b"\n")
+        assert build_module._key(command, flags) != before, src.name
+        src.write_bytes(original)
+    assert build_module._key(command, flags) == before

@@ -10,7 +10,7 @@ from jneox.kernels import paths
 from jneox.kernels.build import CSRC
 
 ROOT = Path(__file__).resolve().parents[2]
-REGENERATE = "python -m jneox.kernels.paths"
+REGENERATE = "python -m jneox.kernels.paths --update docs/kernels.md"
 
 
 def _header_enum() -> dict[str, int]:
@@ -29,16 +29,24 @@ def test_docs_show_the_table_of_paths():
     doc = ROOT / "docs" / "kernels.md"
     assert doc.is_file(), "docs/kernels.md is missing"
     text = doc.read_text()
-    start, end = "<!-- paths-table:start -->\n", "<!-- paths-table:end -->"
+    start, end = paths.MARKERS[0] + "\n", paths.MARKERS[1]
     assert start in text and end in text, f"docs/kernels.md lacks the markers {start.strip()} ... {end}"
     shown = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
-    assert shown == paths.markdown_table(), f"docs/kernels.md's table is stale: paste the output of `{REGENERATE}`"
+    assert shown == paths.markdown_table(), f"docs/kernels.md's table is stale: run `{REGENERATE}`"
 
 
 def test_the_module_prints_the_table():
     out = subprocess.run([sys.executable, "-m", "jneox.kernels.paths"], capture_output=True, text=True, check=True)
     assert out.stdout == paths.markdown_table()
     assert out.stdout.count("\n") == len(paths.PATHS) + 2
+
+
+def test_update_rewrites_only_the_table(tmp_path):
+    doc = tmp_path / "kernels.md"
+    doc.write_text(f"# Kernels\n\nbefore\n{paths.MARKERS[0]}\n| old |\n{paths.MARKERS[1]}\nafter\n")
+    subprocess.run([sys.executable, "-m", "jneox.kernels.paths", "--update", str(doc)], check=True)
+    assert doc.read_text() == (f"# Kernels\n\nbefore\n{paths.MARKERS[0]}\n{paths.markdown_table()}"
+                               f"{paths.MARKERS[1]}\nafter\n")
 
 
 def test_the_loader_takes_its_levels_from_the_table():

@@ -125,8 +125,7 @@ _SCRATCH = threading.local()
 def scratch(nbytes: int) -> int:
     """The address of a scratch buffer of at least ``nbytes`` for the int8/int4 kernels' activations rounded
     to int8 and the AMX kernel's tiles. One buffer per thread, shared by every layer (each kernel call is
-    done with it when it returns): one per layer would hold 144 of them in a 3.6B model, ~320 MB for
-    128-row prompts."""
+    done with it when it returns): one per layer would hold 144 of them in a 3.6B model."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < nbytes:
         _SCRATCH.buf = buf = torch.empty(nbytes, dtype=torch.uint8)

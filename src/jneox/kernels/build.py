@@ -83,7 +83,7 @@ def _cache_folder() -> Path:
     if why is None:
         return folder
     warnings.warn(f"jneox: not using the kernel cache: {why}; building in a private temporary folder "
-                  f"(set JNEOX_CACHE to a folder of your own)", stacklevel=4)
+                  f"(set JNEOX_CACHE to a folder of your own)", stacklevel=3)
     return Path(tempfile.mkdtemp(prefix="jneox-kernels-"))
 
 

@@ -1,8 +1,9 @@
 """The kernels' paths: the one table of what each build level runs and what it needs.
 
 The loader's level choice and caps (``JNEOX_SIMD``, :data:`SIMD_LEVELS`, :func:`cap_flags`), the tests'
-parametrisation over levels, and the table in docs/kernels.md (:func:`markdown_table`; print it with
-``python -m jneox.kernels.paths``) are all made from :data:`PATHS`.
+parametrisation over levels, and the table in docs/kernels.md (:func:`markdown_table`; print it with ``python -m jneox.kernels.paths``,
+rewrite the docs' copy with ``python -m jneox.kernels.paths --update docs/kernels.md``) are all made
+from :data:`PATHS`.
 
 A level caps the instruction sets the kernels are built for: ``-march=native`` plus ``-mno-*`` flags, so
 one x86-64 machine can build and test every path it has. 64-bit ARM builds NEON with ``-march=native``
@@ -10,8 +11,10 @@ and cannot be capped (tests/kernels/test_kernels_c.py runs it under qemu).
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 
 class Format(IntEnum):
@@ -69,6 +72,7 @@ PATHS = (
                "pass; prompts as portable"),
 )
 BY_LEVEL = {p.level: p for p in PATHS}
+MARKERS = ("<!-- paths-table:start -->", "<!-- paths-table:end -->")  # where docs/kernels.md shows the table
 # JNEOX_SIMD level -> what jneox_kernels_simd() returns there
 SIMD_LEVELS = {p.level: p.simd for p in PATHS if p.forcible}
 
@@ -94,5 +98,22 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def update(doc: Path) -> None:
+    """Replace the table between the markers of ``doc`` (docs/kernels.md) with :func:`markdown_table`."""
+    text = doc.read_text(encoding="utf-8")
+    head, found, rest = text.partition(MARKERS[0] + "\n")
+    _, found_end, tail = rest.partition(MARKERS[1])
+    if not (found and found_end):
+        raise SystemExit(f"{doc}: no {MARKERS[0]} ... {MARKERS[1]} lines to put the table between")
+    doc.write_text(head + MARKERS[0] + "\n" + markdown_table() + MARKERS[1] + tail, encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(markdown_table(), end="")
+    parser = argparse.ArgumentParser(description="Print the kernels' table of paths as markdown.")
+    parser.add_argument("--update", type=Path, metavar="DOC",
+                        help="write it between the paths-table markers of DOC (docs/kernels.md) instead")
+    args = parser.parse_args()
+    if args.update:
+        update(args.update)
+    else:
+        print(markdown_table(), end="")
