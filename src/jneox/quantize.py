@@ -288,8 +288,8 @@ class PackedLinear(nn.Module):
                 and (self.fmt != "int4" or self.group_size % 32 == 0))
 
     def _amx(self, lib, x: torch.Tensor) -> torch.Tensor:
-        """A prompt (any number of rows, each computed alone) through ``jneox_prompt_amx`` (kernels/csrc/amx.c), which
-        rounds the activations (to bf16, or to int8 per block for int8 and 64-group int4 weights) and re-lays out the weight
+        """A prompt (any number of rows, each computed alone) through ``jneox_prompt_amx`` (kernels/csrc/amx.c),
+        which rounds the activations (to bf16, or to int8 per block for int8 and 64-group int4 weights) and re-lays out the weight
         tile by tile as it multiplies."""
         m, k = x.shape
         n_pad, threads = self.weight.shape[0] * TILE, torch.get_num_threads()
@@ -320,8 +320,8 @@ class PackedLinear(nn.Module):
 
     def _gemm_blocks(self, lib, x: torch.Tensor) -> torch.Tensor:
         """A prompt through PyTorch's GEMM, one block of output rows at a time: ``jneox_unpack_rows``
-        (kernels/csrc/prompt.c) re-lays a block of tiles out as a plain matrix of PROMPT_BLOCK_BYTES (one buffer for every
-        block), in bf16 where the CPU multiplies bf16 natively (fp32 weights stay fp32), else fp32 (MKL's
+        (kernels/csrc/prompt.c) re-lays a block of tiles out as a plain matrix of PROMPT_BLOCK_BYTES (one buffer
+        for every block), in bf16 where the CPU multiplies bf16 natively (fp32 weights stay fp32), else fp32 (MKL's
         sgemm), and multiplies it with each chunk of the prompt; the whole weight is never widened."""
         m, k = x.shape
         n, tiles = self.out_features, self.weight.shape[0]

@@ -1,9 +1,9 @@
 """The kernels' paths: the one table of what each build level runs and what it needs.
 
 The loader's level choice and caps (``JNEOX_SIMD``, :data:`SIMD_LEVELS`, :func:`cap_flags`), the tests'
-parametrisation over levels, and the table in docs/kernels.md (:func:`markdown_table`; print it with ``python -m jneox.kernels.paths``,
-rewrite the docs' copy with ``python -m jneox.kernels.paths --update docs/kernels.md``) are all made
-from :data:`PATHS`.
+parametrisation over levels, and the table in docs/kernels.md (:func:`markdown_table`) are all made from
+:data:`PATHS`. ``python -m jneox.kernels.paths`` prints the table; ``python -m jneox.kernels.paths --update
+docs/kernels.md`` rewrites the docs' copy.
 
 A level caps the instruction sets the kernels are built for: ``-march=native`` plus ``-mno-*`` flags, so
 one x86-64 machine can build and test every path it has. 64-bit ARM builds NEON with ``-march=native``

@@ -222,10 +222,10 @@ long jneox_prompt_amx_scratch(int M, int N, int K, int threads) {
 }
 
 /* x: [M][K] fp32 (rounded to bf16 here, to nearest even, or to int8 per block of 64 for the int8 tiles);
- * fmt: JNEOX_BFLOAT16, JNEOX_INT8 (scale: fp32 per output row) or JNEOX_INT4 (scale: fp16 groups of G); scratch: jneox_prompt_amx_scratch bytes, 64-byte aligned; y: [M][N];
- * N: output rows padded to tiles of 4 */
-void jneox_prompt_amx(enum jneox_format fmt, const float *x, const void *W, const void *scale, const float *bias, float *y,
-                      int M, int N, int K, int G, void *scratch, int threads) {
+ * fmt: JNEOX_BFLOAT16, JNEOX_INT8 (scale: fp32 per output row) or JNEOX_INT4 (scale: fp16 groups of G);
+ * scratch: jneox_prompt_amx_scratch bytes, 64-byte aligned; y: [M][N]; N: output rows padded to tiles of 4 */
+void jneox_prompt_amx(enum jneox_format fmt, const float *x, const void *W, const void *scale, const float *bias,
+                      float *y, int M, int N, int K, int G, void *scratch, int threads) {
 #ifdef AMX
     if (!jneox_amx()) return; /* never so from quantize.py, which asks jneox_amx first */
     const int Mp = (M + 31) / 32 * 32, mt = Mp / 16, nblocks = (N + 31) / 32;
