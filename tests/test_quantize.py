@@ -15,6 +15,7 @@ from jneox.errors import CheckpointError
 from jneox.loading import load_model
 from jneox.cli import main
 from jneox.generate import generate_tokens
+from jneox.kernels import paths
 from jneox.quantize import (FORMATS, MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, QuantizationError,
                              kernel_prompt_rows, native_bf16_matmul, quantize_model)
 
@@ -30,7 +31,7 @@ def _rel(a, b):
 def _library(level=None):
     """The kernels (at most ``level``), or a visible skip; under CI a missing compiler is a failure."""
     if level is not None and not kernels.simd_forcible():
-        pytest.skip("JNEOX_SIMD levels are x86-64 builds (test_kernels_c.py covers NEON and portable on ARM)")
+        pytest.skip("JNEOX_SIMD levels are x86-64 builds (tests/kernels/test_kernels_c.py covers NEON and portable on ARM)")
     lib = kernels.library(level)
     if lib is None:
         if os.environ.get("CI", "").lower() == "true":
@@ -44,7 +45,7 @@ def _library(level=None):
 
 
 def _int8_activations(x):
-    """x rounded as the int8 kernel rounds it (gemv.c, quantize_x): per block of 64 along K (32, 16 or 8
+    """x rounded as the int8 kernel rounds it (kernels/csrc/linear.c, quantize_x): per block of 64 along K (32, 16 or 8
     where K is not a multiple), one fp32 scale max|x| / 127 each, values round-half-even(x * 127 / max|x|)."""
     rows, k = x.shape
     block = next(b for b in (64, 32, 16, 8) if k % b == 0)
@@ -110,10 +111,10 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, group):
                 assert torch.equal(packed(x[:rows]), whole[:rows]), rows
 
 
-@pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
+@pytest.mark.parametrize("level", paths.levels())
 @pytest.mark.parametrize("fmt, group", FORMAT_CASES)
 def test_every_kernel_path_is_exact_and_batch_invariant(level, fmt, group):
-    """Each instruction-set path of gemv.c (forced as JNEOX_SIMD does; see the table in gemv.c), on
+    """Each instruction-set path of the kernels (forced as JNEOX_SIMD does; see jneox.kernels.paths), on
     every machine that can run it: the dequantized product, and a row's bits whatever the batch
     (decode batches of 1-16 rows; prompts in the next test)."""
     lib = _library(level)
@@ -136,7 +137,7 @@ def test_every_kernel_path_is_exact_and_batch_invariant(level, fmt, group):
                                alone[MAX_KERNEL_ROWS - rows :]), rows
 
 
-@pytest.mark.parametrize("level", ["avx512", "avx512bf16", "amx"])  # below AVX-512 prompts take PyTorch's ops
+@pytest.mark.parametrize("level", paths.levels(prompt_kernels=True))  # the others: PyTorch's GEMM
 @pytest.mark.parametrize("fmt, group", FORMAT_CASES)
 def test_every_prompt_kernel_path_is_exact_and_chunk_invariant(level, fmt, group):
     lib = _library(level)
@@ -212,7 +213,7 @@ def test_int8_kernel_gives_the_same_bits_on_every_path(in_features):
     results = {}
     with torch.no_grad():
         reference, want = _int8_reference(packed, x), lin(x)
-        for level in kernels.SIMD_LEVELS:
+        for level in paths.levels():
             lib = kernels.library(level) if kernels.simd_forcible() else None
             if lib is None or kernels.simd_level(lib) < kernels.SIMD_LEVELS[level]:
                 continue
@@ -256,7 +257,7 @@ def test_int4_g64_kernel_gives_the_same_bits_on_avx2_and_avx512():
         assert torch.equal(out, results["avx2"]), level
 
 
-@pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
+@pytest.mark.parametrize("level", paths.levels())
 @pytest.mark.parametrize("fmt, group", FORMAT_CASES)
 def test_prompt_blocks_unpack_exactly(level, fmt, group):
     """jneox_unpack_rows (the GEMM prompt path's re-layout, each build level) gives the dequantized weight
@@ -276,7 +277,7 @@ def test_prompt_blocks_unpack_exactly(level, fmt, group):
             assert torch.equal(out[:rows], want[4 * t0 : 4 * t0 + rows].to(dtype)), (t0, t1, dtype)
 
 
-@pytest.mark.parametrize("level", list(kernels.SIMD_LEVELS))
+@pytest.mark.parametrize("level", paths.levels())
 @pytest.mark.parametrize("fmt, group", FORMAT_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_prompts_through_gemm_blocks(monkeypatch, level, fmt, group, bias):
@@ -305,7 +306,7 @@ def test_simd_level_comes_from_the_environment(monkeypatch):
     _library("portable")  # skips where levels cannot be forced
     monkeypatch.setenv("JNEOX_SIMD", "portable")
     assert kernels.simd_level(_library()) == 0
-    monkeypatch.setenv("JNEOX_SIMD", list(kernels.SIMD_LEVELS)[-1])
+    monkeypatch.setenv("JNEOX_SIMD", paths.levels()[-1])
     assert kernels.simd_level(_library()) == native  # never more than the CPU has
     monkeypatch.setenv("JNEOX_SIMD", "avx3000")
     with pytest.raises(ValueError, match="JNEOX_SIMD='avx3000': expected one of native, portable"):

@@ -2,7 +2,7 @@
 
 Every ``nn.Linear`` of the model becomes a :class:`PackedLinear` that stores its weight in the
 layout the native kernels stream at memory speed (tiles of 4 output rows, interleaved along K;
-see ``kernels/gemv.c``). Activations stay fp32 between layers; only the int8 and int4 kernels round
+see ``kernels/csrc/jneox.h``). Activations stay fp32 between layers; only the int8 and int4 kernels round
 them, inside the product, for integer dot products.
 
 - int8: symmetric, one fp32 scale per output channel. The native kernel rounds activations to int8 per
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ from .model import GPTNeoX
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 PREFILL_CHUNK = 128  # longer inputs go to the AVX-512 batch path in chunks of this many rows
 PROMPT_BLOCK_BYTES = 16 << 20  # a prompt's weight block for PyTorch's GEMM (see _gemm_blocks)
-TILE = 4  # output rows per tile, as in gemv.c
+TILE = 4  # output rows per tile, as in kernels/csrc (RT)
 DEFAULT_GROUP = 64
 # rows packed at a time (a multiple of TILE): blocks that stay in cache (much faster than whole
 # matrices) and keep conversion's temporaries small, a few MB instead of a fp32 copy of the matrix
@@ -317,16 +316,14 @@ class PackedLinear(nn.Module):
                 and (self.fmt != "int4" or self.group_size % 32 == 0))
 
     def _amx(self, lib, x: torch.Tensor) -> torch.Tensor:
-        """A prompt (any number of rows, each computed alone) through ``jneox_prompt_amx`` (gemv.c), which
-        rounds the activations (to bf16, or to int8 per block for int8 and 64-group int4 weights) and re-lays out the weight
+        """A prompt (any number of rows, each computed alone) through ``jneox_prompt_amx`` (kernels/csrc/amx.c),
+        which rounds the activations (to bf16, or to int8 per block for int8 and 64-group int4 weights) and re-lays out the weight
         tile by tile as it multiplies."""
         m, k = x.shape
         n_pad, threads = self.weight.shape[0] * TILE, torch.get_num_threads()
         y, bias = torch.empty(m, n_pad, dtype=torch.float32), self._padded_bias()
-        lib.jneox_prompt_amx(FORMATS.index(self.fmt), x.data_ptr(), self.weight.data_ptr(),
-                             None if self.fmt == "bfloat16" else self.scale.data_ptr(),
-                             None if bias is None else bias.data_ptr(), y.data_ptr(), m, n_pad, k, self.group_size,
-                             _scratch(lib.jneox_prompt_amx_scratch(m, n_pad, k, threads)), threads)
+        kernels.prompt_amx(lib, self.fmt, x, self.weight, None if self.fmt == "bfloat16" else self.scale, bias, y,
+                           self.group_size, threads)
         return y if n_pad == self.out_features else y[:, : self.out_features]
 
     def _padded_bias(self) -> torch.Tensor | None:
@@ -351,8 +348,8 @@ class PackedLinear(nn.Module):
 
     def _gemm_blocks(self, lib, x: torch.Tensor) -> torch.Tensor:
         """A prompt through PyTorch's GEMM, one block of output rows at a time: ``jneox_unpack_rows``
-        (gemv.c) re-lays a block of tiles out as a plain matrix of PROMPT_BLOCK_BYTES (one buffer for every
-        block), in bf16 where the CPU multiplies bf16 natively (fp32 weights stay fp32), else fp32 (MKL's
+        (kernels/csrc/prompt.c) re-lays a block of tiles out as a plain matrix of PROMPT_BLOCK_BYTES (one buffer
+        for every block), in bf16 where the CPU multiplies bf16 natively (fp32 weights stay fp32), else fp32 (MKL's
         sgemm), and multiplies it with each chunk of the prompt; the whole weight is never widened."""
         m, k = x.shape
         n, tiles = self.out_features, self.weight.shape[0]
@@ -361,14 +358,13 @@ class PackedLinear(nn.Module):
         per = max(1, PROMPT_BLOCK_BYTES // (TILE * k * dtype.itemsize))  # tiles per block
         block = torch.empty(min(per, tiles) * TILE, k, dtype=dtype)
         xd, y = x.to(dtype), torch.empty(m, n, dtype=torch.float32)
-        scale = self.scale.data_ptr() if self.fmt == "int4" else None
+        scale = self.scale if self.fmt == "int4" else None
         threads = torch.get_num_threads()
         chunks = list(zip(xd.split(PREFILL_CHUNK), y.split(PREFILL_CHUNK)))  # as the server feeds a prompt
         for t0 in range(0, tiles, per):
             t1 = min(tiles, t0 + per)
             n0, n1 = t0 * TILE, min(n, t1 * TILE)
-            lib.jneox_unpack_rows(FORMATS.index(self.fmt), self.weight.data_ptr(), scale, k, self.group_size,
-                                  t0, t1, block.data_ptr(), int(bf16), threads)
+            kernels.unpack_rows(lib, self.fmt, self.weight, scale, k, self.group_size, t0, t1, block, threads)
             for xc, yc in chunks:
                 yc[:, n0:n1] = F.linear(xc, block[: n1 - n0])
         if self.fmt == "int8":
@@ -382,47 +378,19 @@ class PackedLinear(nn.Module):
             return self._amx(lib, x)
         y = torch.empty(m, n_pad, dtype=torch.float32)
         bias = self._padded_bias()
-        b = None if bias is None else bias.data_ptr()
+        scale = self.scale if self.fmt in ("int8", "int4") else None
         threads = torch.get_num_threads()
         if self.fmt in ("bfloat16", "int8") and m > MAX_KERNEL_ROWS and kernels.has_bf16_dot(lib):
             # a prompt: bf16 activations for the bf16 dot products (decided per chunk, so a trailing chunk of
             # <= MAX_KERNEL_ROWS rows keeps fp32 activations, whether a prompt comes whole or in the server's chunks)
-            xb = x.to(torch.bfloat16)
-            if self.fmt == "bfloat16":
-                lib.jneox_prompt_bf16(xb.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
-            else:
-                lib.jneox_prompt_int8(xb.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                      m, n_pad, k, threads)
-        elif self.fmt == "float32":
-            lib.jneox_linear_f32(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
-        elif self.fmt == "bfloat16":
-            lib.jneox_linear_bf16(x.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), m, n_pad, k, threads)
-        elif self.fmt == "int8":
-            lib.jneox_linear_int8(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, _scratch(2 * m * k + 12 * m * (k // 8)), threads)
+            kernels.prompt_bf16_dot(lib, self.fmt, x.to(torch.bfloat16), self.weight, scale, bias, y, threads)
         else:
-            lib.jneox_linear_int4(x.data_ptr(), self.weight.data_ptr(), self.scale.data_ptr(), b, y.data_ptr(),
-                                  m, n_pad, k, self.group_size,
-                                  _scratch(m * k + 12 * m * (k // self.group_size)), threads)
+            kernels.linear(lib, self.fmt, x, self.weight, scale, bias, y, self.group_size, threads)
         return y if n_pad == self.out_features else y[:, : self.out_features]
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}"
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(nbytes: int) -> int:
-    """The address of a scratch buffer of at least ``nbytes`` for the int8/int4 kernels' activations rounded
-    to int8 and the AMX kernel's tiles (sizes: see jneox_linear_int8/int4 and jneox_prompt_amx in gemv.c). One buffer per thread, shared by every layer
-    (each kernel call is done with it when it returns): one per layer would hold 144 of them in a 3.6B
-    model, ~320 MB for 128-row prompts."""
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        _SCRATCH.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
-    return buf.data_ptr()
 
 
 def _int4_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,18 @@
-/* A stand-alone check of gemv.c's linear kernels, for machines where Python cannot run them: built with
+/* A stand-alone check of the kernels' linear entry points (src/jneox/kernels/csrc), for machines where Python cannot run them: built with
  * any C compiler (also a cross compiler, run under qemu-user), it packs random weights in the layouts
- * gemv.c documents, runs jneox_linear_{f32,bf16,int8,int4} for 1..9 rows, and checks
+ * jneox.h documents, runs jneox_linear_{f32,bf16,int8,int4} for 1..9 rows, and checks
  *   - the outputs against double-precision dot products of the same (rounded) weights (relative
  *     error of the whole output, as the Python tests measure it); for int8 also of the same activations,
- *     rounded to int8 per block of 64 as gemv.c documents (its integer sums are exact), and
+ *     rounded to int8 per block of 64 as the kernels document (its integer sums are exact), and
  *   - that a row gives the same bits alone and in every batch (the server's promise).
- * Prints one line per format and exits non-zero on any failure.  tests/test_kernels_c.py drives it. */
+ * Prints one line per format and exits non-zero on any failure.  tests/kernels/test_kernels_c.py drives it. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-void jneox_linear_f32(const float *, const float *, const float *, float *, int, int, int, int);
-void jneox_linear_bf16(const float *, const uint16_t *, const float *, float *, int, int, int, int);
-void jneox_linear_int8(const float *, const int8_t *, const float *, const float *, float *, int, int, int, void *,
-                       int);
-void jneox_linear_int4(const float *, const uint8_t *, const uint16_t *, const float *, float *, int, int, int, int,
-                       void *, int);
-int jneox_kernels_simd(void);
+#include "jneox.h"
 
 enum { N = 12, K = 256, MMAX = 9 }; /* up to 9 rows: groups of 2, 3, 4 and 8 rows, and one more */
 static uint32_t rng = 12345;
@@ -108,25 +102,25 @@ int main(void) {
             f32w[tiled(n, k, 8)] = wf[n * K + k];
             bf16w[tiled(n, k, 8)] = float_to_bf16(wf[n * K + k]);
         }
-    for (int fmt = 0; fmt < 3; fmt++) {
+    for (int fmt = JNEOX_FLOAT32; fmt <= JNEOX_INT8; fmt++) {
         for (int n = 0; n < N; n++) {
             i8scale[n] = 0.001f * (1 + n);
             for (int k = 0; k < K; k++) {
                 int q = (int)lrintf(wf[n * K + k] / i8scale[n] * 0.5f);
                 q = q > 127 ? 127 : q < -127 ? -127 : q;
-                if (fmt == 2) i8w[tiled(n, k, 8)] = (int8_t)q;
-                w[n * K + k] = fmt == 0 ? wf[n * K + k] : fmt == 1 ? bf16_to_float(float_to_bf16(wf[n * K + k]))
+                if (fmt == JNEOX_INT8) i8w[tiled(n, k, 8)] = (int8_t)q;
+                w[n * K + k] = fmt == JNEOX_FLOAT32 ? wf[n * K + k] : fmt == JNEOX_BFLOAT16 ? bf16_to_float(float_to_bf16(wf[n * K + k]))
                                                                    : q * i8scale[n];
             }
         }
         for (int m = 0; m < MMAX; m++)
             for (int n = 0; n < N; n++) {
                 double s = bias[n];
-                for (int k = 0; k < K; k++) s += (double)w[n * K + k] * (fmt == 2 ? xi8[m * K + k] : x[m * K + k]);
+                for (int k = 0; k < K; k++) s += (double)w[n * K + k] * (fmt == JNEOX_INT8 ? xi8[m * K + k] : x[m * K + k]);
                 ref[m * N + n] = s;
             }
-        check(fmt == 0 ? "f32 " : fmt == 1 ? "bf16" : "int8", 1e-5f, fmt == 0 ? run_f32 : fmt == 1 ? run_bf16 : run_int8,
-              ref, x);
+        check(fmt == JNEOX_FLOAT32 ? "f32 " : fmt == JNEOX_BFLOAT16 ? "bf16" : "int8", 1e-5f,
+              fmt == JNEOX_FLOAT32 ? run_f32 : fmt == JNEOX_BFLOAT16 ? run_bf16 : run_int8, ref, x);
     }
 
     /* int4, groups of 32 (fp32 arithmetic) and 64 (int8 activations where the CPU has the integer path) */

@@ -1,16 +1,23 @@
-"""gemv.c's linear kernels checked by a stand-alone C program (tests/kernels/check_kernels.c): natively at
-every SIMD level this compiler can build for this CPU, and as 64-bit ARM (NEON and portable) under
-qemu-user with Debian's cross compiler, since these machines are x86."""
+"""The kernels' linear entry points checked by a stand-alone C program (tests/kernels/check_kernels.c):
+natively at every JNEOX_SIMD level of jneox.kernels.paths this CPU has (built as the loader builds them:
+-march=native and the level's caps), and as 64-bit ARM (NEON and portable) under qemu-user with Debian's
+cross compiler, since these machines are x86."""
+import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [str(ROOT / "tests" / "kernels" / "check_kernels.c"), str(ROOT / "src" / "jneox" / "kernels" / "gemv.c")]
-CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wno-unknown-pragmas"]
+from jneox import kernels
+from jneox.kernels import paths
+from jneox.kernels.build import CSRC, SOURCE
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = [str(ROOT / "tests" / "kernels" / "check_kernels.c"), str(SOURCE)]
+CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wno-unknown-pragmas", f"-I{CSRC}"]
 
 
 def _require(*tools):
@@ -31,32 +38,30 @@ def _run(cmd, tmp_path, flags, runner=()):
     return out.stdout.splitlines()[0]
 
 
-@pytest.mark.parametrize("flags, level", [(["-march=native"], None), (["-mavx2", "-mfma", "-mf16c"], 2), ([], 0)],
-                         ids=["native", "avx2", "portable"])
-def test_x86_kernels(tmp_path, flags, level):
+@pytest.mark.parametrize("level", [None, *paths.levels()], ids=lambda v: v or "native")
+def test_x86_kernels(tmp_path, level):
     _require("cc")
-    if level == 2 and "avx2" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("this CPU has no AVX2")
-    first = _run("cc", tmp_path, flags)
-    if level is not None:
-        assert first == f"kernels built at SIMD level {level}"
+    if not kernels.simd_forcible():
+        pytest.skip("JNEOX_SIMD levels are x86-64 builds")
+    path = paths.BY_LEVEL.get(level)
+    missing = [f for f in path.cpu_flags if not kernels.cpu_has(f)] if path else []
+    if missing:
+        pytest.skip(f"this CPU lacks {' '.join(missing)} for {level}")
+    first = _run("cc", tmp_path, ["-march=native", *(paths.cap_flags(level) if level else [])])
+    if path is not None:
+        assert first == f"kernels built at SIMD level {path.simd}"
 
 
-@pytest.mark.parametrize("flags, level", [(["-march=armv8-a"], 1), (["-march=armv8-a+nosimd"], 0)],
+@pytest.mark.parametrize("flags, level", [(["-march=armv8-a"], "neon"), (["-march=armv8-a+nosimd"], "portable")],
                          ids=["neon", "portable"])
 def test_arm64_kernels_under_qemu(tmp_path, flags, level):
     _require("aarch64-linux-gnu-gcc", "qemu-aarch64")
     assert _run("aarch64-linux-gnu-gcc", tmp_path, [*flags, "-static"], ["qemu-aarch64"]) == \
-        f"kernels built at SIMD level {level}"
+        f"kernels built at SIMD level {paths.BY_LEVEL[level].simd}"
 
 
 def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch):
     """Apple's clang refuses -fopenmp: the kernels are built without it (one thread), with a warning."""
-    import ctypes
-    import sys
-
-    from jneox import kernels
-
     _require("cc")
     fake = tmp_path / "cc-without-openmp"
     fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && { echo 'unsupported option' >&2; exit 1; }; "
@@ -67,5 +72,5 @@ def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match="one thread"):
         path = kernels.build(str(fake))
     assert ctypes.CDLL(str(path)).jneox_kernels_simd() >= 0
-    with pytest.raises(RuntimeError, match="compiling gemv.c failed"):  # a broken compiler still says so
+    with pytest.raises(RuntimeError, match="compiling jneox.c failed"):  # a broken compiler still says so
         kernels.build(f"{sys.executable} -c 'raise SystemExit(1)'")
