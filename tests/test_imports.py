@@ -215,3 +215,48 @@ def test_the_checks_see_a_cycle_and_an_inline_import(tmp_path):
     assert edges["pkg.a"] == {"pkg.sub", "pkg.sub.b"} and edges["pkg.c"] == {"pkg.a"}
     assert cycles(edges) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
     assert forbidden_inline(inline) == {"pkg.sub.b": ["pkg.c (line 2)", "numpy (line 3)"]}
+
+
+# ---- the drawing in docs/design.md ----------------------------------------------------------
+DESIGN = SRC.parent / "docs" / "design.md"
+GRAPH_START, GRAPH_END = "<!-- import-graph:start -->", "<!-- import-graph:end -->"
+
+
+def collapsed(edges: dict[str, set[str]], package: str = "jneox") -> dict[str, set[str]]:
+    """The graph with each subpackage drawn as one node (``jneox.serve.app`` -> ``serve``) and the
+    top-level modules by their own name, so the drawing stays readable."""
+    def node(m: str) -> str:
+        return m.split(".")[1] if m != package else package
+    out: dict[str, set[str]] = {}
+    for m, ts in edges.items():
+        if m == package:
+            continue
+        out.setdefault(node(m), set()).update(node(t) for t in ts if node(t) != node(m) and t != package)
+    return out
+
+
+def mermaid(edges: dict[str, set[str]]) -> str:
+    lines = ["```mermaid", "graph TD"]
+    for m in sorted(edges):
+        lines += [f"    {m} --> {t}" for t in sorted(edges[m])] or [f"    {m}"]
+    return "\n".join(lines + ["```"])
+
+
+def _design_block() -> str:
+    text = DESIGN.read_text(encoding="utf-8")
+    return text.split(GRAPH_START, 1)[1].split(GRAPH_END, 1)[0].strip()
+
+
+def test_design_page_draws_the_import_graph():
+    """docs/design.md's drawing is the graph of the code (`python tests/test_imports.py` redraws it)."""
+    drawn = collapsed(import_graph(SRC)[0])
+    assert not cycles(drawn) or pytest.fail("the drawn graph has a cycle: " + str(cycles(drawn)))
+    assert _design_block() == mermaid(drawn), "docs/design.md's import graph is stale: run python tests/test_imports.py"
+
+
+if __name__ == "__main__":  # redraw docs/design.md's import graph
+    text = DESIGN.read_text(encoding="utf-8")
+    head, rest = text.split(GRAPH_START, 1)
+    DESIGN.write_text(f"{head}{GRAPH_START}\n{mermaid(collapsed(import_graph(SRC)[0]))}\n{GRAPH_END}"
+                      f"{rest.split(GRAPH_END, 1)[1]}", encoding="utf-8")
+    print(f"redrew the import graph in {DESIGN}")
