@@ -8,6 +8,7 @@ import time
 
 from .checkpoint import OFFICIAL_MODEL  # (importing jneox imports torch and these modules anyway)
 from .quantize import FORMATS
+from .serve.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S
 from .speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 DTYPES = (*FORMATS, "float16")  # the packed CPU formats, and float16 for plain PyTorch
@@ -446,7 +447,8 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
           allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
-          default_max_tokens=args.default_max_tokens, draft=draft)
+          default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
+          max_connections=args.max_connections)
     return 0
 
 
@@ -544,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(may be repeated; default: none)")
     p.add_argument("--request-timeout", type=_at_least(0, float), default=0, metavar="S",
                    help="end a request that has not finished after S seconds, queueing included (default 0: no limit)")
+    p.add_argument("--read-timeout", type=_at_least(0, float), default=DEFAULT_READ_TIMEOUT_S, metavar="S",
+                   help="close a connection whose request (headers and body) has not all arrived S seconds "
+                        f"after it began (default {DEFAULT_READ_TIMEOUT_S:g}; 0: no limit)")
+    p.add_argument("--max-connections", type=_at_least(1), metavar="N",
+                   help="connections open at once; more are closed as soon as they are accepted (default "
+                        f"{DEFAULT_MAX_CONNECTIONS}, fewer when ulimit -n is lower)")
     p.add_argument("--shutdown-timeout", type=_at_least(0, float), default=30, metavar="S",
                    help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
     p.add_argument("--default-max-tokens", type=_at_least(1), metavar="N",

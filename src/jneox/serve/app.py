@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, parse_chat,
                        parse_completion, parse_json, too_large)
+from .limits import Limits
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
 from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
 
@@ -371,13 +372,19 @@ class DrainingServer(uvicorn.Server):
     after shutting down raises the signal again, so SIGTERM ended the process with status -15.
     Here the listener stays open while the engine drains (new requests get 503, /health says
     "draining"), then uvicorn stops as usual and :func:`~jneox.serve.serve` returns. A second signal
-    stops at once.
+    stops at once. ``limits``: the connection limits, whose protocol class ``config`` must use
+    (``http=limits.protocol()``); their file-descriptor log is installed on the server's loop.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float, limits: Limits | None = None):
         super().__init__(config)
-        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self.engine, self.shutdown_timeout, self.limits = engine, shutdown_timeout, limits
         self.drainer: threading.Thread | None = None
+
+    async def startup(self, sockets=None) -> None:
+        if self.limits is not None:
+            self.limits.install(asyncio.get_running_loop())
+        await super().startup(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         if self.drainer is None:

@@ -15,6 +15,10 @@ from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
 from ..generate import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
+# connection limits (enforced by jneox.serve.limits): seconds to receive a request's headers and
+# body, and connections open at once
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 1000
 # what an answer may cost when the request does not say: the rest of the window is ~2000 tokens on
 # the 3.6B model, minutes per request on a CPU (other servers cap the default too)
 DEFAULT_MAX_TOKENS = 512
