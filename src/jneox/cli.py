@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
-                        "(default: $JNEOX_API_KEY, else no key)")
+                        "(default: $JNEOX_API_KEY, else no key). Prefer setting JNEOX_API_KEY: a key given "
+                        "here is visible to every user of the machine in the process list (ps)")
     p.add_argument("--max-batch", type=_at_least(1), default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=_at_least(0), default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")

@@ -2,7 +2,8 @@
 
 OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. Unknown fields are
 ignored (clients send many); fields jneox cannot honour (``n`` > 1, non-zero frequency/presence
-penalties, ``echo`` in chat, ``stream`` with several prompts) are refused rather than silently ignored.
+penalties, a non-empty ``logit_bias``, ``echo`` in chat, ``stream`` with several prompts) are refused
+rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0) != 0:
             raise bad(f"{name} is not supported; use repetition_penalty (> 1 penalizes repeats)", name, "unsupported")
+    if body.get("logit_bias") not in (None, {}):
+        raise bad("logit_bias is not supported (the sampler applies no per-token bias); leave it out",
+                  "logit_bias", "unsupported")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"model must be a string, got {_type_name(model)}", "model", "invalid_type")
