@@ -94,8 +94,8 @@ class GuardedH11Protocol(H11Protocol):
     limits: Limits
 
     def connection_made(self, transport) -> None:
-        self.refused = self.limits.open >= self.limits.max_connections
-        if self.refused:
+        self.counted = self.limits.open < self.limits.max_connections  # in limits.open
+        if not self.counted:
             self.limits.refused += 1
             self.limits.refused_log.warn("refused a connection: %d are open (--max-connections)", self.limits.open)
             transport.abort()
@@ -106,11 +106,20 @@ class GuardedH11Protocol(H11Protocol):
         self._arm()
 
     def connection_lost(self, exc) -> None:
-        if self.refused:
+        if not self.counted:  # refused, or handed over to a websocket protocol
             return
-        self.limits.open -= 1
-        self._disarm()
+        self._forget()
         super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self._forget()  # the websocket protocol owns the connection from here, and hears of its end
+        super().handle_websocket_upgrade(event)
+
+    def _forget(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.limits.open -= 1
+        self._disarm()
 
     def data_received(self, data: bytes) -> None:
         if self.deadline is None and (self.cycle is None or self.cycle.response_complete):
