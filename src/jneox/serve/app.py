@@ -33,8 +33,11 @@ STATIC = Path(__file__).with_name("static")
 RETRY_AFTER_S = 1
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 WILDCARD = ("0.0.0.0", "::")  # listening on every address of the machine
-CPU_THREADS = 2  # tokenizing and building large answers, off the event loop
-CPU_QUEUE = 64  # such jobs that may wait for a thread; past that the server answers 429
+# tokenizing and building large answers runs off the event loop, on one thread: more would only
+# contend for the GIL with the loop and the engine
+CPU_THREADS = 1
+CPU_QUEUE = 64  # such jobs that may wait for the thread; past that the server answers 429
+INLINE_BYTES = 16 << 10  # a request body this small is tokenized on the loop: quicker than a hand-over
 CLIENT_GONE = 499  # nginx's status for a request whose client left (nobody reads it)
 log = logging.getLogger("jneox.serve")
 
@@ -114,13 +117,17 @@ def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
 
 class Workers:
     """A bounded pool for CPU work (tokenizing, building large answers), so that the event loop keeps
-    answering other clients meanwhile. Past ``threads + queue`` jobs at once, :meth:`run` answers 429."""
+    answering other clients meanwhile, and small jobs never wait behind large ones. Past ``threads +
+    queue`` jobs at once, :meth:`run` answers 429."""
 
     def __init__(self, threads: int = CPU_THREADS, queue: int = CPU_QUEUE):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="jneox-cpu")
         self.limit, self.busy = threads + queue, 0  # busy is touched on the event loop only
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, small: bool = False):
+        """``fn(*args)`` on the pool, or at once on the loop if ``small``."""
+        if small:
+            return fn(*args)
         if self.busy >= self.limit:
             raise APIError(429, f"the server is busy: {self.busy} requests are being tokenized; retry in a moment",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -224,7 +231,12 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             if size > MAX_BODY_BYTES:
                 raise too_large(f"more than {MAX_BODY_BYTES} bytes")
             chunks.append(chunk)
+        request.state.body_bytes = size
         return parse_json(b"".join(chunks))
+
+    def small(request: Request) -> bool:
+        """Whether the request's body (read by read_body) is small enough to tokenize on the loop."""
+        return request.state.body_bytes <= INLINE_BYTES
 
     def submit(req: GenerationRequest, listener: Listener):
         try:
@@ -280,6 +292,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
                 left.cancel()
             if not gathered.done():
                 gathered.cancel()
+                gathered.add_done_callback(_retrieved)
                 return Response(status_code=CLIENT_GONE)
             answers = gathered.result()
             for a in answers:
@@ -287,7 +300,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
                     raise a
             usage = _usage(*(a.final for a in answers))
             # a long answer with logprobs is a large JSON document: built off the event loop
-            return await workers.run(lambda: JSONResponse(final(rid, answers, usage)))
+            return await workers.run(lambda: JSONResponse(final(rid, answers, usage)),
+                                     small=all(r.logprobs is None for r in reqs))
 
         req, seq, listener = reqs[0], seqs[0], listeners[0]
 
@@ -316,7 +330,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        req = await workers.run(parse_chat, body, tokenizer, window, default_max_tokens)
+        req = await workers.run(parse_chat, body, tokenizer, window, default_max_tokens, small=small(request))
 
         def logprobs(entries):
             return None if req.logprobs is None else {"content": chat_logprobs(tokenizer, entries)}
@@ -345,7 +359,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             reqs = parse_completion(body, tokenizer, window, default_max_tokens)
             return reqs, [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
 
-        reqs, echoed = await workers.run(prepare)
+        reqs, echoed = await workers.run(prepare, small=small(request))
 
         def logprobs(req, prompt_entries, entries, offsets: Offsets):
             """The legacy shape over the prompt's tokens (echo) and then the generated ones."""
@@ -380,12 +394,12 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     @app.post("/tokenize")
     async def tokenize_(request: Request):
         body = await read_body(request)
-        return await workers.run(lambda: JSONResponse(tokenize(body, tokenizer, window)))
+        return await workers.run(lambda: JSONResponse(tokenize(body, tokenizer, window)), small=small(request))
 
     @app.post("/detokenize")
     async def detokenize_(request: Request):
         body = await read_body(request)
-        return await workers.run(lambda: JSONResponse(detokenize(body, tokenizer)))
+        return await workers.run(lambda: JSONResponse(detokenize(body, tokenizer)), small=small(request))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_(request: Request):
@@ -455,6 +469,12 @@ def _usage(*events: Event) -> dict:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Marks a cancelled future's outcome as seen (else asyncio logs "exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request) -> None:
