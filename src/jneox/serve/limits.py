@@ -74,9 +74,15 @@ class Limits:
         previous = loop.get_exception_handler()
 
         def handler(loop, context):
-            if context.get("message") == "socket.accept() out of system resource":
+            message = context.get("message", "")
+            if message == "socket.accept() out of system resource":
                 self.fd_log.warn("cannot accept connections: %s; the server waits for connections to close "
                                  "(lower --max-connections or raise the limit with ulimit -n)", context.get("exception"))
+                return
+            if "._start_serving(" in message and isinstance(context.get("exception"), ValueError):
+                # asyncio's retry of accept after that error, firing after the server closed its socket
+                # on shutdown: there is nothing left to serve
+                log.debug("%s: %s", message, context.get("exception"))
                 return
             if previous is not None:
                 previous(loop, context)
