@@ -9,6 +9,7 @@ from ..chat import SYSTEM, TURN_STOP, USER, ChatSession, format_prompt
 from ..generate import stream
 from ..loading import served_model_id
 from ..serve import serve
+from ..serve.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S
 from .args import add_model_args, add_sampling_args, add_speculate_args, at_least, draft_from_args, load_from_args, sampling_params
 
 
@@ -81,7 +82,8 @@ def cmd_serve(args) -> int:
           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
           allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
-          default_max_tokens=args.default_max_tokens, draft=draft)
+          default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
+          max_connections=args.max_connections)
     return 0
 
 
@@ -110,7 +112,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("JNEOX_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints "
-                        "(default: $JNEOX_API_KEY, else no key)")
+                        "(default: $JNEOX_API_KEY, else no key). Prefer setting JNEOX_API_KEY: a key given "
+                        "here is visible to every user of the machine in the process list (ps)")
     p.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (KV cache slots; default 8)")
     p.add_argument("--max-queue", type=at_least(0), default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
@@ -125,6 +128,12 @@ def add_serve_parser(sub) -> None:
                         "(may be repeated; default: none)")
     p.add_argument("--request-timeout", type=at_least(0, float), default=0, metavar="S",
                    help="end a request that has not finished after S seconds, queueing included (default 0: no limit)")
+    p.add_argument("--read-timeout", type=at_least(0, float), default=DEFAULT_READ_TIMEOUT_S, metavar="S",
+                   help="close a connection whose request (headers and body) has not all arrived S seconds "
+                        f"after it began (default {DEFAULT_READ_TIMEOUT_S:g}; 0: no limit)")
+    p.add_argument("--max-connections", type=at_least(1), metavar="N",
+                   help="connections open at once; more are closed as soon as they are accepted (default "
+                        f"{DEFAULT_MAX_CONNECTIONS}, fewer when ulimit -n is lower)")
     p.add_argument("--shutdown-timeout", type=at_least(0, float), default=30, metavar="S",
                    help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
     p.add_argument("--default-max-tokens", type=at_least(1), metavar="N",

@@ -8,36 +8,36 @@
 """
 from __future__ import annotations
 
-from .protocol import DEFAULT_MAX_TOKENS
+import uvicorn
+
+from .app import DrainingServer, create_app
+from .limits import Limits
+from .protocol import DEFAULT_MAX_TOKENS, DEFAULT_READ_TIMEOUT_S
 from .scheduler import Engine, Event, QueueFull, Unavailable
 
 __all__ = ["Engine", "Event", "QueueFull", "Unavailable", "create_app", "serve"]
 
 
-def create_app(*args, **kwargs):
-    from .app import create_app as _create_app  # fastapi is imported only when a server is made
-
-    return _create_app(*args, **kwargs)
-
-
 def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, max_queue: int = 32, log_level: str = "info", *,
           allowed_hosts=(), cors_origins=(), request_timeout: float | None = None, shutdown_timeout: float = 30,
-          default_max_tokens: int | None = None, draft=None) -> None:
+          default_max_tokens: int | None = None, draft=None, read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
+          max_connections: int | None = None) -> None:
     """Serve ``model`` until SIGTERM or SIGINT (Ctrl-C), then shut down gracefully: new requests get
     503, those already accepted finish for up to ``shutdown_timeout`` seconds (what is left then ends
     with an error event), and the function returns. A second signal stops at once.
     ``default_max_tokens`` None: DEFAULT_MAX_TOKENS (512); ``draft``: speculative decoding (see
-    :class:`Engine`). The other options: see :func:`create_app`."""
-    import uvicorn
-
-    from .app import DrainingServer
-
+    :class:`Engine`). ``read_timeout``: seconds to receive a request's headers and body (None: no
+    limit); ``max_connections``: connections open at once (None: DEFAULT_MAX_CONNECTIONS or fewer
+    under a low ``ulimit -n``), more are closed as they are accepted (see :mod:`jneox.serve.limits`).
+    The other options: see :func:`create_app`."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft).start()
     app = create_app(engine, model_id, api_key, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                      request_timeout=request_timeout, default_max_tokens=default_max_tokens or DEFAULT_MAX_TOKENS)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
-    server = DrainingServer(config, engine, shutdown_timeout)
+    limits = Limits(read_timeout, max_connections)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3,
+                            http=limits.protocol())
+    server = DrainingServer(config, engine, shutdown_timeout, limits)
     try:
         server.run()
     finally:

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -19,9 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, parse_chat,
                        parse_completion, parse_json, too_large)
+from .limits import Limits, Throttled
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
 from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
 
@@ -29,6 +33,12 @@ STATIC = Path(__file__).with_name("static")
 RETRY_AFTER_S = 1
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 WILDCARD = ("0.0.0.0", "::")  # listening on every address of the machine
+# tokenizing and building large answers runs off the event loop, on one thread: more would only
+# contend for the GIL with the loop and the engine
+CPU_THREADS = 1
+CPU_QUEUE = 64  # such jobs that may wait for the thread; past that the server answers 429
+INLINE_BYTES = 16 << 10  # a request body this small is tokenized on the loop: quicker than a hand-over
+CLIENT_GONE = 499  # nginx's status for a request whose client left (nobody reads it)
 log = logging.getLogger("jneox.serve")
 
 
@@ -105,6 +115,29 @@ def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
     return True
 
 
+class Workers:
+    """A bounded pool for CPU work (tokenizing, building large answers), so that the event loop keeps
+    answering other clients meanwhile, and small jobs never wait behind large ones. Past ``threads +
+    queue`` jobs at once, :meth:`run` answers 429."""
+
+    def __init__(self, threads: int = CPU_THREADS, queue: int = CPU_QUEUE):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="jneox-cpu")
+        self.limit, self.busy = threads + queue, 0  # busy is touched on the event loop only
+
+    async def run(self, fn, *args, small: bool = False):
+        """``fn(*args)`` on the pool, or at once on the loop if ``small``."""
+        if small:
+            return fn(*args)
+        if self.busy >= self.limit:
+            raise APIError(429, f"the server is busy: {self.busy} requests are being tokenized; retry in a moment",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.busy -= 1
+
+
 class HostCheck:
     """ASGI middleware: refuses a request whose Host header is not one of this server's names."""
 
@@ -147,6 +180,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     window = engine.window
     tokenizer = engine.tokenizer
     created = int(time.time())
+    workers = app.state.workers = Workers()
+    gone_log = Throttled()
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -156,6 +191,12 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     async def _http_error(request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request, e: ClientDisconnect):  # not a fault of the server: one line, no traceback
+        gone_log.warn("a client disconnected before sending the whole request (%s %s)", request.method,
+                      request.url.path)
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):  # a bug: say so in the same shape, keep serving
@@ -190,7 +231,12 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             if size > MAX_BODY_BYTES:
                 raise too_large(f"more than {MAX_BODY_BYTES} bytes")
             chunks.append(chunk)
+        request.state.body_bytes = size
         return parse_json(b"".join(chunks))
+
+    def small(request: Request) -> bool:
+        """Whether the request's body (read by read_body) is small enough to tokenize on the loop."""
+        return request.state.body_bytes <= INLINE_BYTES
 
     def submit(req: GenerationRequest, listener: Listener):
         try:
@@ -204,18 +250,16 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def collect(request: Request, listener: Listener) -> Answer | None:
-        """One request's answer, or None if the client left first."""
+    async def collect(listener: Listener) -> Answer:
+        """One request's answer."""
         answer = Answer()
-        async for event in _until_disconnect(request, listener.events()):
+        async for event in listener.events():
             if event.error:
                 if listener.timed_out:
                     raise APIError(504, event.error, type="server_error", code="timeout")
                 raise APIError(500, event.error, type="server_error")
             answer.add(event)
-            if event.final:
-                return answer
-        return None
+        return answer
 
     async def run(request: Request, reqs: list[GenerationRequest], chunk, final, opening: bool = False):
         """Submit ``reqs`` (one per prompt) and answer: for one streamed request SSE chunks made by
@@ -236,18 +280,28 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         rid = uuid.uuid4().hex[:24]
 
         if not reqs[0].stream:
+            # the client's leaving is watched while the answer is made, so its rows are freed at once
+            gathered = asyncio.ensure_future(asyncio.gather(*(collect(li) for li in listeners),
+                                                            return_exceptions=True))
+            left = asyncio.ensure_future(_disconnected(request))
             try:
-                answers = await asyncio.gather(*(collect(request, li) for li in listeners), return_exceptions=True)
+                await asyncio.wait({gathered, left}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for seq in seqs:
                     engine.cancel(seq)  # no-op once finished; frees the slot if the client left
+                left.cancel()
+            if not gathered.done():
+                gathered.cancel()
+                gathered.add_done_callback(_retrieved)
+                return Response(status_code=CLIENT_GONE)
+            answers = gathered.result()
             for a in answers:
                 if isinstance(a, BaseException):
                     raise a
-            if any(a is None for a in answers):
-                return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
             usage = _usage(*(a.final for a in answers))
-            return JSONResponse(final(rid, answers, usage))
+            # a long answer with logprobs is a large JSON document: built off the event loop
+            return await workers.run(lambda: JSONResponse(final(rid, answers, usage)),
+                                     small=all(r.logprobs is None for r in reqs))
 
         req, seq, listener = reqs[0], seqs[0], listeners[0]
 
@@ -275,7 +329,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(await read_body(request), tokenizer, window, default_max_tokens)
+        body = await read_body(request)
+        req = await workers.run(parse_chat, body, tokenizer, window, default_max_tokens, small=small(request))
 
         def logprobs(entries):
             return None if req.logprobs is None else {"content": chat_logprobs(tokenizer, entries)}
@@ -298,8 +353,13 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        reqs = parse_completion(await read_body(request), tokenizer, window, default_max_tokens)
-        echoed = [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
+        body = await read_body(request)
+
+        def prepare():
+            reqs = parse_completion(body, tokenizer, window, default_max_tokens)
+            return reqs, [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
+
+        reqs, echoed = await workers.run(prepare, small=small(request))
 
         def logprobs(req, prompt_entries, entries, offsets: Offsets):
             """The legacy shape over the prompt's tokens (echo) and then the generated ones."""
@@ -333,11 +393,13 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/tokenize")
     async def tokenize_(request: Request):
-        return tokenize(await read_body(request), tokenizer, window)
+        body = await read_body(request)
+        return await workers.run(lambda: JSONResponse(tokenize(body, tokenizer, window)), small=small(request))
 
     @app.post("/detokenize")
     async def detokenize_(request: Request):
-        return detokenize(await read_body(request), tokenizer)
+        body = await read_body(request)
+        return await workers.run(lambda: JSONResponse(detokenize(body, tokenizer)), small=small(request))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_(request: Request):
@@ -371,13 +433,19 @@ class DrainingServer(uvicorn.Server):
     after shutting down raises the signal again, so SIGTERM ended the process with status -15.
     Here the listener stays open while the engine drains (new requests get 503, /health says
     "draining"), then uvicorn stops as usual and :func:`~jneox.serve.serve` returns. A second signal
-    stops at once.
+    stops at once. ``limits``: the connection limits, whose protocol class ``config`` must use
+    (``http=limits.protocol()``); their file-descriptor log is installed on the server's loop.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float, limits: Limits | None = None):
         super().__init__(config)
-        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self.engine, self.shutdown_timeout, self.limits = engine, shutdown_timeout, limits
         self.drainer: threading.Thread | None = None
+
+    async def startup(self, sockets=None) -> None:
+        if self.limits is not None:
+            self.limits.install(asyncio.get_running_loop())
+        await super().startup(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         if self.drainer is None:
@@ -403,20 +471,13 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _until_disconnect(request: Request, events, poll_s: float = 0.5):
-    """``events`` until the final one, or until the client disconnects (then stop early)."""
-    it = events.__aiter__()
-    while True:
-        nxt = asyncio.ensure_future(it.__anext__())
-        while True:
-            done, _ = await asyncio.wait({nxt}, timeout=poll_s)
-            if done:
-                break
-            if await request.is_disconnected():
-                nxt.cancel()
-                return
-        try:
-            event = nxt.result()
-        except StopAsyncIteration:
-            return
-        yield event
+def _retrieved(future: asyncio.Future) -> None:
+    """Marks a cancelled future's outcome as seen (else asyncio logs "exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (call it once the request's body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -2,7 +2,8 @@
 
 OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. Unknown fields are
 ignored (clients send many); fields jneox cannot honour (``n`` > 1, non-zero frequency/presence
-penalties, ``echo`` in chat, ``stream`` with several prompts) are refused rather than silently ignored.
+penalties, a non-empty ``logit_bias``, ``echo`` in chat, ``stream`` with several prompts) are refused
+rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
 from ..generate import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
+# connection limits (enforced by jneox.serve.limits): seconds to receive a request's headers and
+# body, and connections open at once
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 1000
 # what an answer may cost when the request does not say: the rest of the window is ~2000 tokens on
 # the 3.6B model, minutes per request on a CPU (other servers cap the default too)
 DEFAULT_MAX_TOKENS = 512
@@ -134,6 +139,9 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0) != 0:
             raise bad(f"{name} is not supported; use repetition_penalty (> 1 penalizes repeats)", name, "unsupported")
+    if body.get("logit_bias") not in (None, {}):
+        raise bad("logit_bias is not supported (the sampler applies no per-token bias); leave it out",
+                  "logit_bias", "unsupported")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"model must be a string, got {_type_name(model)}", "model", "invalid_type")

@@ -20,6 +20,11 @@ from ..tokenizer import Tokenizer
 from .protocol import _bool, _type_name, bad, chat_utterances, token_ids
 from .scheduler import TokenLogprob
 
+# what one tokenizer request may ask for: far more than any context window, little enough that a
+# request costs a fraction of a second of a worker thread
+MAX_TOKENIZE_CHARS = 1 << 18
+MAX_DETOKENIZE_TOKENS = 1 << 17
+
 
 def token_text(tokenizer: Tokenizer, i: int) -> str:
     """How token ``i`` is shown: its text, ``bytes:\\xNN...`` when that is not whole UTF-8, a control
@@ -101,12 +106,15 @@ def tokenize(body: dict, tokenizer: Tokenizer, window: int) -> dict:
     if body.get("messages") is not None:
         if body.get("prompt") is not None:
             raise bad("send either prompt or messages, not both", "prompt", "invalid_value")
-        ids = tokenizer.encode(format_prompt(chat_utterances(body["messages"])))
+        text = format_prompt(chat_utterances(body["messages"]))
+        _check_chars(text, "messages")
+        ids = tokenizer.encode(text)
     else:
         p = body.get("prompt")
         if not isinstance(p, str):
             raise bad(f"prompt must be a string, got {_type_name(p)}", "prompt",
                       "missing" if p is None else "invalid_type")
+        _check_chars(p, "prompt")
         special = special_tokens(tokenizer)
         ids = [special[p]] if p in special else tokenizer.encode(p)
     return {"count": len(ids), "max_model_len": window, "tokens": ids,
@@ -115,4 +123,14 @@ def tokenize(body: dict, tokenizer: Tokenizer, window: int) -> dict:
 
 def detokenize(body: dict, tokenizer: Tokenizer) -> dict:
     """``POST /detokenize``: ``tokens`` (ids) -> ``prompt``, their text as the server decodes answers."""
-    return {"prompt": tokenizer.decode(token_ids(body.get("tokens"), tokenizer, "tokens"))}
+    ids = body.get("tokens")
+    if isinstance(ids, list) and len(ids) > MAX_DETOKENIZE_TOKENS:
+        raise bad(f"tokens has {len(ids)} ids; at most {MAX_DETOKENIZE_TOKENS} are accepted in one request",
+                  "tokens", "too_long")
+    return {"prompt": tokenizer.decode(token_ids(ids, tokenizer, "tokens"))}
+
+
+def _check_chars(text: str, param: str) -> None:
+    if len(text) > MAX_TOKENIZE_CHARS:
+        raise bad(f"{param} has {len(text)} characters; at most {MAX_TOKENIZE_CHARS} are accepted in one request "
+                  f"(send a long text in parts)", param, "too_long")
