@@ -100,7 +100,7 @@ def evaluate_tasks(model, tokenizer, runs: Sequence[dict], *, seed: int = 42, li
     versions = {}
     for run, result in zip(runs, done):
         task = run["task"] if isinstance(run["task"], Task) else get_task(run["task"])
-        versions[result["task"]] = task.version or "1.0"
+        versions[result["task"]] = task.version
     return {"results": {r["task"]: r["metrics"] for r in done}, "versions": versions,
             "config": {"tasks": [r["task"] for r in done], "num_fewshot": [r["config"]["num_fewshot"] for r in done],
                        "seed": seed, "limit": limit},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,6 +64,9 @@ class Task:
     # generation: the strings the harness's greedy_until cuts the text at; generation stops at the
     # first one's last token
     until: tuple[str, ...] = (NL,)
+    # file names the source publishes its splits under (searched in DATA_DIR/<name>/ after the HF
+    # datasets' <split>.jsonl / <split>.json; a * matches a version, the newest first)
+    file_names: dict[str, tuple[str, ...]] = {"validation": ("valid-v*.json",), "train": ("train-v*.json",)}
 
     @classmethod
     def harness_name(cls) -> str:
@@ -323,9 +327,8 @@ class JSQuAD(_SquadMetric):
         return self._read_squad(path, root)
 
     def parse(self, obj, source):
-        answers = _answer_texts(obj)
         fields = {"title": _field(obj, "title"), "context": _field(obj, "context"), "question": _field(obj, "question")}
-        return Doc(fields, source, answers=answers, id=str(obj.get("id", "")))
+        return Doc(fields, source, answers=_answer_texts(obj), id=str(obj.get("id", "")))
 
     def _read_squad(self, path, root):
         docs = []
@@ -446,6 +449,7 @@ class XLSumJa(Task):
     description = f"{USER}: 与えられたニュース記事を要約してください。{NL}{SYSTEM_OK}"
     default_fewshot = 1
     split = "test"
+    file_names = {"test": ("japanese_test.jsonl",), "train": ("japanese_train.jsonl",)}
     ARTICLE, ANSWER = f"{USER}: ", f"{NL}{SYSTEM}: "  # what the harness's preprocess_ctx splits at
 
     def parse(self, obj, source):
@@ -507,9 +511,14 @@ class XWinogradJa(Task):
     """
 
     name = "xwinograd_ja"
-    version = ""
+    version = "1.0"
     default_fewshot = 0
     has_fewshot = False
+    split = "test"  # the HF dataset's only split
+
+    @classmethod
+    def harness_name(cls):
+        return cls.name  # the harness registers it without versions
 
     def parse(self, obj, source):
         answer = _field(obj, "answer", (str, int))
@@ -559,6 +568,7 @@ class MGSM(Task):
     description = f"{USER}: 与えられた問題をステップごとに解説してください。{NL}{SYSTEM_OK}"
     default_fewshot = 5
     split = "test"
+    file_names = {"test": ("mgsm_ja.tsv",)}
     until = ("</s>", "\n")
     MAX_NEW_TOKENS = 256  # the harness's hf-causal max_gen_toks
     QUESTION = "問題："
@@ -759,6 +769,24 @@ def get_task(name_or_spec: str | Path) -> Task:
         return CustomTask(name_or_spec)
     raise UsageError(f"unknown task {name_or_spec!r}: expected one of {', '.join(TASKS)}, perplexity, chat "
                      f"or a .yaml spec of a multiple-choice task")
+
+
+def split_file(task: Task, data_dir: str | Path, split: str) -> Path:
+    """The file of ``split`` ("train", or the task's evaluated ``split``) in ``data_dir/<name>/``:
+    the HF datasets' ``<split>.jsonl`` or ``<split>.json``, else the name the source publishes
+    (JGLUE's ``valid-v1.1.json``, the newest version first; XL-Sum's ``japanese_test.jsonl``; ...)."""
+    folder = Path(data_dir) / task.name
+    names = [f"{split}.jsonl", f"{split}.json", *task.file_names.get(split, ())]
+    for name in names:
+        found = sorted(folder.glob(name), key=lambda p: _version_key(p.name), reverse=True)
+        if found:
+            return found[0]
+    raise UsageError(f"{task.harness_name()}: no {split} file in {folder} (looked for {', '.join(names)}); "
+                     f"or give it as --data/--fewshot-data {task.harness_name()}=FILE")
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", name))
 
 
 # ---- few-shot sampling, as the harness's evaluator and Task.fewshot_examples do -----------------
