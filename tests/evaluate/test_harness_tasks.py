@@ -346,6 +346,18 @@ def test_rinnas_harness_line_on_the_demo_model(tmp_path):
     assert [t["task"] for t in result["tasks"]] == RINNA_TASKS.split(",")
     for name in RINNA_TASKS.split(","):
         assert f"| {name} |" in run.stdout
+    # one task from --data-dir: that task's own results document
+    out = tmp_path / "jsquad12.json"
+    run = jneox("eval", "--task", "jsquad-1.2-0.4", "--num-fewshot", "1", "--data-dir", str(HARNESS), "-m", str(DEMO),
+                "--no-progress", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["task"] == "jsquad-1.2-0.4" and result["config"]["data"].endswith("valid-v1.1.json")
+    task = get_task("jsquad-1.2-0.4")
+    texts = [task.doc_to_text(d) for d in task.read(HARNESS / "jsquad" / "valid-v1.1.json")]
+    assert len(result["samples"]) == len(texts) == 4
+    for s in result["samples"]:  # one example and the question, each with its title
+        assert any(s["context"].endswith(t) for t in texts) and s["context"].count("質問：") == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -354,6 +366,7 @@ def test_rinnas_harness_line_on_the_demo_model(tmp_path):
     (["--tasks", "jnli-1.1-0.4"], "jnli-1.1-0.4: no data"),
     (["--tasks", "nope-1.0-0.4", "--data-dir", "."], "unknown task 'nope-1.0-0.4'"),
     (["--task", "jnli", "--num-fewshot", "3,3"], "a comma list goes with --tasks"),
+    (["--task", "jnli", "--data", "a.jsonl", "--fewshot-data", "a.jsonl", "b.jsonl"], "one --fewshot-data file"),
 ])
 def test_usage_errors_before_loading(args, message):
     run = jneox("eval", *args, "-m", "/nonexistent/model")

@@ -44,6 +44,8 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     # usage errors before minutes of loading
     runs = _eval_runs(args, args.tasks) if args.tasks else None
+    if args.task and len(args.fewshot_data or []) > 1:
+        raise UsageError("--task takes one --fewshot-data file")
     if runs is None and not args.data:
         _fewshot_count(args.num_fewshot)
         if not (args.data_dir and args.task in TASKS):
@@ -51,11 +53,11 @@ def cmd_eval(args) -> int:
         runs = _eval_runs(args, args.task)
     model, tokenizer = load_from_args(args, eval_load_options(args.dtype, args.device))
     t0 = time.perf_counter()
-    if runs is None:
-        if len(args.fewshot_data or []) > 1:
-            raise UsageError("--task takes one --fewshot-data file")
-        result = evaluate(model, tokenizer, args.task, args.data, num_fewshot=_fewshot_count(args.num_fewshot),
-                          fewshot_data=(args.fewshot_data or [None])[0], seed=args.seed, limit=args.limit,
+    if args.task:
+        run = runs[0] if runs else {"task": args.task, "data": args.data, "num_fewshot": _fewshot_count(args.num_fewshot),
+                                    "fewshot_data": (args.fewshot_data or [None])[0]}
+        result = evaluate(model, tokenizer, run["task"], run["data"], num_fewshot=run["num_fewshot"],
+                          fewshot_data=run["fewshot_data"], seed=args.seed, limit=args.limit,
                           batch_rows=args.batch_rows, text_field=args.text_field, stride=args.stride,
                           progress=not args.no_progress)
         tables = [result]

@@ -23,12 +23,12 @@ def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Seque
              batch_rows: int = 16, text_field: str = "text", stride: int | None = None, progress: bool = False) -> dict:
     """Evaluate ``model`` on one task and return ``{"task", "metrics", "config", "samples"}``.
 
-    ``task``: jcommonsenseqa, jnli, marc_ja, jsquad, a custom task's YAML spec (or a :class:`Task`),
-    perplexity (``data``: text or JSONL files) or chat (``data``: JSONL conversations).
-    Multiple-choice and JSQuAD documents are shuffled with ``random.Random(seed)`` and the first
-    ``limit`` kept; few-shot examples come from ``fewshot_data`` drawn from that same generator,
-    as the jp-stable harness does (``num_fewshot`` defaults to rinna's setting for the JGLUE tasks
-    when ``fewshot_data`` is given, else 0).
+    ``task``: a name of :data:`~jneox.evaluate.tasks.TASKS` (the harness's ``jnli-1.1-0.4`` and the
+    like, or a short name), a custom task's YAML spec (or a :class:`Task`), perplexity (``data``:
+    text or JSONL files) or chat (``data``: JSONL conversations). A harness task's documents are
+    shuffled with ``random.Random(seed)`` and the first ``limit`` kept; few-shot examples come from
+    ``fewshot_data`` drawn from that same generator, as the jp-stable harness does (``num_fewshot``
+    defaults to rinna's setting for the task when ``fewshot_data`` is given, else 0).
     """
     if task == "perplexity":
         return evaluate_perplexity(model, tokenizer, data, text_field=text_field, stride=stride, limit=limit,
@@ -134,7 +134,7 @@ def _generate_answers(model, tokenizer, task: Task, docs: Sequence[Doc], context
     bar, step = tqdm_progress(len(docs), task.name, progress)
     samples = []
     for doc, context in zip(docs, contexts):
-        budget = task.max_new_tokens(doc, tokenizer)
+        budget = min(task.max_new_tokens(doc, tokenizer), window - 1)  # at least one context token stays
         context = task.fit(context, tokenizer, window - budget)
         text = greedy_answer(model, tokenizer, task, context, budget)
         samples.append({"source": doc.source, "id": doc.id, "context": context, "generated": text,

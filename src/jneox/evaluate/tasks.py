@@ -478,7 +478,7 @@ class XLSumJa(Task):
         share = max_length // len(shots)
         out = head
         for shot in shots:
-            text, summary = shot.split(self.ANSWER)
+            text, _, summary = shot.partition(self.ANSWER)
             kept: list[str] = []
             for sentence in text.split("。"):
                 if len(self.encode(tokenizer, "。".join(kept + [sentence]))) > share:
