@@ -18,6 +18,7 @@ from conftest import make_hf_model, save_hf
 from jneox.errors import UsageError
 from jneox.evaluate import evaluate, evaluate_tasks, get_task, metrics
 from jneox.evaluate.run import greedy_answer
+from jneox.generate import SamplingParams, generate_tokens
 from jneox.evaluate.tasks import TASKS, FewshotSampler, Task, harness_decode, harness_encode, register, split_file
 from jneox.loading import load
 from jneox.train.data import DataError
@@ -223,7 +224,6 @@ def test_xlsum_cuts_long_articles_after_a_sentence(tiny):
 
 def test_generation_stops_as_the_harness_greedy_until(tiny):
     _, model, tokenizer, _ = tiny
-    from jneox.generate import SamplingParams, generate_tokens
 
     def greedy(ids, n):
         return list(generate_tokens(model, ids, SamplingParams(temperature=0.0, max_new_tokens=n),
