@@ -60,6 +60,8 @@ def test_prompts_equal_the_harness_templates(case):
 def test_every_harness_name_of_rinnas_run_is_known():
     for name in RINNA_TASKS.split(","):
         assert get_task(name).harness_name() == name
+    # without --num-fewshot each task takes rinna's count
+    assert ",".join(str(get_task(n).default_fewshot) for n in RINNA_TASKS.split(",")) == RINNA_FEWSHOT
     assert type(get_task("jnli")) is type(get_task("jnli-1.3-0.4"))  # the branch head's
     assert type(get_task("jsquad")) is type(get_task("jsquad-1.1-0.4"))
     assert get_task("jsquad-1.2-0.4").version == "1.2"
