@@ -6,7 +6,8 @@ import time
 
 from ..checkpoint import save_quantized
 from ..errors import UsageError
-from ..evaluate import evaluate, format_table, write_json_atomic
+from ..evaluate import TASKS, evaluate, evaluate_tasks, format_table, get_task, write_json_atomic
+from ..evaluate.tasks import split_file
 from ..export.gguf import TOKENIZER_MODELS, TYPES, export_gguf
 from ..export.tokenizer_json import export_hf
 from ..files import TOKENIZER_CONFIG, TOKENIZER_JSON, check_replaceable
@@ -41,17 +42,84 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    # usage errors before minutes of loading
+    runs = _eval_runs(args, args.tasks) if args.tasks else None
+    if args.task and len(args.fewshot_data or []) > 1:
+        raise UsageError("--task takes one --fewshot-data file")
+    if runs is None and not args.data:
+        _fewshot_count(args.num_fewshot)
+        if not (args.data_dir and args.task in TASKS):
+            raise UsageError(f"--task {args.task}: give --data FILE (or --data-dir DIR for a task of the harness)")
+        runs = _eval_runs(args, args.task)
     model, tokenizer = load_from_args(args, eval_load_options(args.dtype, args.device))
     t0 = time.perf_counter()
-    result = evaluate(model, tokenizer, args.task, args.data, num_fewshot=args.num_fewshot,
-                      fewshot_data=args.fewshot_data, seed=args.seed, limit=args.limit, batch_rows=args.batch_rows,
-                      text_field=args.text_field, stride=args.stride, progress=not args.no_progress)
+    if args.task:
+        run = runs[0] if runs else {"task": args.task, "data": args.data, "num_fewshot": _fewshot_count(args.num_fewshot),
+                                    "fewshot_data": (args.fewshot_data or [None])[0]}
+        result = evaluate(model, tokenizer, run["task"], run["data"], num_fewshot=run["num_fewshot"],
+                          fewshot_data=run["fewshot_data"], seed=args.seed, limit=args.limit,
+                          batch_rows=args.batch_rows, text_field=args.text_field, stride=args.stride,
+                          progress=not args.no_progress)
+        tables = [result]
+    else:
+        result = evaluate_tasks(model, tokenizer, runs, seed=args.seed, limit=args.limit, batch_rows=args.batch_rows,
+                                progress=not args.no_progress)
+        tables = result["tasks"]
     result["config"].update(model=str(model_or_default(args.model)), dtype=args.dtype,
                             seconds=round(time.perf_counter() - t0, 1))
-    print(format_table([result]))
+    print(format_table(tables))
     if args.output:
         print(f"wrote {write_json_atomic(result, args.output)}", file=sys.stderr)
     return 0
+
+
+def _fewshot_count(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--num-fewshot {text!r}: expected a number (a comma list goes with --tasks)") from None
+
+
+def _task_files(values, flag: str, names: list[str]) -> dict[str, str]:
+    files = {}
+    for value in values or []:
+        task, sep, path = value.partition("=")
+        if not sep or task not in names:
+            raise UsageError(f"{flag} {value!r}: with --tasks, give TASK=FILE for one of {', '.join(names)}")
+        files[task] = path
+    return files
+
+
+def _eval_runs(args, tasks: str) -> list[dict]:
+    """The tasks of ``--tasks a,b --num-fewshot 3,2`` (a harness.sh line), each with its files."""
+    names = [n.strip() for n in tasks.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--tasks: no task named")
+    tasks = [get_task(n) for n in names]
+    if args.num_fewshot is None:
+        counts = [None] * len(names)
+    else:
+        try:
+            counts = [int(c) for c in args.num_fewshot.split(",")]
+        except ValueError:
+            raise UsageError(f"--num-fewshot {args.num_fewshot!r}: expected numbers separated by commas") from None
+        if len(counts) == 1:
+            counts *= len(names)
+        if len(counts) != len(names):
+            raise UsageError(f"--num-fewshot has {len(counts)} numbers for {len(names)} tasks")
+    data = _task_files(args.data, "--data", names)
+    fewshot = _task_files(args.fewshot_data, "--fewshot-data", names)
+    runs = []
+    for name, task, k in zip(names, tasks, counts):
+        if name not in data and not args.data_dir:
+            raise UsageError(f"{name}: no data: give --data-dir DIR or --data {name}=FILE")
+        path = data.get(name) or split_file(task, args.data_dir, task.split)
+        shots = k if k is not None else (task.default_fewshot if task.has_fewshot else 0)
+        train = fewshot.get(name) or (split_file(task, args.data_dir, "train") if shots and args.data_dir else None)
+        runs.append({"task": name, "data": path, "fewshot_data": train, "num_fewshot": shots})
+    return runs
 
 
 def add_quantize_parser(sub) -> None:
@@ -75,14 +143,24 @@ def add_export_parser(sub) -> None:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate on JGLUE tasks (jp-stable harness prompts), perplexity, a YAML task or chat")
-    p.add_argument("--task", required=True, help="jcommonsenseqa, jnli, marc_ja, jsquad (JGLUE's files), perplexity, "
-                                                 "chat, or a .yaml spec of a multiple-choice task")
-    p.add_argument("--data", nargs="+", required=True, help="the task's file (JGLUE: the validation split); perplexity: "
-                                                             "text or JSONL files; chat: JSONL conversations")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default with --fewshot-data: rinna's 3, 3, 3, 2 "
-                                                   "for jcommonsenseqa, jnli, marc_ja, jsquad; else 0)")
-    p.add_argument("--fewshot-data", help="where few-shot examples come from (JGLUE: the training split)")
+    p = sub.add_parser("eval", help="evaluate on the jp-stable harness's Japanese tasks (JGLUE, JAQKET, XL-Sum, "
+                                    "XWinograd, MGSM), perplexity, a YAML task or chat")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help=f"one task: {', '.join(TASKS)}, perplexity, chat, or a .yaml spec of a "
+                                      "multiple-choice task")
+    which.add_argument("--tasks", help="several tasks in one results JSON, comma-separated as in a harness.sh line "
+                                       "(jcommonsenseqa-1.1-0.4,jnli-1.1-0.4,...)")
+    p.add_argument("--data", nargs="+", help="--task: the task's file(s) (JGLUE: the validation split); perplexity: "
+                                             "text or JSONL files; chat: JSONL conversations. --tasks: TASK=FILE "
+                                             "for any task not found in --data-dir")
+    p.add_argument("--data-dir", help="--tasks: a folder with one subfolder per task (its short name: jnli, "
+                                      "jsquad, ...) holding the split files under their published names or as "
+                                      "HF datasets JSON lines (validation.jsonl / test.jsonl, train.jsonl); "
+                                      "see docs/evaluation.md")
+    p.add_argument("--num-fewshot", help="few-shot examples; with --tasks a comma list, one per task (default with "
+                                         "few-shot data: rinna's 3,3,3,2,1,1,0,5; else 0)")
+    p.add_argument("--fewshot-data", nargs="+", help="where few-shot examples come from (the training split); "
+                                                     "--tasks: TASK=FILE (default: train files in --data-dir)")
     p.add_argument("--seed", type=int, default=42, help="shuffles the documents and draws few-shot examples (default: 42, the harness's)")
     p.add_argument("--limit", type=int, help="evaluate only the first N (shuffled) documents")
     p.add_argument("--output", "-o", help="results JSON: metrics, and per sample the choices' log-likelihoods, "

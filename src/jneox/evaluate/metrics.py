@@ -120,3 +120,35 @@ def mecab_available() -> bool:
         return True
     except (MissingTools, RuntimeError):
         return False
+
+
+# ---- XLSum-ja: ROUGE-2 --------------------------------------------------------------------------
+def rouge2(reference: Sequence[str], prediction: Sequence[str]) -> float:
+    """ROUGE-2 F-measure of two token lists, as the ``rouge_score`` package computes it: bigram
+    counts, overlap the sum of the smaller counts, precision over the prediction's bigrams, recall
+    over the reference's, 0 when either is 0."""
+    ref, pred = Counter(zip(reference, reference[1:])), Counter(zip(prediction, prediction[1:]))
+    overlap = sum((ref & pred).values())
+    precision, recall = overlap / max(sum(pred.values()), 1), overlap / max(sum(ref.values()), 1)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+# ---- MGSM: the last number of a chain of thought ------------------------------------------------
+_NUMBER = re.compile(r"(\-?[0-9\.\,]+)")
+INVALID_ANSWER = "[invalid]"  # the harness's INVALID_ANS: never equal to a number
+
+
+def last_number(completion: str) -> int | str:
+    """The harness's MGSM answer: the last run of digits, dots and commas (an optional leading minus),
+    dots stripped from its ends and commas removed, if it reads as a whole number; else
+    :data:`INVALID_ANSWER`. A run that is no number at all ("..." or "1.2.3") is an error in the
+    harness (Python's ``float`` raises); here it counts as invalid."""
+    found = _NUMBER.findall(completion)
+    if not found:
+        return INVALID_ANSWER
+    text = found[-1].strip(".").replace(",", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return INVALID_ANSWER
+    return int(value) if value.is_integer() else INVALID_ANSWER

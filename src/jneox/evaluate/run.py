@@ -15,7 +15,7 @@ from ..train.data import DataError, read_conversations, read_documents
 from . import metrics
 from .chat import RULES, evaluate_chat
 from .score import rolling_nll, score_ids, tqdm_progress
-from .tasks import Doc, FewshotSampler, Task, get_task
+from .tasks import TASKS, Doc, FewshotSampler, Task, get_task, harness_decode
 
 
 def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Sequence, *, num_fewshot: int | None = None,
@@ -23,12 +23,12 @@ def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Seque
              batch_rows: int = 16, text_field: str = "text", stride: int | None = None, progress: bool = False) -> dict:
     """Evaluate ``model`` on one task and return ``{"task", "metrics", "config", "samples"}``.
 
-    ``task``: jcommonsenseqa, jnli, marc_ja, jsquad, a custom task's YAML spec (or a :class:`Task`),
-    perplexity (``data``: text or JSONL files) or chat (``data``: JSONL conversations).
-    Multiple-choice and JSQuAD documents are shuffled with ``random.Random(seed)`` and the first
-    ``limit`` kept; few-shot examples come from ``fewshot_data`` drawn from that same generator,
-    as the jp-stable harness does (``num_fewshot`` defaults to rinna's setting for the JGLUE tasks
-    when ``fewshot_data`` is given, else 0).
+    ``task``: a name of :data:`~jneox.evaluate.tasks.TASKS` (the harness's ``jnli-1.1-0.4`` and the
+    like, or a short name), a custom task's YAML spec (or a :class:`Task`), perplexity (``data``:
+    text or JSONL files) or chat (``data``: JSONL conversations). A harness task's documents are
+    shuffled with ``random.Random(seed)`` and the first ``limit`` kept; few-shot examples come from
+    ``fewshot_data`` drawn from that same generator, as the jp-stable harness does (``num_fewshot``
+    defaults to rinna's setting for the task when ``fewshot_data`` is given, else 0).
     """
     if task == "perplexity":
         return evaluate_perplexity(model, tokenizer, data, text_field=text_field, stride=stride, limit=limit,
@@ -45,12 +45,16 @@ def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Seque
         return {"task": "chat", "metrics": flat, "config": {"data": _paths(data), "seed": seed, "limit": limit,
                                                             "response_tokens": result["response_tokens"]},
                 "samples": [dict(decoding=k, **a) for k, answers in samples.items() for a in answers]}
+    requested = task
     task = get_task(task) if not isinstance(task, Task) else task
+    name = str(requested) if str(requested) in TASKS else task.name  # a harness.sh name stays as given
     docs = [d for path in ([data] if isinstance(data, (str, os.PathLike)) else data) for d in task.read(path)]
     if num_fewshot is None:
         num_fewshot = task.default_fewshot if fewshot_data else 0
+    if num_fewshot and not task.has_fewshot:
+        raise UsageError(f"{name} is zero-shot (its source has no training split): use --num-fewshot 0")
     if num_fewshot and not fewshot_data:
-        raise UsageError(f"{task.name}: {num_fewshot}-shot needs --fewshot-data (the training split), or use "
+        raise UsageError(f"{name}: {num_fewshot}-shot needs --fewshot-data (the training split), or use "
                          f"--num-fewshot 0")
     rnd = random.Random(seed)
     rnd.shuffle(docs)
@@ -61,74 +65,85 @@ def evaluate(model, tokenizer, task: str | Task, data: str | os.PathLike | Seque
               "num_fewshot": num_fewshot, "seed": seed, "limit": limit, "documents": len(docs)}
     if task.kind == "generation":
         samples, scores = _generate_answers(model, tokenizer, task, docs, contexts, progress)
-        return {"task": task.name, "metrics": scores, "config": config, "samples": samples}
-    pairs, owner = [], []
-    for q, (doc, context) in enumerate(zip(docs, contexts)):
-        context_ids = tokenizer.encode(context)
-        for choice in doc.choices:
-            pairs.append((context_ids, tokenizer.encode(choice)))
-            owner.append(q)
-    bar, step = tqdm_progress(len(pairs), task.name, progress)
+        return {"task": name, "metrics": scores, "config": config, "samples": samples}
+    pairs = []
+    for doc, context in zip(docs, contexts):
+        for ctx, choice in task.requests(doc, context):
+            # an empty context is </s>, the harness's end-of-text context
+            pairs.append((task.encode(tokenizer, ctx) if ctx else [tokenizer.eos_id], task.encode(tokenizer, choice)))
+    bar, step = tqdm_progress(len(pairs), name, progress)
     lls = score_ids(model, pairs, batch_rows=batch_rows, progress=step)
     if bar:
         bar.close()
-    samples, golds, preds, preds_norm = [], [], [], []
+    samples = []
     start = 0
     for doc, context in zip(docs, contexts):
         ll = lls[start : start + len(doc.choices)]
         start += len(doc.choices)
         pred, pred_norm = metrics.choice_predictions(ll, doc.choices)
-        golds.append(doc.gold), preds.append(pred), preds_norm.append(pred_norm)
         samples.append({"source": doc.source, "id": doc.id, "context": context, "choices": doc.choices,
                         "loglikelihoods": ll, "prediction": pred, "prediction_norm": pred_norm, "gold": doc.gold})
-    scores = {"acc": metrics.accuracy(golds, preds), "acc_norm": metrics.accuracy(golds, preds_norm)}
-    if task.balanced:
-        scores["balanced_acc"] = metrics.balanced_accuracy(golds, preds)
-        scores["macro_f1"] = metrics.macro_f1(golds, preds)
-    return {"task": task.name, "metrics": scores, "config": config, "samples": samples}
+    return {"task": name, "metrics": task.choice_metrics(samples), "config": config, "samples": samples}
+
+
+def evaluate_tasks(model, tokenizer, runs: Sequence[dict], *, seed: int = 42, limit: int | None = None,
+                   batch_rows: int = 16, progress: bool = False) -> dict:
+    """Several tasks in one results document, as the harness's ``--tasks a,b --num_fewshot 3,2`` run:
+    ``runs`` holds per task ``{"task", "data", "fewshot_data", "num_fewshot"}`` (see :func:`evaluate`).
+    Returns ``{"results": {task: metrics}, "versions": {task: version}, "config", "tasks": [each
+    task's full result]}``."""
+    done = []
+    for run in runs:
+        done.append(evaluate(model, tokenizer, run["task"], run["data"], num_fewshot=run.get("num_fewshot"),
+                             fewshot_data=run.get("fewshot_data"), seed=seed, limit=limit, batch_rows=batch_rows,
+                             progress=progress))
+    versions = {}
+    for run, result in zip(runs, done):
+        task = run["task"] if isinstance(run["task"], Task) else get_task(run["task"])
+        versions[result["task"]] = task.version
+    return {"results": {r["task"]: r["metrics"] for r in done}, "versions": versions,
+            "config": {"tasks": [r["task"] for r in done], "num_fewshot": [r["config"]["num_fewshot"] for r in done],
+                       "seed": seed, "limit": limit},
+            "tasks": done}
 
 
 def _paths(data) -> list[str] | str:
     return [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)
 
 
-def greedy_answer(model, tokenizer, context: str, max_new_tokens: int) -> str:
-    """Greedy text after ``context`` up to ``<NL>`` or ``</s>`` (neither included), at most
-    ``max_new_tokens`` tokens; the context keeps its last tokens if it would not fit with them
-    (the harness keeps ``context[max_gen_toks - max_length:]``)."""
+def greedy_answer(model, tokenizer, task: Task, context: str, max_new_tokens: int) -> str:
+    """What the harness's ``greedy_until`` returns: greedy tokens after ``context`` until the first
+    stop string's last token (included) or ``max_new_tokens``, decoded as the harness's tokenizer
+    decoded them, cut before the first occurrence of each stop string. The context keeps its last
+    tokens if it would not fit with them (the harness keeps ``context[max_gen_toks - max_length:]``)."""
     window = model.config.max_position_embeddings
-    ids = tokenizer.encode(context)[-(window - max_new_tokens):]
-    out = []
+    ids = task.encode(tokenizer, context)[-(window - max_new_tokens):]
+    # the slow T5Tokenizer reads "</s>" in text as the end-of-text id; sentencepiece alone would not
+    stop = tokenizer.eos_id if task.until[0] == "</s>" else task.encode(tokenizer, task.until[0])[-1]
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    for t in generate_tokens(model, ids, params, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size):
-        if t in (tokenizer.eos_id, tokenizer.nl_id):
-            break
-        out.append(t)
-    return tokenizer.decode(out)
+    out = list(generate_tokens(model, ids, params, eos_id=stop, vocab_size=tokenizer.vocab_size))
+    text = harness_decode(tokenizer, out)
+    for term in task.until:
+        text = text.split(term)[0]
+    return text
 
 
 def _generate_answers(model, tokenizer, task: Task, docs: Sequence[Doc], contexts: Sequence[str], progress: bool):
-    metrics.normalize_answer("")  # no neologdn: stop before generating anything
-    words = metrics.mecab_available()
+    task.check_tools()
+    window = model.config.max_position_embeddings
     bar, step = tqdm_progress(len(docs), task.name, progress)
-    samples, totals = [], {}
+    samples = []
     for doc, context in zip(docs, contexts):
-        # as long as the longest reference answer (the harness's DYNAMIC_MAX_LENGTH default)
-        budget = max(len(tokenizer.encode(a)) for a in doc.answers)
-        text = greedy_answer(model, tokenizer, context, max(budget, 1))
-        scores = metrics.squad_scores(text, doc.answers, words=words)
-        for k, v in scores.items():
-            totals[k] = totals.get(k, 0.0) + v
+        budget = min(task.max_new_tokens(doc, tokenizer), window - 1)  # at least one context token stays
+        context = task.fit(context, tokenizer, window - budget)
+        text = greedy_answer(model, tokenizer, task, context, budget)
         samples.append({"source": doc.source, "id": doc.id, "context": context, "generated": text,
-                        "references": doc.answers, **scores})
+                        "references": doc.answers, **task.score(doc, text, tokenizer)})
         if step:
             step(1)
     if bar:
         bar.close()
-    result = {k: 100.0 * v / len(docs) for k, v in totals.items()}
-    if not words:
-        result["f1"] = None  # MeCab missing: see metrics.JA_TOOLS
-    return samples, result
+    return samples, task.aggregate(samples)
 
 
 def evaluate_perplexity(model, tokenizer, data, text_field: str = "text", stride: int | None = None,

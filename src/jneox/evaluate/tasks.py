@@ -1,12 +1,16 @@
-"""Task files and prompt templates: JGLUE's own file shapes, the jp-stable harness's prompt version 0.4.
+"""Task files and prompt templates: each source's own file shapes, the jp-stable harness's prompt version 0.4.
 
 The templates are those of Stability-AI's lm-evaluation-harness, branch ``jp-stable``, which produced
 rinna's published scores (``models/rinna/rinna-japanese-gpt-neox-3.6b-instruction-sft/harness.sh``
-there: tasks ``jcommonsenseqa-1.1-0.4``, ``jnli-1.1-0.4``, ``marc_ja-1.1-0.4``, ``jsquad-1.1-0.4``).
-Each class below names the harness class it follows. As in that harness, a prompt is the task's
-description, then the few-shot examples (each its text and its answer) each followed by the
+there, at commit 1746e2d: ``jcommonsenseqa-1.1-0.4``, ``jnli-1.1-0.4``, ``marc_ja-1.1-0.4``,
+``jsquad-1.1-0.4``, ``jaqket_v2-0.1-0.4``, ``xlsum_ja-1.0-0.4``, ``xwinograd_ja``, ``mgsm-1.0-0.4``).
+Each class below names the harness class it follows; :data:`TASKS` knows every task by the harness's
+name (``NAME-VERSION-PROMPT_VERSION``) and by its short name. As in that harness, a prompt is the
+task's description, then the few-shot examples (each its text and its answer) each followed by the
 few-shot separator, then the question's text; the answer (continuation) is scored or generated
-after it, with no leading space.
+after it, with no leading space. Text is encoded as the harness's tokenizer (rinna's slow
+``T5Tokenizer``) encoded it: sentencepiece's own ids, so a raw newline stays what sentencepiece
+makes of it rather than becoming ``<NL>``.
 
 Every problem with a file is a :class:`DataError` naming ``FILE:LINE`` (``FILE: data[i]...`` inside
 the one JSON document of a SQuAD file).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +28,9 @@ import yaml
 
 from ..chat import NL, SYSTEM, USER
 from ..errors import UsageError
+from ..tokenizer import Tokenizer
 from ..train.data import DataError, _jsonl_lines
+from . import metrics
 
 SYSTEM_OK = f"{SYSTEM}: 分かりました。{NL}"  # every 0.4 description ends with the system agreeing
 
@@ -43,13 +50,66 @@ class Doc:
 class Task:
     """What a task reads and how it writes prompts. Subclasses set the harness's constants."""
 
-    name = ""
+    name = ""  # the short name; the harness's own is ``harness_name``
+    version = ""  # the harness's VERSION and PROMPT_VERSION
+    prompt_version = "0.4"
     kind = "multiple_choice"  # or "generation"
     description = ""
     fewshot_sep = NL
     stratified = False  # few-shot examples drawn per answer class (the harness's JNLI)
     balanced = False  # also balanced accuracy and macro-F1 (the harness's BalancedMultipleChoiceTask)
     default_fewshot = 0
+    has_fewshot = True  # the source has a training split to draw examples from
+    split = "validation"  # the split the harness evaluates (its test split where the source has one)
+    # generation: the strings the harness's greedy_until cuts the text at; generation stops at the
+    # first one's last token
+    until: tuple[str, ...] = (NL,)
+    # file names the source publishes its splits under (searched in DATA_DIR/<name>/ after the HF
+    # datasets' <split>.jsonl / <split>.json; a * matches a version, the newest first)
+    file_names: dict[str, tuple[str, ...]] = {"validation": ("valid-v*.json",), "train": ("train-v*.json",)}
+
+    @classmethod
+    def harness_name(cls) -> str:
+        return f"{cls.name}-{cls.version}-{cls.prompt_version}" if cls.version else cls.name
+
+    def encode(self, tokenizer: Tokenizer, text: str) -> list[int]:
+        """Token ids as the harness's tokenizer gave them (see the module's docstring)."""
+        return harness_encode(tokenizer, text)
+
+    def requests(self, doc: Doc, context: str) -> list[tuple[str, str]]:
+        """Multiple choice: the (context, continuation) pairs scored, one per choice."""
+        return [(context, c) for c in doc.choices]
+
+    def choice_metrics(self, samples: Sequence[dict]) -> dict[str, float]:
+        """Multiple choice: the metrics over per-document records with ``gold``, ``prediction``,
+        ``prediction_norm`` (the harness's MultipleChoiceTask)."""
+        golds, preds = [s["gold"] for s in samples], [s["prediction"] for s in samples]
+        scores = {"acc": metrics.accuracy(golds, preds),
+                  "acc_norm": metrics.accuracy(golds, [s["prediction_norm"] for s in samples])}
+        if self.balanced:
+            scores["balanced_acc"] = metrics.balanced_accuracy(golds, preds)
+            scores["macro_f1"] = metrics.macro_f1(golds, preds)
+        return scores
+
+    # ---- generation ----
+    def max_new_tokens(self, doc: Doc, tokenizer: Tokenizer) -> int:
+        """Generation: the harness's token budget for this document."""
+        raise NotImplementedError
+
+    def fit(self, context: str, tokenizer: Tokenizer, max_length: int) -> str:
+        """Generation: the context shortened as the harness shortens it to ``max_length`` tokens
+        (beyond that, generation keeps the context's last tokens)."""
+        return context
+
+    def check_tools(self) -> None:
+        """Generation: raise before any work if the metric's optional tools are missing."""
+
+    def score(self, doc: Doc, text: str, tokenizer: Tokenizer) -> dict:
+        """Generation: one answer's scores (what :meth:`aggregate` averages)."""
+        raise NotImplementedError
+
+    def aggregate(self, samples: Sequence[dict]) -> dict:
+        raise NotImplementedError
 
     def read(self, path: str | Path) -> list[Doc]:
         path = Path(path)
@@ -118,6 +178,7 @@ class JCommonsenseQA(Task):
     """
 
     name = "jcommonsenseqa"
+    version = "1.1"
     description = f"{USER}: 与えられた選択肢の中から、最適な答えを選んでください。{NL}{SYSTEM_OK}"
     default_fewshot = 3
 
@@ -134,16 +195,17 @@ class JCommonsenseQA(Task):
 
 
 class JNLI(Task):
-    """JGLUE JNLI: ``{"sentence1", "sentence2", "label": "entailment"|"contradiction"|"neutral"}``.
+    """JGLUE JNLI: ``{"sentence1", "sentence2", "label": "entailment"|"contradiction"|"neutral"}``
+    (or the label's index, as the HF dataset gives it).
 
     Harness: lm_eval/tasks/ja/jnli.py, ``JNLIWithRinnaInstructionSFT`` (PROMPT_VERSION 0.4) at the
-    branch's head (its parent's VERSION 1.3): choices 含意, 矛盾, 中立 in the label order of the HF
-    dataset; few-shot examples drawn stratified by answer. rinna's published run (June 2023,
-    jnli-1.1-0.4) predates both changes: it used the choices entailment, contradiction, neutral and
-    plain random sampling.
+    branch's head (VERSION 1.3): choices 含意, 矛盾, 中立 in the label order of the HF dataset;
+    premise and hypothesis joined by ``<NL>``; few-shot examples drawn stratified by answer; also
+    balanced accuracy and macro-F1. rinna's published run used :class:`JNLI11`.
     """
 
     name = "jnli"
+    version = "1.3"
     LABELS = ("entailment", "contradiction", "neutral")
     CHOICES = ["含意", "矛盾", "中立"]
     description = (f"{USER}: 与えられた前提と仮説の関係を回答してください。出力は以下から選択してください：{NL}"
@@ -161,6 +223,24 @@ class JNLI(Task):
         return f"{USER}: 前提：{doc.fields['sentence1']}{NL}仮説：{doc.fields['sentence2']}{NL}{SYSTEM}: "
 
 
+class JNLI11(JNLI):
+    """JNLI as the harness had it at commit 1746e2d (VERSION 1.1), which gave rinna's published
+    figure: the choices are the English labels, listed so in the description; premise and
+    hypothesis are joined by a raw newline (encoded as sentencepiece encodes it, not as ``<NL>``);
+    few-shot examples are a plain random draw; accuracy and acc_norm only.
+    """
+
+    version = "1.1"
+    CHOICES = list(JNLI.LABELS)
+    description = (f"{USER}: 与えられた前提と仮説の関係を回答してください。出力は以下から選択してください：{NL}"
+                   + NL.join(CHOICES) + f"{NL}{SYSTEM_OK}")
+    stratified = False
+    balanced = False
+
+    def doc_to_text(self, doc):
+        return f"{USER}: 前提：{doc.fields['sentence1']}\n仮説：{doc.fields['sentence2']}{NL}{SYSTEM}: "
+
+
 class MARCJa(Task):
     """JGLUE MARC-ja: ``{"sentence", "label": "positive"|"negative"}`` per line.
 
@@ -169,6 +249,7 @@ class MARCJa(Task):
     """
 
     name = "marc_ja"
+    version = "1.1"
     LABELS = ("positive", "negative")
     CHOICES = ["ポジティブ", "ネガティブ"]
     description = (f"{USER}: 与えられた製品レビューを、ポジティブまたはネガティブの感情クラスのいずれかに分類してください。"
@@ -184,19 +265,46 @@ class MARCJa(Task):
         return f"{USER}: {doc.fields['sentence']}{NL}{SYSTEM}: "
 
 
-class JSQuAD(Task):
+class _SquadMetric(Task):
+    """Generation scored as the harness's ``jasquad`` metric does: exact match and F1 (see
+    :mod:`jneox.evaluate.metrics`), each the best over the references, means in percent. The budget
+    is the longest reference answer's token count (the harness's default ``DYNAMIC_MAX_LENGTH``);
+    generation stops at ``<NL>``."""
+
+    kind = "generation"
+
+    def doc_to_target(self, doc):
+        return doc.answers[0]
+
+    def max_new_tokens(self, doc, tokenizer):
+        return max(1, max(len(self.encode(tokenizer, a)) for a in doc.answers))
+
+    def check_tools(self):
+        metrics.normalize_answer("")  # no neologdn: stop before generating anything
+        self._words = metrics.mecab_available()
+
+    def score(self, doc, text, tokenizer):
+        return metrics.squad_scores(text, doc.answers, words=getattr(self, "_words", True))
+
+    def aggregate(self, samples):
+        keys = ("exact_match", "f1", "f1_char")
+        result = {k: 100.0 * sum(s[k] for s in samples) / len(samples) for k in keys if k in samples[0]}
+        result.setdefault("f1", None)  # MeCab missing: see metrics.JA_TOOLS
+        return result
+
+
+class JSQuAD(_SquadMetric):
     """JGLUE JSQuAD in SQuAD v1.1 JSON: ``{"data": [{"title", "paragraphs": [{"context", "qas":
-    [{"id", "question", "answers": [{"text", ...}]}]}]}]}``. The context is "title [SEP] text"; the
-    prompt uses the part after the last ``[SEP]``.
+    [{"id", "question", "answers": [{"text", ...}]}]}]}]}``, or the HF dataset written out as JSON
+    lines (``{"id", "title", "context", "question", "answers": {"text": [...], ...}}`` per line).
+    The context is "title [SEP] text"; the prompt uses the part after the last ``[SEP]``.
 
     Harness: lm_eval/tasks/ja/jsquad.py, ``JSQuADWithRinnaInstructionSFT`` (VERSION 1.1,
-    PROMPT_VERSION 0.4). Generation is greedy, ends at ``<NL>`` (the harness's stop) or ``</s>``, and
-    is at most as many tokens as the longest reference answer (the harness's default
-    ``DYNAMIC_MAX_LENGTH``). A few-shot example shows the first reference answer.
+    PROMPT_VERSION 0.4). A few-shot example shows the first reference answer.
     """
 
     name = "jsquad"
-    kind = "generation"
+    version = "1.1"
     description = f"{USER}: 与えられた文脈から、質問に対する答えを抜き出してください。{NL}{SYSTEM_OK}"
     default_fewshot = 2
 
@@ -205,11 +313,24 @@ class JSQuAD(Task):
         if not path.is_file():
             raise DataError(path, None, "no such file")
         try:
-            root = json.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
-        except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, f"not valid JSON: {e.msg} (column {e.colno})") from None
+            text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError:
             raise DataError(path, None, "invalid UTF-8") from None
+        try:
+            root = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # more than one document: JSON lines
+                raise DataError(path, e.lineno, f"not valid JSON: {e.msg} (column {e.colno})") from None
+            return super().read(path)
+        if isinstance(root, dict) and "data" not in root and "question" in root:  # one line of JSON lines
+            return super().read(path)
+        return self._read_squad(path, root)
+
+    def parse(self, obj, source):
+        fields = {"title": _field(obj, "title"), "context": _field(obj, "context"), "question": _field(obj, "question")}
+        return Doc(fields, source, answers=_answer_texts(obj), id=str(obj.get("id", "")))
+
+    def _read_squad(self, path, root):
         docs = []
         where = "the top level"
         try:
@@ -241,12 +362,277 @@ class JSQuAD(Task):
             raise DataError(path, None, f"{where}: expected a JSON object") from None
         return docs
 
+    def passage(self, doc):
+        return doc.fields["context"].split("[SEP]")[-1].strip()
+
     def doc_to_text(self, doc):
-        passage = doc.fields["context"].split("[SEP]")[-1].strip()
-        return f"{USER}: 文脈：{passage}{NL}質問：{doc.fields['question']}{NL}{SYSTEM}: "
+        return f"{USER}: 文脈：{self.passage(doc)}{NL}質問：{doc.fields['question']}{NL}{SYSTEM}: "
+
+
+class JSQuAD12(JSQuAD):
+    """``JSQuADWithRinnaInstructionSFTV12`` (VERSION 1.2): the article's title on its own line before
+    the passage."""
+
+    version = "1.2"
+
+    def doc_to_text(self, doc):
+        return (f"{USER}: 文脈：{doc.fields['title']}{NL}{self.passage(doc)}{NL}質問：{doc.fields['question']}{NL}"
+                f"{SYSTEM}: ")
+
+
+def _answer_texts(obj: dict) -> list[str]:
+    """Reference answers given as a list of strings (JAQKET's files), a list of ``{"text"}``
+    objects (SQuAD's) or ``{"text": [...]}`` (the HF datasets')."""
+    answers = _field(obj, "answers", (list, dict))
+    if isinstance(answers, dict):
+        answers = _field(answers, "text", list)
+    texts = [a.get("text") if isinstance(a, dict) else a for a in answers]
+    if not texts:
+        raise _Problem("no answers")
+    if not all(isinstance(t, str) for t in texts):
+        raise _Problem("'answers' must hold strings (or objects with a 'text' string)")
+    return texts
+
+
+class JAQKETv2(_SquadMetric):
+    """JAQKET v2 (the AI王 competition's questions with retrieved passages), one question per line:
+    ``{"qid", "question", "answers", "ctxs"}`` where ``answers`` is a list of strings (or the HF
+    dataset's ``{"text": [...]}``) and ``ctxs`` the retrieved passages, a list of ``{"title",
+    "text"}`` (or the HF dataset's ``{"title": [...], "text": [...]}``).
+
+    Harness: lm_eval/tasks/ja/jaqket_v2.py, ``JAQKETV2WithRinnaInstructionSFT`` (VERSION 0.1,
+    PROMPT_VERSION 0.4): the first 10 passages' texts joined by ``<NL>``; metric as JSQuAD's.
+    """
+
+    name = "jaqket_v2"
+    version = "0.1"
+    description = f"{USER}: 与えられた文脈から、質問に対する答えを抜き出してください。{NL}{SYSTEM_OK}"
+    default_fewshot = 1
+    TOP_K = 10
+
+    def parse(self, obj, source):
+        ctxs = _field(obj, "ctxs", (list, dict))
+        if isinstance(ctxs, dict):
+            texts = _field(ctxs, "text", list)
+        else:
+            texts = []
+            for i, c in enumerate(ctxs):
+                if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+                    raise _Problem(f"ctxs[{i}] must be an object with a 'text' string")
+                texts.append(c["text"])
+        if not all(isinstance(t, str) for t in texts):
+            raise _Problem("ctxs texts must be strings")
+        fields = {"question": _field(obj, "question"), "passages": texts}
+        return Doc(fields, source, answers=_answer_texts(obj), id=str(obj.get("qid", obj.get("id", ""))))
+
+    def doc_to_text(self, doc):
+        passages = NL.join(doc.fields["passages"][: self.TOP_K])
+        return f"{USER}: 文脈：{passages}{NL}質問：{doc.fields['question']}{NL}{SYSTEM}: "
+
+
+class XLSumJa(Task):
+    """XL-Sum's Japanese part: ``{"id", "url", "title", "summary", "text"}`` per line (csebuetnlp's
+    files and the HF dataset); the harness evaluates the test split.
+
+    Harness: lm_eval/tasks/ja/xlsum_ja.py, ``XLSumJaWithRinnaInstructionSFT`` (VERSION 1.0,
+    PROMPT_VERSION 0.4). Budget: the reference summary's token count plus 10; a context longer than
+    the window less the budget has each shot's article cut after its last sentence (``。``) that
+    fits in an equal share (:meth:`fit`). ROUGE-2 is computed over the model tokenizer's pieces:
+    the task loads a MeCab tokenizer but the harness's evaluator replaces it with the model's
+    (``LOAD_TOKENIZER``) before scoring; ``rouge2`` is the mean F-measure in percent (the harness
+    reports the median of a random bootstrap of that mean, which differs from it by noise).
+    """
+
+    name = "xlsum_ja"
+    version = "1.0"
+    kind = "generation"
+    description = f"{USER}: 与えられたニュース記事を要約してください。{NL}{SYSTEM_OK}"
+    default_fewshot = 1
+    split = "test"
+    file_names = {"test": ("japanese_test.jsonl",), "train": ("japanese_train.jsonl",)}
+    ARTICLE, ANSWER = f"{USER}: ", f"{NL}{SYSTEM}: "  # what the harness's preprocess_ctx splits at
+
+    def parse(self, obj, source):
+        return Doc({"text": _field(obj, "text"), "summary": _field(obj, "summary")}, source,
+                   answers=[obj["summary"]], id=str(obj.get("id", "")))
+
+    def doc_to_text(self, doc):
+        return f"{USER}: ニュース記事:{doc.fields['text']}{NL}{SYSTEM}: "
 
     def doc_to_target(self, doc):
-        return doc.answers[0]
+        return doc.fields["summary"]
+
+    def max_new_tokens(self, doc, tokenizer):
+        return len(self.encode(tokenizer, doc.fields["summary"])) + 10
+
+    def fit(self, context, tokenizer, max_length):
+        return self._fit(context, tokenizer, max_length).replace(NL + NL, NL)
+
+    def _fit(self, context, tokenizer, max_length):
+        if len(self.encode(tokenizer, context)) <= max_length:
+            return context
+        shots = [self.ARTICLE + c for c in context.split(self.ARTICLE)]
+        head = ""
+        if self.ANSWER not in shots[0]:
+            head, shots = shots[0].replace(self.ARTICLE, ""), shots[1:]
+        share = max_length // len(shots)
+        out = head
+        for shot in shots:
+            text, _, summary = shot.partition(self.ANSWER)
+            kept: list[str] = []
+            for sentence in text.split("。"):
+                if len(self.encode(tokenizer, "。".join(kept + [sentence]))) > share:
+                    if kept:
+                        kept[-1] += "。" + NL
+                    else:  # one sentence longer than the share: its first tokens
+                        kept.append(harness_decode(tokenizer, self.encode(tokenizer, sentence)[:share],
+                                                   skip_special=True) + NL)
+                    break
+                kept.append(sentence)
+            out += "。".join(kept) + self.ANSWER + summary
+        return out
+
+    def score(self, doc, text, tokenizer):
+        pieces = lambda t: [tokenizer.id_to_piece(i) for i in self.encode(tokenizer, t)]
+        return {"rouge2": metrics.rouge2(pieces(doc.fields["summary"]), pieces(text))}
+
+    def aggregate(self, samples):
+        return {"rouge2": 100.0 * sum(s["rouge2"] for s in samples) / len(samples)}
+
+
+class XWinogradJa(Task):
+    """XWinograd's Japanese part: ``{"sentence1", "sentence2", "answer": "1"|"2"}`` per line (the HF
+    dataset the harness loads), or WinoGrande's shape ``{"sentence" with "_", "option1",
+    "option2", "answer"}`` (the blank filled with each option).
+
+    Harness: lm_eval/tasks/ja/xwinograd.py, ``XWinogradJA`` (VERSION 1.0, no prompt version): no
+    prompt; each whole sentence is scored after ``</s>`` and the one with the higher log-likelihood
+    is the answer (a tie counts as wrong); zero-shot only.
+    """
+
+    name = "xwinograd_ja"
+    version = "1.0"
+    default_fewshot = 0
+    has_fewshot = False
+    split = "test"  # the HF dataset's only split
+
+    @classmethod
+    def harness_name(cls):
+        return cls.name  # the harness registers it without versions
+
+    def parse(self, obj, source):
+        answer = _field(obj, "answer", (str, int))
+        if str(answer) not in ("1", "2"):
+            raise _Problem(f"answer {answer!r} must be 1 or 2")
+        if "sentence1" in obj or "sentence" not in obj:
+            sentences = [_field(obj, "sentence1"), _field(obj, "sentence2")]
+        else:
+            sentence = _field(obj, "sentence")
+            if "_" not in sentence:
+                raise _Problem("field 'sentence' has no '_' blank to fill with option1 and option2")
+            sentences = [sentence.replace("_", _field(obj, f"option{i}"), 1) for i in (1, 2)]
+        return Doc(obj, source, sentences, int(answer) - 1)
+
+    def doc_to_text(self, doc):
+        return ""
+
+    def context(self, doc, examples=()):
+        if examples:
+            raise UsageError("xwinograd_ja is zero-shot (its source has no training split)")
+        return ""
+
+    def requests(self, doc, context):
+        return [("", c) for c in doc.choices]
+
+    def choice_metrics(self, samples):
+        wins = [s["loglikelihoods"][s["gold"]] > s["loglikelihoods"][1 - s["gold"]] for s in samples]
+        return {"acc": sum(wins) / len(wins)}
+
+
+class MGSM(Task):
+    """MGSM's Japanese part: the HF dataset's ``{"question", "answer", "answer_number"}`` per line
+    (the test split has no worked ``answer``; the training split's 8 exemplars do), or the
+    published ``mgsm_ja.tsv`` (question TAB number, no header).
+
+    Harness: lm_eval/tasks/ja/mgsm.py, ``MGSMWithRinnaInstructionSFT`` (VERSION 1.0, PROMPT_VERSION
+    0.4): chain of thought after 「ステップごとの答え：」; greedy, at most 256 tokens, stopping at
+    ``</s>`` (the harness's hf-causal model; its other stop, a raw newline, never comes out of this
+    tokenizer, whose ``<NL>`` decodes as the text "<NL>"); examples dropped from the front until the
+    context fits in the window less 256; the answer is the completion's last number
+    (:func:`jneox.evaluate.metrics.last_number`).
+    """
+
+    name = "mgsm"
+    version = "1.0"
+    kind = "generation"
+    description = f"{USER}: 与えられた問題をステップごとに解説してください。{NL}{SYSTEM_OK}"
+    default_fewshot = 5
+    split = "test"
+    file_names = {"test": ("mgsm_ja.tsv",)}
+    until = ("</s>", "\n")
+    MAX_NEW_TOKENS = 256  # the harness's hf-causal max_gen_toks
+    QUESTION = "問題："
+
+    def read(self, path):
+        path = Path(path)
+        if path.suffix.lower() != ".tsv":
+            return super().read(path)
+        if not path.is_file():
+            raise DataError(path, None, "no such file")
+        docs = []
+        try:
+            lines = path.read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
+        except UnicodeDecodeError:
+            raise DataError(path, None, "invalid UTF-8") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            cells = line.split("\t")
+            if len(cells) != 2:
+                raise DataError(path, number, f"expected 2 tab-separated columns (question, number), got {len(cells)}")
+            try:
+                value = float(cells[1])
+            except ValueError:
+                raise DataError(path, number, f"answer {cells[1]!r} is not a number") from None
+            obj = {"question": cells[0], "answer": None, "answer_number": int(value) if value.is_integer() else value}
+            docs.append(Doc(obj, f"{path}:{number}", answers=[cells[1]]))
+        return docs
+
+    def parse(self, obj, source):
+        _field(obj, "question")
+        number = _field(obj, "answer_number", (int, float))
+        if obj.get("answer") is not None:
+            _field(obj, "answer")
+        return Doc(obj, source, answers=[str(number)], id=str(obj.get("id", "")))
+
+    def doc_to_text(self, doc):
+        return f"{USER}: {self.QUESTION}{doc.fields['question'].replace(self.QUESTION, '')}{NL}{SYSTEM}: ステップごとの答え："
+
+    def doc_to_target(self, doc):
+        if not isinstance(doc.fields.get("answer"), str):
+            raise DataError(doc.source.rsplit(":", 1)[0], None,
+                            f"{doc.source}: a few-shot example needs the worked 'answer' (MGSM's training split)")
+        return doc.fields["answer"].replace("ステップごとの答え：", "")
+
+    def max_new_tokens(self, doc, tokenizer):
+        return self.MAX_NEW_TOKENS
+
+    def fit(self, context, tokenizer, max_length):
+        while len(self.encode(tokenizer, context)) > max_length:
+            parts = context.split(self.QUESTION)
+            if len(parts) < 2:
+                break  # the question alone is too long: generation keeps its last tokens
+            del parts[1]
+            context = self.QUESTION.join(parts)
+        return context
+
+    def score(self, doc, text, tokenizer):
+        found = metrics.last_number(text)
+        return {"extracted": found, "answer_number": doc.fields["answer_number"],
+                "acc": float(found == doc.fields["answer_number"])}
+
+    def aggregate(self, samples):
+        return {"acc": sum(s["acc"] for s in samples) / len(samples)}
 
 
 def _check_object(value) -> None:
@@ -319,6 +705,9 @@ class CustomTask(Task):
     def doc_to_text(self, doc):
         return _format(self.template, doc.fields)
 
+    def encode(self, tokenizer, text):
+        return tokenizer.encode(text)  # one's own task: newlines are <NL>, as in every other jneox prompt
+
 
 def _format(template: str, fields: dict) -> str:
     try:
@@ -329,17 +718,75 @@ def _format(template: str, fields: dict) -> str:
         raise _Problem(f"template {template!r}: {e}") from None
 
 
-TASKS = {cls.name: cls for cls in (JCommonsenseQA, JNLI, MARCJa, JSQuAD)}
+def harness_encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids as rinna's slow ``T5Tokenizer`` gave them to the harness (``add_special_tokens=False``):
+    sentencepiece's own, ``<NL>`` written out in the text becoming the ``<NL>`` symbol and a raw
+    newline staying whatever sentencepiece makes of it (jneox's :meth:`Tokenizer.encode` would turn
+    it into ``<NL>``)."""
+    return tokenizer.sp.EncodeAsIds(text)
+
+
+def harness_decode(tokenizer: Tokenizer, ids: Sequence[int], skip_special: bool = False) -> str:
+    """Text of ``ids`` as the slow ``T5Tokenizer`` decoded it for the harness: ``<NL>`` stays the
+    text "<NL>", and ``</s>``, ``<unk>`` and the like are written out (dropped with ``skip_special``)."""
+    out, run = [], []
+    for i in ids:
+        if i == tokenizer.nl_id or i in (tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id):
+            out.append(tokenizer.decode(run))
+            run = []
+            if i == tokenizer.nl_id or not skip_special:
+                out.append(tokenizer.id_to_piece(i))
+        else:
+            run.append(i)
+    out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
+TASK_CLASSES: list[type[Task]] = [JCommonsenseQA, JNLI11, JNLI, MARCJa, JSQuAD, JSQuAD12, JAQKETv2, XLSumJa,
+                                  XWinogradJa, MGSM]
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task], *, short: bool = True) -> type[Task]:
+    """Make ``cls`` known to :func:`get_task` (and ``jneox eval --task/--tasks``) by its harness
+    name and, with ``short``, by its short name (the last class registered under a short name wins)."""
+    TASKS[cls.harness_name()] = cls
+    if short:
+        TASKS[cls.name] = cls
+    return cls
+
+
+for _cls in TASK_CLASSES:
+    # the short names are the branch head's versions, except JSQuAD's (1.1, rinna's published run)
+    register(_cls, short=_cls not in (JNLI11, JSQuAD12))
 
 
 def get_task(name_or_spec: str | Path) -> Task:
-    """A task by name (jcommonsenseqa, jnli, marc_ja, jsquad) or from a YAML spec file."""
+    """A task by name (``jnli-1.1-0.4``, ``jnli``, ... see :data:`TASKS`) or from a YAML spec file."""
     if str(name_or_spec) in TASKS:
         return TASKS[str(name_or_spec)]()
     if str(name_or_spec).endswith((".yaml", ".yml")):
         return CustomTask(name_or_spec)
     raise UsageError(f"unknown task {name_or_spec!r}: expected one of {', '.join(TASKS)}, perplexity, chat "
                      f"or a .yaml spec of a multiple-choice task")
+
+
+def split_file(task: Task, data_dir: str | Path, split: str) -> Path:
+    """The file of ``split`` ("train", or the task's evaluated ``split``) in ``data_dir/<name>/``:
+    the HF datasets' ``<split>.jsonl`` or ``<split>.json``, else the name the source publishes
+    (JGLUE's ``valid-v1.1.json``, the newest version first; XL-Sum's ``japanese_test.jsonl``; ...)."""
+    folder = Path(data_dir) / task.name
+    names = [f"{split}.jsonl", f"{split}.json", *task.file_names.get(split, ())]
+    for name in names:
+        found = sorted(folder.glob(name), key=lambda p: _version_key(p.name), reverse=True)
+        if found:
+            return found[0]
+    raise UsageError(f"{task.harness_name()}: no {split} file in {folder} (looked for {', '.join(names)}); "
+                     f"or give it as --data/--fewshot-data {task.harness_name()}=FILE")
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", name))
 
 
 # ---- few-shot sampling, as the harness's evaluator and Task.fewshot_examples do -----------------
