@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .files import (BIN, BIN_INDEX, CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, SHARD, save_staged, write_json)
+from .files import (BIN, BIN_INDEX, CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, SHARD, follow_umask, save_staged,
+                    write_json)
 from .hf_tokenizer import write_tokenizer_files
 from .model import GPTNeoX, meta_model
 from .quantize import DEFAULT_GROUP, libc, quantize_model
@@ -293,12 +294,12 @@ def write_checkpoint(model: GPTNeoX, folder: Path, tokenizer_file: str | os.Path
     state = {k: v.cpu() for k, v in state.items()}
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SAFETENSORS), metadata={"format": "pt"})
+        _save_safetensors(shards[0], folder / SAFETENSORS, {"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = SHARD.format(index=i, count=len(shards))
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            _save_safetensors(shard, folder / name, {"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in state.values())
         write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -326,10 +327,15 @@ def write_quantized(model: GPTNeoX, folder: Path, tokenizer_file: str | os.PathL
     """The files of :func:`save_quantized`, written into ``folder`` (a staging folder)."""
     fmt, group_size = packed_format(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / SAFETENSORS), metadata={"format": "pt", "jneox_format": fmt})
+    _save_safetensors(state, folder / SAFETENSORS, {"format": "pt", "jneox_format": fmt})
     hf = model.config.to_hf()
     hf["quantization_config"] = {"quant_method": "jneox", "format": fmt, "group_size": group_size}
     _write_config(folder, hf, tokenizer_file)
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    save_file(state, str(path), metadata=metadata)
+    follow_umask(path)
 
 
 def _write_config(folder: Path, hf: dict, tokenizer_file: str | os.PathLike | None) -> None:

@@ -18,7 +18,9 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -53,6 +55,28 @@ _STAGING, _OLD = ".staging-", ".old-"
 # renameat2(2): AT_FDCWD makes its paths relative to the working directory, as rename's are
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only be read by setting it, which
+    races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory() as folder:  # elsewhere: the mode the kernel gives a new file
+        probe = os.path.join(folder, "probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777))
+        return 0o777 & ~stat.S_IMODE(os.stat(probe).st_mode)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file that a library wrote private (safetensors makes its files 0600) the mode any new file
+    gets: 0o666 less the umask."""
+    os.chmod(path, 0o666 & ~umask())
 
 
 def _unique(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
