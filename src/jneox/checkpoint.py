@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -116,9 +117,49 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX})")
 
 
+def check_bin_sizes(files: list[Path], limit: int) -> None:
+    """Raise :class:`CheckpointError` before ``torch.load`` could expand a ``.bin`` file past what the model
+    needs: an archive entry that is compressed (``torch.save`` stores every entry as is, so a compressed
+    one can only be a repacked file or a zip bomb; inflating it takes memory before any tensor can be
+    checked), or declared sizes (the zip's uncompressed sizes; for the legacy format, which cannot expand,
+    the file's size) adding up to more than ``limit`` bytes over all files. Safetensors files are
+    memory-mapped and cannot expand: they are not counted."""
+    total = 0
+    for path in files:
+        if path.suffix == ".safetensors":
+            continue
+        if not zipfile.is_zipfile(path):
+            total += path.stat().st_size
+        else:
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    entries = archive.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from None
+            for entry in entries:
+                if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+                    raise CheckpointError(f"{path}: entry {entry.filename!r} is compressed ({entry.compress_size} bytes "
+                                          f"expanding to {entry.file_size}); torch.save stores tensors uncompressed, "
+                                          f"so this file is not loaded")
+                total += entry.file_size
+        if total > limit:
+            raise CheckpointError(f"{path}: the weights files declare {total} bytes, more than config.json's model "
+                                  f"can fill ({limit} bytes at most)")
+
+
+def _bin_limit(model: GPTNeoX, config: ModelConfig) -> int:
+    """The most bytes a ``.bin`` checkpoint of ``model`` can honestly hold: every parameter (a tied head
+    stored twice) as float64, the causal-mask buffers older transformers stored (one bool per position
+    pair per layer), and room for the pickle and archive records."""
+    numel = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    return 8 * numel + config.num_layers * (config.max_position_embeddings ** 2 + 4096) + (1 << 20)
+
+
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(name, tensor, memory_mapped) of one weight file; safetensors are memory-mapped (no copy),
-    .bin files are read with ``weights_only=True`` (no pickle code), memory-mapped when their format allows."""
+    .bin files are read with ``weights_only=True`` (no pickle code), memory-mapped when their format allows
+    (so names and shapes are checked before a page of data is read). Check .bin files with
+    :func:`check_bin_sizes` first: this reads them."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -159,7 +200,9 @@ def read_float(folder: Path, config: ModelConfig, dtype: torch.dtype | None = to
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
     state: dict[str, torch.Tensor] = {}
     mapped: set[int] = set()
-    for file in weight_files(folder):
+    files = weight_files(folder)
+    check_bin_sizes(files, _bin_limit(model, config))
+    for file in files:
         for name, tensor, is_mapped in read_tensors(file):
             if _IGNORED_HF.fullmatch(name):
                 continue
@@ -224,7 +267,9 @@ def read_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
     quantize_model(model, quant["format"], quant.get("group_size", DEFAULT_GROUP), pack=False)
     expected = model.state_dict()
     state = {}
-    for file in weight_files(folder):
+    files = weight_files(folder)
+    check_bin_sizes(files, sum(t.numel() * t.element_size() for t in expected.values()) + (1 << 20))
+    for file in files:
         for name, tensor, _ in read_tensors(file):
             if name not in expected:
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} in a {quant['format']} checkpoint")
