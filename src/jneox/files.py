@@ -127,7 +127,9 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_marker(folder: Path) -> None:
-    """Mark ``folder`` as written by jneox (see :data:`MARKER`)."""
+    """Mark ``folder`` as written by jneox (see :data:`MARKER`). A new file: one copied in as a hard link
+    must not be written through."""
+    (folder / MARKER).unlink(missing_ok=True)
     write_json(folder / MARKER, {"format": MARKER_FORMAT})
 
 
