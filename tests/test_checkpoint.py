@@ -134,6 +134,22 @@ def test_a_bin_larger_than_the_config_allows_is_refused_before_loading(tiny_chec
         load_model(tiny_checkpoint)
 
 
+def test_a_bin_entry_declared_past_the_end_of_the_file_is_refused(tiny_checkpoint, monkeypatch):
+    path = _torch_save_bin(tiny_checkpoint)
+    with zipfile.ZipFile(path) as archive:
+        entry = [i for i in archive.infolist() if "/data/" in i.filename][-1]
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    while raw[central + 46:central + 46 + len(entry.filename)] != entry.filename.encode():
+        central = raw.index(b"PK\x01\x02", central + 4)
+    raw[central + 20:central + 28] = (200 << 20).to_bytes(4, "little") * 2  # stored, 200 MiB "in" a small file
+    path.write_bytes(bytes(raw))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran before the sizes were checked"))
+    with pytest.raises(CheckpointError, match=rf"pytorch_model\.bin: entry '{entry.filename}' declares 209715200 bytes, "
+                                              r"past the end of the file"):
+        load_model(tiny_checkpoint)
+
+
 def test_bin_files_written_by_torch_save_still_load(tiny_checkpoint):
     reference = load_model(tiny_checkpoint)
     for zip_format in (True, False):

@@ -136,11 +136,15 @@ def check_bin_sizes(files: list[Path], limit: int) -> None:
                     entries = archive.infolist()
             except (zipfile.BadZipFile, OSError, ValueError) as e:
                 raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from None
+            size = path.stat().st_size
             for entry in entries:
                 if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
                     raise CheckpointError(f"{path}: entry {entry.filename!r} is compressed ({entry.compress_size} bytes "
                                           f"expanding to {entry.file_size}); torch.save stores tensors uncompressed, "
                                           f"so this file is not loaded")
+                if entry.header_offset + entry.compress_size > size:
+                    raise CheckpointError(f"{path}: entry {entry.filename!r} declares {entry.compress_size} bytes, past "
+                                          f"the end of the file ({size} bytes); the file is damaged")
                 total += entry.file_size
         if total > limit:
             raise CheckpointError(f"{path}: the weights files declare {total} bytes, more than config.json's model "
