@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -65,6 +66,99 @@ def test_garbage_bin_file_and_no_pickle_code(tmp_path):
     torch.save({"x": Evil()}, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
         load_model(folder)
+
+
+def _torch_save_bin(tiny_checkpoint, **kwargs):
+    """The tiny checkpoint with its weights as pytorch_model.bin, written by torch.save."""
+    state = load_file(tiny_checkpoint / "model.safetensors")
+    (tiny_checkpoint / "model.safetensors").unlink()
+    torch.save(state, tiny_checkpoint / "pytorch_model.bin", **kwargs)
+    return tiny_checkpoint / "pytorch_model.bin"
+
+
+# A child runs `jneox generate` on the folder and reports its exit code, stderr and peak RSS (it has no
+# other child, so RUSAGE_CHILDREN is the CLI's alone).
+_PEAK_RSS = """
+import resource, subprocess, sys
+done = subprocess.run([sys.executable, "-m", "jneox", "generate", "--model", sys.argv[1], "hi"], capture_output=True, text=True)
+print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+print(done.stderr, end="")
+"""
+
+
+def test_a_compressed_bin_is_refused_before_it_expands(tiny_checkpoint):
+    """A zip bomb: torch.save's archive of the tiny model with its first tensor's data entry replaced by
+    1 GiB of zeros, deflated to about 1 MB. Refused with one line naming the file and the entry, and the
+    process never holds the expanded bytes."""
+    path = _torch_save_bin(tiny_checkpoint)
+    expanded, chunk = 1 << 30, bytes(1 << 20)
+    source = path.with_suffix(".orig")
+    path.rename(source)
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w") as zout:
+        data_entries = [i for i in zin.infolist() if "/data/" in i.filename]
+        assert data_entries and all(i.compress_type == zipfile.ZIP_STORED for i in zin.infolist())
+        bomb = data_entries[0].filename
+        for info in zin.infolist():
+            if info.filename != bomb:
+                zout.writestr(info, zin.read(info))
+                continue
+            entry = zipfile.ZipInfo(bomb, date_time=info.date_time)
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with zout.open(entry, "w", force_zip64=True) as f:  # streamed: never 1 GiB in this process
+                for _ in range(expanded // len(chunk)):
+                    f.write(chunk)
+    source.unlink()
+    assert path.stat().st_size < 8 << 20
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(tiny_checkpoint)], capture_output=True, text=True,
+                          timeout=600)
+    first, _, err = done.stdout.partition("\n")
+    code, peak = map(int, first.split())
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("jneox: error: ") and f"pytorch_model.bin: entry {bomb!r} is compressed" in err
+    assert peak < expanded // 2, f"peak RSS {peak >> 20} MiB while refusing a file that expands to {expanded >> 20} MiB"
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_bin_larger_than_the_config_allows_is_refused_before_loading(tiny_checkpoint, monkeypatch, zip_format):
+    state = load_file(tiny_checkpoint / "model.safetensors")
+    state["padding"] = torch.zeros(4 << 20, dtype=torch.uint8)  # more than the tiny model's weights as float64
+    (tiny_checkpoint / "model.safetensors").unlink()
+    torch.save(state, tiny_checkpoint / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load ran before the sizes were checked")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: the weights files declare \d+ bytes, more than "
+                                              r"config\.json's model can fill"):
+        load_model(tiny_checkpoint)
+
+
+def test_a_bin_entry_declared_past_the_end_of_the_file_is_refused(tiny_checkpoint, monkeypatch):
+    path = _torch_save_bin(tiny_checkpoint)
+    with zipfile.ZipFile(path) as archive:
+        entry = [i for i in archive.infolist() if "/data/" in i.filename][-1]
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    while raw[central + 46:central + 46 + len(entry.filename)] != entry.filename.encode():
+        central = raw.index(b"PK\x01\x02", central + 4)
+    raw[central + 20:central + 28] = (200 << 20).to_bytes(4, "little") * 2  # stored, 200 MiB "in" a small file
+    path.write_bytes(bytes(raw))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran before the sizes were checked"))
+    with pytest.raises(CheckpointError, match=rf"pytorch_model\.bin: entry '{entry.filename}' declares 209715200 bytes, "
+                                              r"past the end of the file"):
+        load_model(tiny_checkpoint)
+
+
+def test_bin_files_written_by_torch_save_still_load(tiny_checkpoint):
+    reference = load_model(tiny_checkpoint)
+    for zip_format in (True, False):
+        _torch_save_bin(tiny_checkpoint, _use_new_zipfile_serialization=zip_format)
+        again = load_model(tiny_checkpoint)
+        assert all(torch.equal(a, reference.state_dict()[n]) for n, a in again.state_dict().items())
+        state = torch.load(tiny_checkpoint / "pytorch_model.bin", weights_only=True)
+        save_file(state, tiny_checkpoint / "model.safetensors")
+        (tiny_checkpoint / "pytorch_model.bin").unlink()
 
 
 def test_no_weights_missing_config_missing_tokenizer(tiny_checkpoint):

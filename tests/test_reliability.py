@@ -66,6 +66,9 @@ def test_training_refuses_a_folder_that_is_not_a_run(tmp_path):
     run.mkdir()
     for name in ("config.json", "model.safetensors", "spiece.model", "trainer_state.pt", "train_log.jsonl"):
         (run / name).write_text("{}")
+    with pytest.raises(CheckpointError, match="has no jneox.json.*older jneox version.*--overwrite"):
+        Trainer(TrainConfig(out=str(run), device="cpu"))  # jneox's names, but not marked by a jneox save
+    (run / "jneox.json").write_text('{"format": 1}')
     Trainer(TrainConfig(out=str(run), device="cpu"))  # a previous run: fine
 
 

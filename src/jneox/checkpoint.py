@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .files import (BIN, BIN_INDEX, CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, SHARD, save_staged, write_json)
+from .files import (BIN, BIN_INDEX, CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, SHARD, follow_umask, save_staged,
+                    write_json)
 from .hf_tokenizer import write_tokenizer_files
 from .model import GPTNeoX, meta_model
 from .quantize import DEFAULT_GROUP, libc, quantize_model
@@ -115,9 +117,53 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX})")
 
 
+def check_bin_sizes(files: list[Path], limit: int) -> None:
+    """Raise :class:`CheckpointError` before ``torch.load`` could expand a ``.bin`` file past what the model
+    needs: an archive entry that is compressed (``torch.save`` stores every entry as is, so a compressed
+    one can only be a repacked file or a zip bomb; inflating it takes memory before any tensor can be
+    checked), or declared sizes (the zip's uncompressed sizes; for the legacy format, which cannot expand,
+    the file's size) adding up to more than ``limit`` bytes over all files. Safetensors files are
+    memory-mapped and cannot expand: they are not counted."""
+    total = 0
+    for path in files:
+        if path.suffix == ".safetensors":
+            continue
+        if not zipfile.is_zipfile(path):
+            total += path.stat().st_size
+        else:
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    entries = archive.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from None
+            size = path.stat().st_size
+            for entry in entries:
+                if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+                    raise CheckpointError(f"{path}: entry {entry.filename!r} is compressed ({entry.compress_size} bytes "
+                                          f"expanding to {entry.file_size}); torch.save stores tensors uncompressed, "
+                                          f"so this file is not loaded")
+                if entry.header_offset + entry.compress_size > size:
+                    raise CheckpointError(f"{path}: entry {entry.filename!r} declares {entry.compress_size} bytes, past "
+                                          f"the end of the file ({size} bytes); the file is damaged")
+                total += entry.file_size
+        if total > limit:
+            raise CheckpointError(f"{path}: the weights files declare {total} bytes, more than config.json's model "
+                                  f"can fill ({limit} bytes at most)")
+
+
+def _bin_limit(model: GPTNeoX, config: ModelConfig) -> int:
+    """The most bytes a ``.bin`` checkpoint of ``model`` can honestly hold: every parameter (a tied head
+    stored twice) as float64, the causal-mask buffers older transformers stored (one bool per position
+    pair per layer), and room for the pickle and archive records."""
+    numel = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    return 8 * numel + config.num_layers * (config.max_position_embeddings ** 2 + 4096) + (1 << 20)
+
+
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(name, tensor, memory_mapped) of one weight file; safetensors are memory-mapped (no copy),
-    .bin files are read with ``weights_only=True`` (no pickle code), memory-mapped when their format allows."""
+    .bin files are read with ``weights_only=True`` (no pickle code), memory-mapped when their format allows
+    (so names and shapes are checked before a page of data is read). Check .bin files with
+    :func:`check_bin_sizes` first: this reads them."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -158,7 +204,9 @@ def read_float(folder: Path, config: ModelConfig, dtype: torch.dtype | None = to
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
     state: dict[str, torch.Tensor] = {}
     mapped: set[int] = set()
-    for file in weight_files(folder):
+    files = weight_files(folder)
+    check_bin_sizes(files, _bin_limit(model, config))
+    for file in files:
         for name, tensor, is_mapped in read_tensors(file):
             if _IGNORED_HF.fullmatch(name):
                 continue
@@ -223,7 +271,9 @@ def read_quantized(folder: Path, config: ModelConfig, quant: dict) -> GPTNeoX:
     quantize_model(model, quant["format"], quant.get("group_size", DEFAULT_GROUP), pack=False)
     expected = model.state_dict()
     state = {}
-    for file in weight_files(folder):
+    files = weight_files(folder)
+    check_bin_sizes(files, sum(t.numel() * t.element_size() for t in expected.values()) + (1 << 20))
+    for file in files:
         for name, tensor, _ in read_tensors(file):
             if name not in expected:
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} in a {quant['format']} checkpoint")
@@ -293,12 +343,12 @@ def write_checkpoint(model: GPTNeoX, folder: Path, tokenizer_file: str | os.Path
     state = {k: v.cpu() for k, v in state.items()}
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SAFETENSORS), metadata={"format": "pt"})
+        _save_safetensors(shards[0], folder / SAFETENSORS, {"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = SHARD.format(index=i, count=len(shards))
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            _save_safetensors(shard, folder / name, {"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in state.values())
         write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -326,10 +376,15 @@ def write_quantized(model: GPTNeoX, folder: Path, tokenizer_file: str | os.PathL
     """The files of :func:`save_quantized`, written into ``folder`` (a staging folder)."""
     fmt, group_size = packed_format(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / SAFETENSORS), metadata={"format": "pt", "jneox_format": fmt})
+    _save_safetensors(state, folder / SAFETENSORS, {"format": "pt", "jneox_format": fmt})
     hf = model.config.to_hf()
     hf["quantization_config"] = {"quant_method": "jneox", "format": fmt, "group_size": group_size}
     _write_config(folder, hf, tokenizer_file)
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    save_file(state, str(path), metadata=metadata)
+    follow_umask(path)
 
 
 def _write_config(folder: Path, hf: dict, tokenizer_file: str | os.PathLike | None) -> None:

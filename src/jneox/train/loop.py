@@ -31,7 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import write_checkpoint
-from ..files import LOG_FILE, REPORT_FILE, STATE_FILE, check_replaceable, remove_stale_staging, staged_folder
+from ..files import (LOG_FILE, REPORT_FILE, STATE_FILE, check_replaceable, is_marked, output_folder, recover,
+                     remove_stale_staging, staged_folder, write_marker)
 from ..errors import JneoxError, UsageError
 from ..loading import load_model
 from ..model import meta_model
@@ -235,7 +236,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, kind: str = "train"):
         self.cfg, self.kind = cfg, kind
         self.dist, self.device = distributed.setup(distributed.resolve_device(cfg.device))
-        self.out = Path(cfg.out)
+        self.out = output_folder(cfg.out)
         self.log_path = self.out / LOG_FILE
         precision = cfg.precision
         if precision is None:
@@ -245,7 +246,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.is_main:  # before the model is loaded, and before the log is written into OUT
-            check_replaceable(self.out, cfg.overwrite)
+            recover(self.out)  # a save killed half-way through its renames: --resume must find it
+            check_replaceable(self.out, cfg.overwrite, unmarked_ok=cfg.resume)
         self.state: dict | None = None
         if cfg.resume:
             path = self.out / STATE_FILE
@@ -305,6 +307,8 @@ class Trainer:
         random.seed(cfg.seed)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if not is_marked(self.out):  # the log is written into OUT before the first save
+                write_marker(self.out)
             remove_stale_staging(self.out)  # left by a killed save
         self.restore_model(model)
         model.to(device)
