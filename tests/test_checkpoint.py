@@ -219,7 +219,7 @@ def test_save_round_trip_and_transformers_reads_it(tiny_checkpoint, tmp_path):
 
 
 def test_save_replaces_atomically(tiny_checkpoint, tmp_path):
-    """A previous checkpoint is replaced; a folder with other files is not (issue 14 item 1), unless asked."""
+    """A previous checkpoint is replaced; a folder with other files is not, unless asked."""
     model, tok = load(tiny_checkpoint)
     out = save(model, tmp_path / "ckpt", tokenizer_file=tok.path)
     (out / "stale.txt").write_text("old")

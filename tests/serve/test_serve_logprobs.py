@@ -13,8 +13,8 @@ import torch
 from serve_fixtures import API_KEY, client, live, reference, serve_checkpoint, start_server  # noqa: F401
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parents[1] / "data"
 TEXT = "吾輩は猫である。名前はまだ無い。\nどこで生れたかとんと見当がつかぬ。 Debian 🐱"
 TOL = 1e-4
 

@@ -18,7 +18,7 @@ from jneox.model import GPTNeoX
 from jneox.serve import Engine
 from jneox.speculative import DraftModel, PromptLookup
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 
 def repeated_prompt(n: int, seed: int, vocab: int = 600) -> list[int]:

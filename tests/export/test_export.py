@@ -14,8 +14,8 @@ from jneox.export.gguf import GGUFError, export_gguf, load_gguf
 from jneox.hf_tokenizer import write_hf_tokenizer
 from jneox.model import GPTNeoX
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parents[1] / "data"
 DEMO_SPIECE = ROOT / "models" / "demo" / "spiece.model"
 ADVERSARIAL = json.loads((DATA / "tokenizer_adversarial.json").read_text(encoding="utf-8"))
 

@@ -1,4 +1,7 @@
 """Numerical parity with transformers' GPTNeoXForCausalLM, the reference implementation."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -133,3 +136,30 @@ def test_tokens_checked_together_give_the_bits_of_tokens_decoded_one_by_one(tmp_
             return torch.cat([model(new[:, t:t + 1], input_pos=start + t, cache=cache) for t in range(6)], 1)
 
     assert torch.equal(run(True), run(False))
+
+
+# ---- no process-wide patching: the meta model is built without touching torch ------------------------
+def test_meta_model_patches_nothing_and_skips_the_dynamo_import():
+    """Building the 3.6B shape on the meta device (and packing it, as loading does) must not rebind
+    anything in torch (another thread may be initialising its own weights meanwhile) and must not
+    import torch._dynamo (seconds of start-up for every command)."""
+    code = """
+import sys, types
+import torch.nn.init
+rebound = []
+class Audit(types.ModuleType):
+    def __setattr__(self, name, value):
+        rebound.append(name)
+        super().__setattr__(name, value)
+sys.modules["torch.nn.init"].__class__ = Audit
+from jneox.config import ModelConfig
+from jneox.model import meta_model
+from jneox.quantize import quantize_model
+m = meta_model(ModelConfig.from_name("japanese-gpt-neox-3.6b"))
+assert {p.device.type for p in m.parameters()} == {"meta"}
+quantize_model(m, "int8", pack=False)  # what loading a quantized checkpoint does
+print(rebound, "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "False"]

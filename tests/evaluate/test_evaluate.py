@@ -18,8 +18,8 @@ from jneox.evaluate import metrics
 from jneox.evaluate.tasks import FewshotSampler
 from jneox.train.data import DataError
 
-EVAL = Path(__file__).parent / "data" / "eval"
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+EVAL = Path(__file__).parents[1] / "data" / "eval"
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +344,7 @@ def test_the_lm_eval_sample_task_as_a_jneox_spec(demo):
     """tests/data/lm_eval_mc.jsonl (what lm-eval scores through `jneox serve` in test_serve_logprobs.py)
     with jneox's spec of the same prompt: every choice's log-likelihood is transformers'."""
     hf, model, tokenizer, sp = demo
-    data = Path(__file__).parent / "data" / "lm_eval_mc.jsonl"
+    data = Path(__file__).parents[1] / "data" / "lm_eval_mc.jsonl"
     result = evaluate(model, tokenizer, EVAL / "lm_eval_mc.yaml", data, seed=0)
     docs = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     assert len(result["samples"]) == len(docs)

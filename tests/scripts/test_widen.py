@@ -14,7 +14,7 @@ from jneox.generate import SamplingParams, generate_tokens
 
 from conftest import make_hf_model, save_hf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "widen.py"
 _spec = importlib.util.spec_from_file_location("widen", SCRIPT)
 widen_mod = importlib.util.module_from_spec(_spec)

@@ -23,7 +23,7 @@ from jneox.serve.protocol import DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, sampling
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "こんにちは"}]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- 1 MiB body limit, enforced while reading --------------------------------------------------------
