@@ -33,6 +33,7 @@ CHUNK_BYTES = 8 << 20  # of input text per chunk: the unit of parallel work and 
 HF_CHUNK_ROWS = 10_000
 DEFAULT_PREFIX = "data"  # --out DIR writes DIR/data.bin and DIR/data.idx
 PARTIAL, LENGTHS, PROGRESS = ".bin.partial", ".lengths.partial", ".progress.json"
+ARRAY_CODES = {"uint16": "H", "int32": "i"}  # array module type codes of the token dtypes
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
@@ -182,15 +183,14 @@ def encode_chunk(chunk: Chunk, text_field: str, dtype: str) -> ChunkResult:
     """Tokenize one chunk in this worker: every document's ids, then ``</s>``."""
     tok = _tokenizer
     texts, n_lines, nonblank, problems = _texts(chunk, text_field)
-    ids = array("q")
+    ids = array(ARRAY_CODES[dtype])  # filled from the encoder's lists in C, already in the shard's dtype
     lengths = np.empty(len(texts), dtype=np.int32)
     for i, text in enumerate(texts):
         doc = tok.encode(text)
         ids.extend(doc)
         ids.append(tok.eos_id)
         lengths[i] = len(doc) + 1
-    tokens = np.frombuffer(ids, dtype=np.int64).astype(np.dtype(dtype).newbyteorder("<")) if len(ids) else \
-        np.zeros(0, np.dtype(dtype))
+    tokens = np.frombuffer(ids, dtype=np.dtype(dtype)).astype(np.dtype(dtype).newbyteorder("<"), copy=False)
     return ChunkResult(tokens, lengths, n_lines, nonblank, problems)
 
 
@@ -258,7 +258,7 @@ def tokenize_files(paths: list[str], tokenizer_path: str | os.PathLike, out: str
 
     todo = chunks[state["chunks"]:]
     if not state["finished"]:
-        _write_chunks(todo, state, files, tokenizer, model_file, dtype, text_field, skip_bad_lines, workers,
+        _write_chunks(todo, state, files, model_file, dtype, text_field, skip_bad_lines, workers,
                       stats, progress, sum(c.size for c in chunks), sum(c.size for c in chunks[:state["chunks"]]))
         if state["documents"] == 0:
             raise DataError(", ".join(str(p) for p in paths), None, "no documents to tokenize")
@@ -270,37 +270,44 @@ def tokenize_files(paths: list[str], tokenizer_path: str | os.PathLike, out: str
                           time.perf_counter() - t0, stats)
 
 
-def _write_chunks(todo: list[Chunk], state: dict, files: dict, tokenizer: Tokenizer, model_file: Path,
+def _start_method() -> str:
+    """fork where there is one, as torch's DataLoader workers do: a worker starts at once instead of
+    importing torch again (the main process has run no torch op and started no thread yet)."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _write_chunks(todo: list[Chunk], state: dict, files: dict, model_file: Path,
                   dtype: np.dtype, text_field: str, skip_bad_lines: bool, workers: int, stats: DataStats,
                   progress: bool, total_bytes: int, done_bytes: int) -> None:
+    pool = None
+    if workers > 1:  # before the progress bar, whose monitor thread a fork must not copy
+        pool = multiprocessing.get_context(_start_method()).Pool(workers, initializer=_init_worker,
+                                                                   initargs=(str(model_file),))
     bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="tokenizing",
                disable=not progress, dynamic_ncols=True)
-    pool = None
     t_start, tokens_written = time.perf_counter(), 0
-    with open(files["partial"], "ab") as bin_f, open(files["lengths"], "ab") as len_f:
-        if bin_f.tell() < state["bin_bytes"] or len_f.tell() < 4 * state["documents"]:
-            raise DataError(files["partial"], None, "shorter than its progress file records; pass --overwrite "
-                                                    "to start over")
-        # a killed run may have written past its last commit: cut back to it
-        bin_f.truncate(state["bin_bytes"])
-        len_f.truncate(4 * state["documents"])
-        try:
-            if workers == 1:
+    try:
+        with open(files["partial"], "ab") as bin_f, open(files["lengths"], "ab") as len_f:
+            if bin_f.tell() < state["bin_bytes"] or len_f.tell() < 4 * state["documents"]:
+                raise DataError(files["partial"], None, "shorter than its progress file records; pass --overwrite "
+                                                        "to start over")
+            # a killed run may have written past its last commit: cut back to it
+            bin_f.truncate(state["bin_bytes"])
+            len_f.truncate(4 * state["documents"])
+            if pool is None:
                 _init_worker(str(model_file))
                 results = (encode_chunk(c, text_field, dtype.name) for c in todo)
             else:
-                ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_file),))
                 results = _ordered(pool, todo, text_field, dtype.name, window=2 * workers)
             for chunk, result in zip(todo, results):
                 _commit(chunk, result, state, bin_f, len_f, files, skip_bad_lines, stats)
                 tokens_written += len(result.tokens)
                 bar.update(chunk.size)
                 bar.set_postfix_str(f"{tokens_written / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
-        finally:
-            if pool is not None:
-                pool.terminate()
-            bar.close()
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
 
 
 def _ordered(pool, todo: list[Chunk], text_field: str, dtype: str, window: int):
