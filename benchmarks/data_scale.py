@@ -94,7 +94,7 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
     return {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak, "output": out}
 
 
-def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 20.0) -> float:
+def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0) -> float:
     """MB/s of sentencepiece's own encode, one process, over the corpus's first documents."""
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     texts, size = [], 0
@@ -135,25 +135,25 @@ def main() -> None:
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    sp_speed = None
     for i, gb in enumerate(sorted(args.sizes)):
         corpus = args.dir / f"corpus_{gb:g}GB.jsonl"
         t0 = time.perf_counter()
         docs = write_corpus(corpus, gb, args.tokenizer)
         print(f"{gb:g} GB: {docs} documents written in {time.perf_counter() - t0:.0f} s", flush=True)
-        if sp_speed is None:
-            sp_speed = sentencepiece_speed(corpus, args.tokenizer)
-            print(f"sentencepiece EncodeAsIds, one process: {sp_speed:.2f} MB/s", flush=True)
         mb = corpus.stat().st_size / 1e6
         worker_counts = [1, args.workers] if i == 0 and args.workers > 1 else [args.workers]
         for w in worker_counts:
             prefix = args.dir / f"shards_{gb:g}GB_w{w}"
+            # the machine's load drifts: sentencepiece's speed is taken right before and after the row
+            before = sentencepiece_speed(corpus, args.tokenizer)
             r = run([*JNEOX, "tokenize", "--data", str(corpus), "--tokenizer", str(args.tokenizer), "--out",
                      str(prefix), "--workers", str(w), "--overwrite", "--no-progress"])
+            sp_speed = (before + sentencepiece_speed(corpus, args.tokenizer)) / 2
             tokens = int(r["output"].split(" tokens")[0].rsplit(" ", 1)[-1])
+            inner = float(r["output"].split(" MB/s")[0].rsplit("(", 1)[-1])  # without the interpreter's start
             rows.append({"what": f"tokenize, {w} worker{'s' * (w > 1)}", "GB": gb, "wall_s": r["wall_s"],
-                         "MB/s": mb / r["wall_s"], "tokens/s": tokens / r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
-                         "vs_sentencepiece": mb / r["wall_s"] / w / sp_speed})
+                         "MB/s": mb / r["wall_s"], "inner MB/s": inner, "tokens/s": tokens / r["wall_s"],
+                         "peak_rss_mb": r["peak_rss_mb"], "sp MB/s": sp_speed, "vs_sentencepiece": inner / w / sp_speed})
             print(rows[-1], flush=True)
         out = args.dir / f"run_{gb:g}GB"
         first = run(pretrain_cmd(str(prefix), out, 1, args))
@@ -173,11 +173,12 @@ def main() -> None:
         if not args.keep:
             for f in args.dir.glob(f"shards_{gb:g}GB_w*"):
                 f.unlink()
-    print("\n| corpus | what | wall (s) | MB/s | tokens/s | peak RSS (MB) | per worker vs sentencepiece |")
+    print("\n| corpus | what | wall (s) | MB/s (wall / after start-up) | tokens/s | peak RSS (MB) "
+          "| per worker vs sentencepiece (its MB/s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        mbs = f"{r['MB/s']:.1f}" if "MB/s" in r else ""
-        vs = f"{r['vs_sentencepiece']:.0%}" if "vs_sentencepiece" in r else ""
+        mbs = f"{r['MB/s']:.1f} / {r['inner MB/s']:.1f}" if "MB/s" in r else ""
+        vs = f"{r['vs_sentencepiece']:.0%} ({r['sp MB/s']:.1f})" if "vs_sentencepiece" in r else ""
         print(f"| {r['GB']:g} GB | {r['what']} | {r['wall_s']:.1f} | {mbs} | {r['tokens/s']:,.0f} | "
               f"{r['peak_rss_mb']:.0f} | {vs} |")
 

@@ -220,3 +220,15 @@ def test_two_torchrun_ranks_read_disjoint_blocks_whose_union_is_one_rank_s(tmp_p
     for step in range(3):  # each step's global batch is split between the ranks
         assert r0[2 * step:2 * step + 2] + r1[2 * step:2 * step + 2] == one[4 * step:4 * step + 4]
     assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(one)
+
+
+def test_a_saved_hugging_face_dataset_tokenizes_like_the_same_jsonl(tmp_path, corpus, spiece_model):
+    datasets = pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    texts = [json.loads(line)["text"] for line in corpus[0].read_text(encoding="utf-8").splitlines() if line.strip()]
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(str(tmp_path / "hf"))
+    tokenize_files([tmp_path / "hf"], spiece_model, tmp_path / "from_hf", progress=False)
+    tokenize_files(corpus[:1], spiece_model, tmp_path / "from_jsonl", progress=False)
+    assert bytes_of(tmp_path / "from_hf") == bytes_of(tmp_path / "from_jsonl")
+    datasets.Dataset.from_dict({"text": ["ok", None]}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad:2: field 'text' must be a string"):
+        tokenize_files([tmp_path / "bad"], spiece_model, tmp_path / "x", progress=False)

@@ -160,7 +160,7 @@ def jsonl_document(path, number: int, obj, text_field: str) -> str:
 
 def parse_jsonl_line(path, number: int, raw: bytes, text_field: str) -> str:
     """The text of one raw JSONL line (UTF-8, JSON, the field); a DataError naming ``path:number``."""
-    return jsonl_document(path, number, _json_line(Path(path), number, raw), text_field)
+    return jsonl_document(path, number, _json_line(path, number, raw), text_field)
 
 
 def text_document(path, data: bytes) -> str:

@@ -16,9 +16,9 @@ import json
 import multiprocessing
 import os
 import time
-from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ CHUNK_BYTES = 8 << 20  # of input text per chunk: the unit of parallel work and 
 HF_CHUNK_ROWS = 10_000
 DEFAULT_PREFIX = "data"  # --out DIR writes DIR/data.bin and DIR/data.idx
 PARTIAL, LENGTHS, PROGRESS = ".bin.partial", ".lengths.partial", ".progress.json"
-ARRAY_CODES = {"uint16": "H", "int32": "i"}  # array module type codes of the token dtypes
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
@@ -164,6 +163,7 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
         except DataError as e:
             problems.append((e.line or 1, e.problem))
         return texts, 1, 1, problems
+    path = Path(chunk.path)
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline ending the last line opens no new one
@@ -173,7 +173,7 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
             continue
         nonblank += 1
         try:
-            texts.append(parse_jsonl_line(chunk.path, number, raw, text_field))
+            texts.append(parse_jsonl_line(path, number, raw, text_field))
         except DataError as e:
             problems.append((number, e.problem))
     return texts, len(lines), nonblank, problems
@@ -181,16 +181,15 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
 
 def encode_chunk(chunk: Chunk, text_field: str, dtype: str) -> ChunkResult:
     """Tokenize one chunk in this worker: every document's ids, then ``</s>``."""
-    tok = _tokenizer
     texts, n_lines, nonblank, problems = _texts(chunk, text_field)
-    ids = array(ARRAY_CODES[dtype])  # filled from the encoder's lists in C, already in the shard's dtype
-    lengths = np.empty(len(texts), dtype=np.int32)
-    for i, text in enumerate(texts):
-        doc = tok.encode(text)
-        ids.extend(doc)
-        ids.append(tok.eos_id)
-        lengths[i] = len(doc) + 1
-    tokens = np.frombuffer(ids, dtype=np.dtype(dtype)).astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+    docs = _tokenizer.encode_batch(texts)
+    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int32, count=len(docs))
+    tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype=np.dtype(dtype).newbyteorder("<"))
+    ends = np.cumsum(lengths, dtype=np.int64) - 1
+    body = np.ones(len(tokens), dtype=bool)
+    body[ends] = False
+    tokens[ends] = _tokenizer.eos_id
+    tokens[body] = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=len(tokens) - len(docs))
     return ChunkResult(tokens, lengths, n_lines, nonblank, problems)
 
 
