@@ -110,6 +110,28 @@ def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0)
     return size / 1e6 / (time.perf_counter() - t0)
 
 
+def per_worker_encode(corpus: Path, model_file: Path, rounds: int, megabytes: int = 8) -> dict:
+    """One worker's work on one chunk (read, parse the JSON, encode, pack with </s>) against
+    sentencepiece's EncodeAsIds on the same already-parsed texts, alternating, best round of each."""
+    from jneox.train import tokenize as tk  # the benchmark's subject, imported where it is measured
+
+    chunk = tk.plan_chunks([str(corpus)], megabytes << 20)[0]
+    tk._init_worker(str(model_file))
+    texts = tk._texts(chunk, "text")[0]
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    best_jneox = best_sp = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        tk.encode_chunk(chunk, "text", "uint16")
+        t1 = time.perf_counter()
+        for t in texts:
+            sp.EncodeAsIds(t)
+        t2 = time.perf_counter()
+        best_jneox, best_sp = min(best_jneox, t1 - t0), min(best_sp, t2 - t1)
+    mb = chunk.size / 1e6
+    return {"jneox MB/s": mb / best_jneox, "sentencepiece MB/s": mb / best_sp, "ratio": best_sp / best_jneox}
+
+
 def pretrain_cmd(data: str, out: Path, steps: int, args, resume: bool = False) -> list[str]:
     return [*JNEOX, "pretrain", "--model-config", args.model_config, "--tokenizer", str(args.tokenizer),
             "--data", data, "--out", str(out), "--block-size", str(args.block_size), "--batch-size", "8",
@@ -125,7 +147,9 @@ def train_tok_s(out: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="corpus sizes in GB")
+    p.add_argument("--sizes", type=float, nargs="*", default=[0.1, 1.0, 10.0],
+                   help="corpus sizes in GB (none: only the per-worker comparison)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the per-worker comparison (default: 5)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tokenizer", type=Path, default=REPO / "models" / "demo" / "spiece.model")
     p.add_argument("--model-config", default="tiny")
@@ -134,6 +158,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the corpora and shards")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    sample = args.dir / "corpus_0.01GB.jsonl"
+    write_corpus(sample, 0.01, args.tokenizer)
+    enc = per_worker_encode(sample, args.tokenizer, args.rounds)
+    print(f"per worker, best of {args.rounds} alternating rounds on one 8 MB chunk: jneox {enc['jneox MB/s']:.1f} MB/s "
+          f"(read, JSON, encode, pack), sentencepiece EncodeAsIds {enc['sentencepiece MB/s']:.1f} MB/s "
+          f"(encode only): {enc['ratio']:.0%}", flush=True)
     rows = []
     for i, gb in enumerate(sorted(args.sizes)):
         corpus = args.dir / f"corpus_{gb:g}GB.jsonl"
