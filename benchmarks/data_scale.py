@@ -28,6 +28,8 @@ import numpy as np
 import psutil
 import sentencepiece as spm
 
+from jneox.train import tokenize as tk
+
 REPO = Path(__file__).resolve().parent.parent
 JNEOX = [sys.executable, "-m", "jneox"]
 
@@ -113,8 +115,6 @@ def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0)
 def per_worker_encode(corpus: Path, model_file: Path, rounds: int, megabytes: int = 8) -> dict:
     """One worker's work on one chunk (read, parse the JSON, encode, pack with </s>) against
     sentencepiece's EncodeAsIds on the same already-parsed texts, alternating, best round of each."""
-    from jneox.train import tokenize as tk  # the benchmark's subject, imported where it is measured
-
     chunk = tk.plan_chunks([str(corpus)], megabytes << 20)[0]
     tk._init_worker(str(model_file))
     texts = tk._texts(chunk, "text")[0]
