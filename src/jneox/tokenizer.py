@@ -68,9 +68,17 @@ class Tokenizer:
 
         Newlines become ``<NL>``, as the card requires for every utterance.
         """
+        return self.sp.EncodeAsIds(self._with_nl(text))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` of each text in one call into sentencepiece, on one thread (callers that
+        want more run more processes)."""
+        return self.sp.encode([self._with_nl(t) for t in texts], out_type=int, num_threads=1)
+
+    def _with_nl(self, text: str) -> str:
         if self.nl_id is not None:
             text = text.replace("\r\n", "\n").replace("\n", NL)
-        return self.sp.EncodeAsIds(text)
+        return text
 
     def tokenize(self, text: str) -> list[str]:
         return [self.sp.IdToPiece(i) for i in self.encode(text)]

@@ -1,5 +1,5 @@
 """The training commands: ``jneox pretrain``, ``sft``, ``reward``, ``dpo``, ``ppo``, ``score``, ``train-report``
-and ``train-tokenizer``."""
+``train-tokenizer`` and ``tokenize``."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ from ..train.pretrain import pretrain
 from ..train.report import plot_log
 from ..train.reward import reward, score_file
 from ..train.sft import sft
+from ..train.tokenize import CHUNK_BYTES, tokenize_files
 from .args import MAX_NEW_TOKENS, OVERWRITE_HELP, TEMPERATURE
 
 
@@ -178,7 +179,10 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--model-config", required=True, help="a preset (tiny, demo, japanese-gpt-neox-3.6b) or a config.json; "
                                                          "the vocabulary size always comes from the tokenizer")
     p.add_argument("--tokenizer", required=True, help=f"folder with {TOKENIZER_FILE}, or the file")
-    p.add_argument("--data", nargs="+", required=True, help="text files (one document each) or JSONL (one per line)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="indexed datasets from `jneox tokenize` (PREFIX, PREFIX.idx or a folder of them; a blend: "
+                        "WEIGHT PATH WEIGHT PATH...), or text files (one document each) and JSONL (one per line), "
+                        "tokenized in memory")
     p.add_argument("--init", help="start from this checkpoint's weights instead of a random initialisation")
     p.add_argument("--block-size", type=int, default=512, help="tokens per training sequence (default: 512)")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default: 1000)")
@@ -218,6 +222,36 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    result = tokenize_files(args.data, args.tokenizer, args.out, workers=args.workers, text_field=args.text_field,
+                            skip_bad_lines=args.skip_bad_lines, chunk_bytes=int(args.chunk_mb * (1 << 20)),
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    if result.stats.summary():
+        print(f"jneox: {result.stats.summary()}", file=sys.stderr)
+    seconds = max(result.seconds, 1e-9)
+    print(f"wrote {result.prefix}.bin/.idx: {result.documents} documents, {result.tokens} tokens "
+          f"({result.input_bytes / seconds / 1e6:.1f} MB/s, {result.tokens / seconds:,.0f} tokens/s)")
+    return 0
+
+
+def add_tokenize_parser(sub) -> None:
+    p = sub.add_parser("tokenize", help="tokenize a corpus once into an indexed dataset (.bin + .idx, the format of "
+                                        "Megatron-LM and GPT-NeoX) for `jneox pretrain --data`")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="UTF-8 text files (one document each), .jsonl (one per line) or saved Hugging Face datasets")
+    p.add_argument("--tokenizer", required=True, help=f"folder with {TOKENIZER_FILE}, or the file")
+    p.add_argument("--out", required=True, help="output prefix (PREFIX.bin, PREFIX.idx) or an existing folder "
+                                                "(FOLDER/data.bin, FOLDER/data.idx)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl lines and dataset rows (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines instead of stopping")
+    p.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / (1 << 20),
+                   help=f"input per work unit and per resume point (default: {CHUNK_BYTES >> 20})")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output, or drop an unfinished run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenize)
+
+
 def add_train_tokenizer_parser(sub) -> None:
     p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer with the card's options")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
@@ -231,3 +265,4 @@ def add_train_tokenizer_parser(sub) -> None:
     p.add_argument("--text-field", default="text", help="the text field of .jsonl lines (default: text)")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines instead of stopping")
     p.set_defaults(func=cmd_train_tokenizer)
+    add_tokenize_parser(sub)

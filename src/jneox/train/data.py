@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -109,6 +110,18 @@ def _decode(path: Path, data: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
+def _json_line(path: Path, number: int, raw: bytes):
+    """The parsed JSON of one raw line; a DataError naming ``path:number``."""
+    try:
+        line = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise DataError(path, number, "invalid UTF-8; training data must be UTF-8") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(path, number, f"not valid JSON: {e.msg} (column {e.colno})") from None
+
+
 def _jsonl_lines(path: Path, skip_bad_lines: bool, stats: DataStats | None) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) of every non-blank line of a JSONL file, read as a stream."""
     found = False
@@ -118,25 +131,46 @@ def _jsonl_lines(path: Path, skip_bad_lines: bool, stats: DataStats | None) -> I
                 continue
             found = True
             try:
-                line = raw.decode("utf-8").removeprefix("\ufeff")
-            except UnicodeDecodeError:
-                _fail(DataError(path, number, "invalid UTF-8; training data must be UTF-8"), skip_bad_lines, stats)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(DataError(path, number, f"not valid JSON: {e.msg} (column {e.colno})"), skip_bad_lines, stats)
+                obj = _json_line(path, number, raw)
+            except DataError as e:
+                _fail(e, skip_bad_lines, stats)
                 continue
             yield number, obj
     if not found:
         _fail(DataError(path, 1, "the file is empty"), skip_bad_lines, stats)
 
 
-def _is_jsonl(path: Path) -> bool:
+def is_jsonl(path: Path) -> bool:
     return path.suffix.lower() in (".jsonl", ".ndjson")
 
 
 # ---- pretraining ------------------------------------------------------------------------------
+def jsonl_document(path, number: int, obj, text_field: str) -> str:
+    """The text of one parsed JSONL line; a DataError naming ``path:number`` if it has none."""
+    if not isinstance(obj, dict):
+        problem = f"expected a JSON object with a {text_field!r} field, got {type(obj).__name__}"
+    elif text_field not in obj:
+        problem = f"no {text_field!r} field (keys: {', '.join(map(repr, obj)) or 'none'})"
+    elif not isinstance(obj[text_field], str):
+        problem = f"field {text_field!r} must be a string, got {type(obj[text_field]).__name__}"
+    else:
+        return obj[text_field]
+    raise DataError(path, number, problem)
+
+
+def parse_jsonl_line(path, number: int, raw: bytes, text_field: str) -> str:
+    """The text of one raw JSONL line (UTF-8, JSON, the field); a DataError naming ``path:number``."""
+    return jsonl_document(path, number, _json_line(path, number, raw), text_field)
+
+
+def text_document(path, data: bytes) -> str:
+    """A whole text file as one document; a DataError for invalid UTF-8 (with its line) or no text."""
+    text = _decode(Path(path), data)
+    if not text.strip():
+        raise DataError(path, 1, "the file is empty")
+    return text
+
+
 def read_documents(paths: Iterable, text_field: str = "text", skip_bad_lines: bool = False,
                    stats: DataStats | None = None) -> Iterator[str]:
     """The documents of ``paths``: a ``.jsonl`` file holds one per line (``{text_field: "..."}``),
@@ -145,28 +179,21 @@ def read_documents(paths: Iterable, text_field: str = "text", skip_bad_lines: bo
     count = 0
     for p in paths:
         path = Path(p)
-        if _is_jsonl(path):
+        if is_jsonl(path):
             for number, obj in _jsonl_lines(path, skip_bad_lines, stats):
-                if not isinstance(obj, dict):
-                    problem = f"expected a JSON object with a {text_field!r} field, got {type(obj).__name__}"
-                elif text_field not in obj:
-                    problem = f"no {text_field!r} field (keys: {', '.join(map(repr, obj)) or 'none'})"
-                elif not isinstance(obj[text_field], str):
-                    problem = f"field {text_field!r} must be a string, got {type(obj[text_field]).__name__}"
-                else:
-                    count += 1
-                    yield obj[text_field]
+                try:
+                    text = jsonl_document(path, number, obj, text_field)
+                except DataError as e:
+                    _fail(e, skip_bad_lines, stats)
                     continue
-                _fail(DataError(path, number, problem), skip_bad_lines, stats)
+                count += 1
+                yield text
         else:
             data = _read_bytes(path)  # a missing file is never skipped
             try:
-                text = _decode(path, data)
+                text = text_document(path, data)
             except DataError as e:
                 _fail(e, skip_bad_lines, stats)
-                continue
-            if not text.strip():
-                _fail(DataError(path, 1, "the file is empty"), skip_bad_lines, stats)
                 continue
             count += 1
             yield text
@@ -190,6 +217,18 @@ def pack_documents(docs_token_ids: Iterable[Sequence[int]], block_size: int, eos
     return torch.frombuffer(stream, dtype=torch.long, count=n_blocks * row).clone().view(n_blocks, row)
 
 
+def held_out_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """The sorted indices of the documents pretraining holds out: a seeded ``val_fraction`` of
+    ``n_docs`` (at least one when there are two or more, never all), drawn without a list of all the
+    documents, so that it costs memory for the held-out ones only."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 or n_docs < 2 else min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+    if n_val == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n_docs, n_val, replace=False)).astype(np.int64)
+
+
 def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic document-level split: (train indices, val indices), both sorted.
 
@@ -209,7 +248,8 @@ def build_pretrain_data(paths, tokenizer, block_size: int, val_fraction: float =
                         stats: DataStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize the documents of ``paths`` and pack them into (train, val) rows of ``block_size + 1``.
 
-    The held-out split is by document (seeded, so the same files give the same split). A single
+    The held-out split is by document (:func:`held_out_documents`, seeded, so the same files give the
+    same split, the one :mod:`jneox.train.corpus` makes of the same documents tokenized into shards). A single
     document cannot be split that way: then its last ``val_fraction`` of blocks (at least one, when
     there are two) is held out instead. Too little text for one training block is an error.
     """
@@ -228,7 +268,9 @@ def build_pretrain_data(paths, tokenizer, block_size: int, val_fraction: float =
         blocks = pack_documents(docs, block_size, tokenizer.eos_id)
         n_val = 0 if val_fraction == 0 or len(blocks) < 2 else min(len(blocks) - 1, max(1, round(len(blocks) * val_fraction)))
         return blocks[:len(blocks) - n_val], blocks[len(blocks) - n_val:]
-    train_idx, val_idx = _split_indices(len(docs), val_fraction, seed)
+    held = held_out_documents(len(docs), val_fraction, seed)
+    val_idx = held.tolist()
+    train_idx = sorted(set(range(len(docs))) - set(val_idx))
     train = pack_documents((docs[i] for i in train_idx), block_size, tokenizer.eos_id)
     val = pack_documents((docs[i] for i in val_idx), block_size, tokenizer.eos_id)
     if len(train) == 0:

@@ -180,8 +180,9 @@ class SampleOrder:
             return i
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
-        return self._perm[i]
+            # a tensor, not a list: 8 bytes a block, however many blocks a memory-mapped corpus has
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return int(self._perm[i])
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..errors import UsageError
 from ..model import meta_model
 from ..tokenizer import Tokenizer
+from .corpus import is_shard_data, shard_data
 from .data import build_pretrain_data
 from .loop import Trainer, TrainConfig
 
@@ -41,8 +42,9 @@ def collate_blocks(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: list[str], cfg: TrainConfig, *,
              init: str | None = None, block_size: int = 512, val_fraction: float = 0.01, text_field: str = "text",
              skip_bad_lines: bool = False) -> dict:
-    """Train a GPT-NeoX from scratch (or continue ``init``) on text files; writes ``cfg.out``.
-    Returns the last eval metrics."""
+    """Train a GPT-NeoX from scratch (or continue ``init``) on ``data``; writes ``cfg.out``. ``data``
+    is indexed datasets (prefixes, folders, or a weighted blend, read through memory maps: see
+    :mod:`jneox.train.corpus`) or text/JSONL files, tokenized in memory. Returns the last eval metrics."""
     trainer = Trainer(cfg, "pretrain")
     tokenizer = resolve_tokenizer(tokenizer_path)
     if init is not None:
@@ -57,6 +59,11 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
         model.init_weights(seed=cfg.seed)
     if block_size > model.config.max_position_embeddings:
         raise UsageError(f"--block-size {block_size} is longer than the model's {model.config.max_position_embeddings} positions")
-    train_blocks, val_blocks = build_pretrain_data(data, tokenizer, block_size, val_fraction=val_fraction, seed=cfg.seed,
-                                                   text_field=text_field, skip_bad_lines=skip_bad_lines)
+    if is_shard_data(list(data)):
+        train_blocks, val_blocks = shard_data(list(data), block_size, model.config.vocab_size,
+                                              val_fraction=val_fraction, seed=cfg.seed)
+    else:
+        train_blocks, val_blocks = build_pretrain_data(data, tokenizer, block_size, val_fraction=val_fraction,
+                                                       seed=cfg.seed, text_field=text_field,
+                                                       skip_bad_lines=skip_bad_lines)
     return trainer.fit(model, train_blocks, val_blocks, collate_blocks, tokenizer_file=tokenizer.path)

@@ -1,0 +1,217 @@
+"""Pretraining data at scale: `jneox tokenize` and `jneox pretrain` on synthetic Japanese corpora.
+
+For each corpus size (GB of JSONL on disk) this writes the corpus, tokenizes it into an indexed
+dataset, then times pretrain's first step on the shards and a resume. Every row runs as its own
+process; its peak RSS is that of the whole process tree (the main process and its tokenizing
+workers together), sampled every 50 ms. The smallest corpus is also trained from the JSONL itself
+(the in-memory path) for comparison, and sentencepiece's own single-process encode of the same
+documents gives the per-worker speed to compare with.
+
+    python benchmarks/data_scale.py --sizes 0.1 1 --workers 2          # the table in docs/performance.md
+    python benchmarks/data_scale.py --sizes 10 --dir /big/disk         # 10 GB needs ~25 GB free
+
+The corpus: documents of 3-40 sentences, each sentence 5-25 Japanese pieces of the tokenizer's
+own vocabulary drawn with Zipf-like frequencies, so the text tokenizes like natural text (known
+pieces, merges across boundaries) without shipping a corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import sentencepiece as spm
+
+from jneox.train import tokenize as tk
+
+REPO = Path(__file__).resolve().parent.parent
+JNEOX = [sys.executable, "-m", "jneox"]
+
+
+def japanese_pieces(model_file: Path) -> list[str]:
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    out = []
+    for i in range(sp.GetPieceSize()):
+        piece = sp.IdToPiece(i).replace("\u2581", "")
+        if piece and not sp.IsControl(i) and not sp.IsByte(i) and not sp.IsUnknown(i) and \
+                all("\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" for c in piece):
+            out.append(piece)
+    return out
+
+
+def write_corpus(path: Path, gigabytes: float, model_file: Path, seed: int = 0) -> int:
+    """A JSONL corpus of ``gigabytes`` (1e9 bytes); returns the documents written. Cached by size."""
+    target = int(gigabytes * 1e9)
+    if path.exists() and path.stat().st_size >= target:
+        return sum(1 for _ in open(path, "rb"))
+    rng = np.random.default_rng(seed)
+    pieces = np.array(japanese_pieces(model_file))
+    weights = 1.0 / np.arange(1, len(pieces) + 1)
+    weights /= weights.sum()
+    sentences = []
+    for _ in range(20000):
+        n = rng.integers(5, 26)
+        sentences.append("".join(pieces[rng.choice(len(pieces), n, p=weights)]) + rng.choice(["。", "、", "!", "?"]))
+    pool = []
+    for _ in range(20000):
+        k = rng.integers(3, 41)
+        parts = [sentences[j] for j in rng.integers(0, len(sentences), k)]
+        text = "".join(p + ("\n" if rng.random() < 0.1 else "") for p in parts)
+        pool.append((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+    written, docs = 0, 0
+    with open(path, "wb") as f:
+        while written < target:
+            for j in rng.integers(0, len(pool), 10000):
+                f.write(pool[j])
+                written += len(pool[j])
+                docs += 1
+                if written >= target:
+                    break
+    return docs
+
+
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak RSS (whole process tree, MB) of ``cmd``; raises if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    peak = 0.0
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)])
+            peak = max(peak, rss / 2**20)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+    return {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak, "output": out}
+
+
+def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0) -> float:
+    """MB/s of sentencepiece's own encode, one process, over the corpus's first documents."""
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    texts, size = [], 0
+    with open(corpus, "rb") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= megabytes * 1e6:
+                break
+    t0 = time.perf_counter()
+    for t in texts:
+        sp.EncodeAsIds(t)
+    return size / 1e6 / (time.perf_counter() - t0)
+
+
+def per_worker_encode(corpus: Path, model_file: Path, rounds: int, megabytes: int = 8) -> dict:
+    """One worker's work on one chunk (read, parse the JSON, encode, pack with </s>) against
+    sentencepiece's EncodeAsIds on the same already-parsed texts, alternating, best round of each."""
+    chunk = tk.plan_chunks([str(corpus)], megabytes << 20)[0]
+    tk._init_worker(str(model_file))
+    texts = tk._texts(chunk, "text")[0]
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    best_jneox = best_sp = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        tk.encode_chunk(chunk, "text", "uint16")
+        t1 = time.perf_counter()
+        for t in texts:
+            sp.EncodeAsIds(t)
+        t2 = time.perf_counter()
+        best_jneox, best_sp = min(best_jneox, t1 - t0), min(best_sp, t2 - t1)
+    mb = chunk.size / 1e6
+    return {"jneox MB/s": mb / best_jneox, "sentencepiece MB/s": mb / best_sp, "ratio": best_sp / best_jneox}
+
+
+def pretrain_cmd(data: str, out: Path, steps: int, args, resume: bool = False) -> list[str]:
+    return [*JNEOX, "pretrain", "--model-config", args.model_config, "--tokenizer", str(args.tokenizer),
+            "--data", data, "--out", str(out), "--block-size", str(args.block_size), "--batch-size", "8",
+            "--max-steps", str(steps), "--eval-every", "0", "--eval-batches", "1", "--save-every", "1",
+            "--log-every", "1", "--device", "cpu", "--no-progress", "--overwrite",
+            *(["--resume"] if resume else [])]
+
+
+def train_tok_s(out: Path) -> float:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=float, nargs="*", default=[0.1, 1.0, 10.0],
+                   help="corpus sizes in GB (none: only the per-worker comparison)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the per-worker comparison (default: 5)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--tokenizer", type=Path, default=REPO / "models" / "demo" / "spiece.model")
+    p.add_argument("--model-config", default="tiny")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/jneox_data_scale"))
+    p.add_argument("--keep", action="store_true", help="keep the corpora and shards")
+    args = p.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    sample = args.dir / "corpus_0.01GB.jsonl"
+    write_corpus(sample, 0.01, args.tokenizer)
+    enc = per_worker_encode(sample, args.tokenizer, args.rounds)
+    print(f"per worker, best of {args.rounds} alternating rounds on one 8 MB chunk: jneox {enc['jneox MB/s']:.1f} MB/s "
+          f"(read, JSON, encode, pack), sentencepiece EncodeAsIds {enc['sentencepiece MB/s']:.1f} MB/s "
+          f"(encode only): {enc['ratio']:.0%}", flush=True)
+    rows = []
+    for i, gb in enumerate(sorted(args.sizes)):
+        corpus = args.dir / f"corpus_{gb:g}GB.jsonl"
+        t0 = time.perf_counter()
+        docs = write_corpus(corpus, gb, args.tokenizer)
+        print(f"{gb:g} GB: {docs} documents written in {time.perf_counter() - t0:.0f} s", flush=True)
+        mb = corpus.stat().st_size / 1e6
+        worker_counts = [1, args.workers] if i == 0 and args.workers > 1 else [args.workers]
+        for w in worker_counts:
+            prefix = args.dir / f"shards_{gb:g}GB_w{w}"
+            # the machine's load drifts: sentencepiece's speed is taken right before and after the row
+            before = sentencepiece_speed(corpus, args.tokenizer)
+            r = run([*JNEOX, "tokenize", "--data", str(corpus), "--tokenizer", str(args.tokenizer), "--out",
+                     str(prefix), "--workers", str(w), "--overwrite", "--no-progress"])
+            sp_speed = (before + sentencepiece_speed(corpus, args.tokenizer)) / 2
+            tokens = int(r["output"].split(" tokens")[0].rsplit(" ", 1)[-1])
+            inner = float(r["output"].split(" MB/s")[0].rsplit("(", 1)[-1])  # without the interpreter's start
+            rows.append({"what": f"tokenize, {w} worker{'s' * (w > 1)}", "GB": gb, "wall_s": r["wall_s"],
+                         "MB/s": mb / r["wall_s"], "inner MB/s": inner, "tokens/s": tokens / r["wall_s"],
+                         "peak_rss_mb": r["peak_rss_mb"], "sp MB/s": sp_speed, "vs_sentencepiece": inner / w / sp_speed})
+            print(rows[-1], flush=True)
+        out = args.dir / f"run_{gb:g}GB"
+        first = run(pretrain_cmd(str(prefix), out, 1, args))
+        rows.append({"what": "pretrain from shards, to step 1", "GB": gb, "wall_s": first["wall_s"],
+                     "tokens/s": train_tok_s(out), "peak_rss_mb": first["peak_rss_mb"]})
+        print(rows[-1], flush=True)
+        again = run(pretrain_cmd(str(prefix), out, 2, args, resume=True))
+        rows.append({"what": "pretrain --resume, to step 2", "GB": gb, "wall_s": again["wall_s"],
+                     "tokens/s": train_tok_s(out), "peak_rss_mb": again["peak_rss_mb"]})
+        print(rows[-1], flush=True)
+        if i == 0:
+            raw_out = args.dir / f"run_{gb:g}GB_raw"
+            raw = run(pretrain_cmd(str(corpus), raw_out, 1, args))
+            rows.append({"what": "pretrain from the JSONL (in memory), to step 1", "GB": gb, "wall_s": raw["wall_s"],
+                         "tokens/s": train_tok_s(raw_out), "peak_rss_mb": raw["peak_rss_mb"]})
+            print(rows[-1], flush=True)
+        if not args.keep:
+            for f in args.dir.glob(f"shards_{gb:g}GB_w*"):
+                f.unlink()
+    print("\n| corpus | what | wall (s) | MB/s (wall / after start-up) | tokens/s | peak RSS (MB) "
+          "| per worker vs sentencepiece (its MB/s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        mbs = f"{r['MB/s']:.1f} / {r['inner MB/s']:.1f}" if "MB/s" in r else ""
+        vs = f"{r['vs_sentencepiece']:.0%} ({r['sp MB/s']:.1f})" if "vs_sentencepiece" in r else ""
+        print(f"| {r['GB']:g} GB | {r['what']} | {r['wall_s']:.1f} | {mbs} | {r['tokens/s']:,.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Pretraining blocks read from indexed datasets (:mod:`.indexed`) through ``np.memmap``.
+
+Nothing here grows with the corpus except a few numbers per held-out document: the training stream is
+the concatenation of the documents that are not held out, in their order, and block ``i`` is its tokens
+``i * (block_size + 1)`` to ``(i + 1) * (block_size + 1)``, cut from the mapped shards when asked for.
+Those are exactly the rows :func:`jneox.train.data.pack_documents` builds in memory from the same
+documents, and the trainer's seeded permutation of block indices (:class:`jneox.train.loop.SampleOrder`)
+orders them, so a run on shards sees the blocks a run on the same text files does, resumes at the
+block it stopped at, and gives each torchrun rank its own slice of every batch.
+
+``--data`` holds prefixes, ``.idx``/``.bin`` files, or folders of them (one corpus, in the order
+given), or Megatron's blend syntax, ``0.7 web 0.3 wiki``: each corpus is held out on its own, and
+an epoch of the blend draws every corpus in proportion to its weight, repeating the smaller ones,
+with every block of every corpus at least once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from .data import DataError, held_out_documents
+from .indexed import IDX, IndexedDataset, is_dataset, prefix_of
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens ``start:stop`` of shard ``shard``: a run of consecutive documents of one split."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+class TokenBlocks(Sequence):
+    """Rows of ``block_size + 1`` tokens (int64 tensors) cut from the concatenation of ``segments``;
+    rows ``first .. first + count`` of that stream when given (a single document's split)."""
+
+    def __init__(self, shards: list[IndexedDataset], segments: list[Segment], block_size: int, vocab_size: int,
+                 first: int = 0, count: int | None = None):
+        self.shards, self.segments, self.row, self.vocab_size = shards, segments, block_size + 1, vocab_size
+        lengths = np.array([s.stop - s.start for s in segments], dtype=np.int64)
+        self.starts = np.concatenate(([0], np.cumsum(lengths)))  # stream offset of each segment
+        total_rows = int(self.starts[-1]) // self.row
+        self.first = first
+        self.count = total_rows - first if count is None else count
+
+    @property
+    def n_tokens(self) -> int:
+        return self.count * self.row
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = int(i)
+        if not 0 <= i < self.count:
+            raise IndexError(f"block {i} of {self.count}")
+        pos = (self.first + i) * self.row
+        out = np.empty(self.row, dtype=np.int64)
+        filled = 0
+        k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        while filled < self.row:
+            seg = self.segments[k]
+            offset = seg.start + pos + filled - int(self.starts[k])
+            take = min(self.row - filled, seg.stop - offset)
+            out[filled:filled + take] = self.shards[seg.shard].tokens[offset:offset + take]
+            top = int(out[filled:filled + take].max()) if take else 0
+            if top >= self.vocab_size:
+                raise DataError(self.shards[seg.shard].bin_path, None,
+                                f"token id {top} near token {offset} is not below the vocabulary size "
+                                f"{self.vocab_size}: tokenized with another tokenizer?")
+            filled += take
+            k += 1
+        return torch.from_numpy(out)
+
+
+class Mixture(Sequence):
+    """``counts[p]`` items from part ``p``, parts one after the other; item ``k`` of a part is its
+    block ``k mod len(part)`` (the trainer's permutation shuffles them together)."""
+
+    def __init__(self, parts: list[Sequence], counts: list[int]):
+        self.parts, self.counts = parts, counts
+        self.offsets = np.concatenate(([0], np.cumsum(np.asarray(counts, dtype=np.int64))))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} of {len(self)}")
+        p = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        part = self.parts[p]
+        return part[(i - int(self.offsets[p])) % len(part)]
+
+
+def blend_counts(lengths: list[int], weights: list[float]) -> list[int]:
+    """Items of each corpus in one epoch of the blend: in proportion to the weights, and at least
+    every block of each corpus once (so the corpus with the least data per weight sets the epoch)."""
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    epoch = max(math.ceil(n / s) for n, s in zip(lengths, shares))
+    return [max(n, round(s * epoch)) for n, s in zip(lengths, shares)]
+
+
+def parse_data(items: list[str]) -> list[tuple[float | None, str]]:
+    """``--data``'s items as (weight, path): all weights None, or Megatron's ``W1 PATH1 W2 PATH2 ...``."""
+    def weight(s: str) -> float | None:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    if not items:
+        raise UsageError("--data: nothing given")
+    if weight(items[0]) is None or Path(items[0]).exists():
+        return [(None, p) for p in items]
+    if len(items) % 2:
+        raise UsageError(f"--data: a blend is WEIGHT PATH pairs, got {len(items)} items")
+    pairs = []
+    for w, p in zip(items[::2], items[1::2]):
+        if weight(w) is None or not weight(w) > 0:
+            raise UsageError(f"--data: {w!r} is not a positive weight (a blend is WEIGHT PATH pairs)")
+        pairs.append((weight(w), p))
+    return pairs
+
+
+def shard_prefixes(path: str) -> list[Path] | None:
+    """The dataset prefixes ``path`` names (a prefix, its .idx/.bin, or a folder of them), or None
+    when it is a text file."""
+    p = Path(path)
+    if is_dataset(p):
+        return [prefix_of(p)]
+    if p.is_dir():
+        found = sorted(q.with_suffix("") for q in p.glob(f"*{IDX}"))
+        if not found:
+            raise DataError(p, None, f"a folder with no indexed dataset (*{IDX}); give text files one by one "
+                                     f"or tokenize them with `jneox tokenize`")
+        return found
+    if not p.exists() and p.suffix not in (".txt", ".jsonl", ".ndjson"):
+        raise DataError(p, None, f"no such file, nor {p}{IDX}")
+    return None
+
+
+def is_shard_data(items: list[str]) -> bool:
+    """Whether ``--data`` names indexed datasets (else text files, tokenized on the fly)."""
+    pairs = parse_data(items)
+    kinds = {shard_prefixes(p) is not None for _, p in pairs}
+    if len(kinds) > 1:
+        raise UsageError("--data: mix of text files and indexed datasets; tokenize the text files with "
+                         "`jneox tokenize` first")
+    if pairs[0][0] is not None and kinds == {False}:
+        raise UsageError("--data: a weighted blend reads indexed datasets; tokenize each part with `jneox tokenize`")
+    return kinds == {True}
+
+
+def _runs(selected: np.ndarray, n_docs: int, keep: bool) -> list[tuple[int, int]]:
+    """Runs ``[a, b)`` of consecutive documents that are in ``selected`` (keep=False) or not (keep=True)."""
+    if not keep:
+        runs, start = [], None
+        for a, b in zip(selected, np.append(selected[1:], -1)):
+            start = a if start is None else start
+            if b != a + 1:
+                runs.append((int(start), int(a) + 1))
+                start = None
+        return runs
+    edges = np.concatenate(([-1], selected, [n_docs]))
+    return [(int(a) + 1, int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a + 1]
+
+
+def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fraction: float,
+                  seed: int) -> tuple[TokenBlocks, TokenBlocks]:
+    """(train, val) blocks of one corpus (shards in order): documents held out as
+    :func:`jneox.train.data.build_pretrain_data` holds them out."""
+    shards = [IndexedDataset(p) for p in prefixes]
+    doc_offsets = np.concatenate(([0], np.cumsum([len(s) for s in shards])))
+    n_docs = int(doc_offsets[-1])
+    names = ", ".join(str(p) for p in prefixes)
+
+    def segments(runs) -> list[Segment]:
+        out = []
+        for a, b in runs:  # global documents [a, b), cut at shard boundaries
+            while a < b:
+                k = int(np.searchsorted(doc_offsets, a, side="right")) - 1
+                end = min(b, int(doc_offsets[k + 1]))
+                shard = shards[k]
+                start, stop = shard.document_start(a - int(doc_offsets[k])), shard.document_start(end - int(doc_offsets[k]))
+                if stop > start:
+                    out.append(Segment(k, start, stop))
+                a = end
+        return out
+
+    if n_docs < 2:  # one document cannot be held out by documents: its last blocks are
+        blocks = TokenBlocks(shards, segments([(0, n_docs)]), block_size, vocab_size)
+        n = len(blocks)
+        n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
+        train = TokenBlocks(shards, blocks.segments, block_size, vocab_size, 0, n - n_val)
+        val = TokenBlocks(shards, blocks.segments, block_size, vocab_size, n - n_val, n_val)
+    else:
+        held = held_out_documents(n_docs, val_fraction, seed)
+        train = TokenBlocks(shards, segments(_runs(held, n_docs, keep=True)), block_size, vocab_size)
+        val = TokenBlocks(shards, segments(_runs(held, n_docs, keep=False)), block_size, vocab_size)
+    if len(train) == 0:
+        raise DataError(names, None, f"the training split has fewer tokens than one block of {block_size + 1}; "
+                                     f"add text, lower the block size or the val fraction")
+    return train, val
+
+
+def shard_data(items: list[str], block_size: int, vocab_size: int, val_fraction: float = 0.01,
+               seed: int = 0) -> tuple[Sequence, Sequence]:
+    """(train, val) blocks of ``--data`` items that name indexed datasets (see the module docstring)."""
+    if block_size < 1:
+        raise UsageError(f"block_size must be at least 1, got {block_size}")
+    pairs = parse_data(items)
+    if pairs[0][0] is None:
+        prefixes = [q for _, p in pairs for q in shard_prefixes(p)]
+        return corpus_blocks(prefixes, block_size, vocab_size, val_fraction, seed)
+    splits = [corpus_blocks(shard_prefixes(p), block_size, vocab_size, val_fraction, seed) for _, p in pairs]
+    train = Mixture([t for t, _ in splits], blend_counts([len(t) for t, _ in splits], [w for w, _ in pairs]))
+    vals = [v for _, v in splits if len(v)]
+    return train, Mixture(vals, [len(v) for v in vals])
