@@ -356,7 +356,7 @@ def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float3
     """Model and tokenizer of a checkpoint folder, hub id or GGUF file, checked against each other.
     ``dtype`` / ``weights`` as in :func:`load_model` (for GGUF: :func:`jneox.export.gguf.load_gguf`)."""
     if str(path_or_id).endswith(".gguf"):
-        from .export.gguf import load_gguf_with_tokenizer
+        from .gguf_file import load_gguf_with_tokenizer
 
         return load_gguf_with_tokenizer(path_or_id, dtype=dtype or torch.float32, weights=weights, device=device)
     torch_device(device)
