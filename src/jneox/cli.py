@@ -202,7 +202,7 @@ def cmd_export(args) -> int:
             from .errors import UsageError
 
             raise UsageError("--format gguf needs --out FILE.gguf")
-        out = export_gguf(args.model, args.out, type=args.type, tokenizer=args.tokenizer)
+        out = export_gguf(args.model, args.out, type=args.type, tokenizer=args.tokenizer, overwrite=args.overwrite)
         print(f"wrote {args.type} GGUF to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -565,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", default="f16", choices=("f16", "bf16", "q8_0", "q4_0"), help="gguf weights (default: f16)")
     p.add_argument("--tokenizer", default="ugm", choices=("ugm", "spm"),
                    help="llama.cpp tokenizer written into the gguf (default: ugm, the closer to sentencepiece)")
+    p.add_argument("--overwrite", action="store_true", help="gguf: replace an existing --out that is not a GGUF file")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer with the card's options")
