@@ -7,16 +7,21 @@ import math
 import resource
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 import jneox
 from jneox.config import MAX_LAYERS, MAX_POSITIONS, ConfigError, ModelConfig
+from jneox.errors import JneoxError
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 CHILD_MEMORY = 3 << 30  # address space of a `jneox generate` child: Python, torch and the demo model fit
+TEXT = st.text(max_size=8)
 
 
 def demo_config() -> dict:
@@ -113,3 +118,40 @@ def test_load_refuses_a_config_before_reading_weights(tmp_path):
     (folder / "config.json").write_text(json.dumps({**demo_config(), "num_attention_heads": -6}))
     with pytest.raises(jneox.errors.JneoxError, match="num_attention_heads is -6"):
         jneox.load(folder)
+
+
+# ---- property: any value of any field ------------------------------------------------------------
+CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "rotary_pct", "rotary_emb_base", "max_position_embeddings", "use_parallel_residual", "layer_norm_eps",
+               "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+               "quantization_config", "rope_parameters", "rope_scaling", "model_type"]
+JSON_VALUES = st.one_of(
+    st.none(), st.booleans(), st.sampled_from([0, 1, -1, -6, 5, 384, 10**7, 2**63, 10**400]), st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True), TEXT, st.sampled_from(["384", "gelu", "gpt_neox"]),
+    st.lists(st.integers(0, 9), max_size=2), st.dictionaries(TEXT, st.integers(), max_size=2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=3),
+       dropped=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2))
+def test_mutated_config_loads_or_is_one_error(tmp_path_factory, changes, dropped):
+    """The whole load of the demo checkpoint with a changed config.json (weights linked, not copied)."""
+    folder = tmp_path_factory.getbasetemp() / "config-fuzz"
+    if not folder.exists():
+        folder.mkdir()
+        for name in ("model.safetensors", "spiece.model"):
+            (folder / name).symlink_to(DEMO / name)
+    hf = {**json.loads((DEMO / "config.json").read_text(encoding="utf-8")), **changes}
+    for key in dropped:
+        hf.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(hf))
+    tracemalloc.start()
+    try:
+        try:
+            jneox.load(folder)
+        except JneoxError as e:
+            assert "\n" not in str(e) and str(e), repr(e)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * (DEMO / "model.safetensors").stat().st_size, peak
