@@ -594,9 +594,11 @@ def tokenizer_from_gguf(path: str | os.PathLike | GGUFFile) -> Tokenizer:
         if charsmap.min() < 0 or charsmap.max() > 255:
             raise GGUFError(f"{f.path}: {K_CHARSMAP} holds values outside 0..255")
         norm.precompiled_charsmap = charsmap.astype(np.uint8).tobytes()
+    target = _cached(proto.SerializeToString())
     try:
-        return Tokenizer(_cached(proto.SerializeToString()))
+        return Tokenizer(target)
     except JneoxError as e:
+        target.unlink(missing_ok=True)  # a model that cannot load is not worth keeping
         raise GGUFError(f"{f.path}: the vocabulary is no sentencepiece model sentencepiece accepts ({e})") from None
 
 

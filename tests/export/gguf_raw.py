@@ -82,4 +82,5 @@ def tensor_info_start(fields: dict[str, Field]) -> int:
 
 
 def copy(fields: dict[str, Field], tensors: list[Tensor]) -> tuple[dict[str, Field], list[Tensor]]:
-    return {k: replace(f) for k, f in fields.items()}, [replace(t) for t in tensors]
+    return ({k: replace(f, value=list(f.value) if isinstance(f.value, list) else f.value) for k, f in fields.items()},
+            [replace(t, dims=list(t.dims)) for t in tensors])

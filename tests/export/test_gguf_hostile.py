@@ -157,6 +157,10 @@ MALFORMED = {
     "scores as strings": (lambda f, t: _with(SCORES, Field(V.ARRAY, [str(s) for s in f[SCORES].value], V.STRING))(f, t),
                           f"{SCORES}' is of type ARRAY of STRING"),
     "a token not UTF-8": (_not_utf8_token, rf"{TOKENS}\[5\] is not valid UTF-8"),
+    "NaN scores": (lambda f, t: _with(SCORES, Field(V.ARRAY, [float("nan")] * len(f[SCORES].value), V.FLOAT32))(f, t),
+                   "no sentencepiece model sentencepiece accepts"),
+    "a repeated token": (lambda f, t: _with(TOKENS, Field(V.ARRAY, f[TOKENS].value[:1] * len(f[TOKENS].value),
+                                                          V.STRING))(f, t), rf"{TOKENS}\[1\] .* repeats"),
     "bos id past the vocabulary": (_with("tokenizer.ggml.bos_token_id", Field(V.UINT32, 10**6)), "bos_token_id"),
 }
 
