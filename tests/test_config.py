@@ -55,6 +55,7 @@ BAD = {  # config.json changes -> the key the error names
     "layer_norm_eps 0": ({"layer_norm_eps": 0}, "layer_norm_eps is 0"),
     "rotary_emb_base 0": ({"rotary_emb_base": 0, "rope_parameters": None}, "rotary_emb_base is 0"),
     "rotary_emb_base infinite": ({"rotary_emb_base": float("inf"), "rope_parameters": None}, "rotary_emb_base is inf"),
+    "layer_norm_eps past any float": ({"layer_norm_eps": 10**400}, "layer_norm_eps is an integer of 401 digits"),
     "rotary_pct 2": ({"rotary_pct": 2, "rope_parameters": None}, "rotary_pct must be in"),
     "rotary_pct a string": ({"rotary_pct": "1", "rope_parameters": None}, "rotary_pct is '1'"),
     "odd rotary dims": ({"rotary_pct": 0.5, "num_attention_heads": 64, "rope_parameters": None}, "rotary_pct 0.5 gives 3"),
@@ -126,7 +127,7 @@ CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
                "quantization_config", "rope_parameters", "rope_scaling", "model_type"]
 JSON_VALUES = st.one_of(
-    st.none(), st.booleans(), st.sampled_from([0, 1, -1, -6, 5, 384, 10**7, 2**63, 10**400]), st.integers(),
+    st.none(), st.booleans(), st.sampled_from([0, 1, -1, -6, 5, 384, 10**7, 2**63, 10**400, 1e-5, 0.5]), st.integers(),
     st.floats(allow_nan=True, allow_infinity=True), TEXT, st.sampled_from(["384", "gelu", "gpt_neox"]),
     st.lists(st.integers(0, 9), max_size=2), st.dictionaries(TEXT, st.integers(), max_size=2))
 

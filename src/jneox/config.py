@@ -46,6 +46,12 @@ def _or(value, default):
     return default if value is None else value
 
 
+def _show(value, limit: int = 60) -> str:
+    """A value as the error shows it: its repr, cut short (a hostile file may hold a megabyte of digits)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _invalid(field: str, problem: str) -> ConfigError:
     return ConfigError(f"{field} {problem}", field, problem)
 
@@ -73,25 +79,29 @@ class ModelConfig:
         for name, limit in INT_FIELDS.items():
             value = getattr(self, name)
             if type(value) is not int:
-                raise _invalid(name, f"is {value!r}, not an integer")
+                raise _invalid(name, f"is {_show(value)}, not an integer")
             if not 1 <= value <= limit:
-                raise _invalid(name, f"is {value}; it must be between 1 and {limit}")
+                raise _invalid(name, f"is {_show(value)}; it must be between 1 and {limit}")
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
-            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-                raise _invalid(name, f"is {value!r}, not a finite number > 0")
-            object.__setattr__(self, name, float(value))
+            try:
+                number = float(value) if type(value) in (int, float) else math.nan
+            except OverflowError:  # an int past any float
+                number = math.inf
+            if not 0 < number < math.inf:
+                raise _invalid(name, f"is {_show(value)}, not a finite number > 0")
+            object.__setattr__(self, name, number)
         for name in BOOL_FIELDS:
             if type(getattr(self, name)) is not bool:
-                raise _invalid(name, f"is {getattr(self, name)!r}, not true or false")
+                raise _invalid(name, f"is {_show(getattr(self, name))}, not true or false")
         for name in TOKEN_FIELDS:
             value = getattr(self, name)
             if value is None and name == "pad_token_id":
                 continue
             if type(value) is not int or not 0 <= value < self.vocab_size:
-                raise _invalid(name, f"is {value!r}, not a token id (0 to {self.vocab_size - 1})")
+                raise _invalid(name, f"is {_show(value)}, not a token id (0 to {self.vocab_size - 1})")
         if self.gelu_approximate not in GELU_APPROXIMATIONS:
-            raise _invalid("gelu_approximate", f"is {self.gelu_approximate!r}, not one of {GELU_APPROXIMATIONS}")
+            raise _invalid("gelu_approximate", f"is {_show(self.gelu_approximate)}, not one of {GELU_APPROXIMATIONS}")
         if self.hidden_size % self.num_heads:
             raise _invalid("hidden_size", f"{self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.rotary_pct > 1.0:
@@ -109,6 +119,8 @@ class ModelConfig:
 
     @property
     def num_parameters(self) -> int:
+        """The parameters the config implies: what a checkpoint's tensors must hold, element for element
+        (a loader compares it with the sum of the tensors' sizes in the file's header before reading data)."""
         h, i, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         attn_bias = 4 * h if self.attention_bias else 0
         per_layer = 4 * h + 4 * h * h + attn_bias + (h * i + i) + (i * h + h)
@@ -128,20 +140,20 @@ class ModelConfig:
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         model_type = hf.get("model_type")
         if model_type != "gpt_neox":
-            raise ConfigError(f"{source}: model_type is {model_type!r}, jneox runs only 'gpt_neox' models")
+            raise ConfigError(f"{source}: model_type is {_show(model_type)}, jneox runs only 'gpt_neox' models")
         rope = hf.get("rope_parameters") or {}
         if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: rope_parameters is {rope!r}, not an object")
+            raise ConfigError(f"{source}: rope_parameters is {_show(rope)}, not an object")
         scaling = hf.get("rope_scaling")
         if scaling or rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"{source}: rope scaling {scaling or rope} is not supported")
+            raise ConfigError(f"{source}: rope scaling {_show(scaling or rope)} is not supported")
         act = hf.get("hidden_act", "gelu")
         approximations = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
         if not isinstance(act, str) or act not in approximations:
-            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (expected one of {sorted(approximations)})")
+            raise ConfigError(f"{source}: hidden_act {_show(act)} is not supported (expected one of {sorted(approximations)})")
         quantization = hf.get("quantization_config")
         if quantization is not None and not isinstance(quantization, dict):
-            raise ConfigError(f"{source}: quantization_config is {quantization!r}, not an object")
+            raise ConfigError(f"{source}: quantization_config is {_show(quantization)}, not an object")
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size") if k not in hf]
         if missing:
@@ -167,6 +179,8 @@ class ModelConfig:
                 pad_token_id=hf.get("pad_token_id"),
             )
         except ConfigError as e:
+            if e.field is None:
+                raise ConfigError(f"{source}: {e}") from None
             raise ConfigError(f"{source}: {HF_KEYS.get(e.field, e.field)} {e.problem}", e.field, e.problem) from None
 
     def to_hf(self) -> dict:
@@ -203,7 +217,7 @@ class ModelConfig:
             hf = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} must hold a JSON object")

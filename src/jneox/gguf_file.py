@@ -437,7 +437,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             pad_token_id=f.get(K_PAD, "int", required=False),
         )
     except ConfigError as e:
-        raise GGUFError(f"{f.path}: {CONFIG_KEYS.get(e.field, e.field)} {e.problem}") from None
+        where = f"{CONFIG_KEYS.get(e.field, e.field)} {e.problem}" if e.field else str(e)
+        raise GGUFError(f"{f.path}: {where}") from None
 
 
 def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.float32,
