@@ -270,3 +270,13 @@ def remove_stale_staging(out_dir: str | os.PathLike) -> None:
         return
     for stale in _leftovers(out):
         _remove(stale)
+
+
+def untrusted(path: Path) -> str | None:
+    """Why a cache file or folder ``path`` may not be trusted (None if it belongs to this user and no one else may write it)."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user"
+    if st.st_mode & 0o022:
+        return f"{path} may be written by others (mode {st.st_mode & 0o777:o})"
+    return None

@@ -13,6 +13,7 @@ from .checkpoint import check_reward_config, quantization_of, read_float, read_q
 from .config import ConfigError, ModelConfig
 from .errors import CheckpointError, UsageError
 from .files import CONFIG_FILE, TOKENIZER_FILE
+from .gguf_file import load_gguf_with_tokenizer
 from .hub import OFFICIAL_MODEL, default_model, resolve
 from .model import GPTNeoX
 from .quantize import FORMATS
@@ -139,11 +140,8 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
 def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
          device: str | torch.device = "cpu", weights: str | None = None) -> tuple[GPTNeoX, Tokenizer]:
     """Model and tokenizer of a checkpoint folder, hub id or GGUF file, checked against each other.
-    ``dtype`` / ``weights`` as in :func:`load_model` (for GGUF: :func:`jneox.export.gguf.load_gguf`)."""
+    ``dtype`` / ``weights`` as in :func:`load_model` (for GGUF: :func:`jneox.gguf_file.load_gguf`)."""
     if str(path_or_id).endswith(".gguf"):
-        # the lead switches this to a top-level import of .gguf_file at merge
-        from .export.gguf import load_gguf_with_tokenizer
-
         return load_gguf_with_tokenizer(path_or_id, dtype=dtype or torch.float32, weights=weights, device=device)
     torch_device(device)
     folder = resolve(path_or_id)

@@ -10,7 +10,8 @@ import torch
 import jneox
 from jneox.cli import main as cli_main
 from jneox.config import ModelConfig
-from jneox.export.gguf import GGUFError, export_gguf, load_gguf
+from jneox.export.gguf import export_gguf
+from jneox.gguf_file import GGUFError, load_gguf
 from jneox.hf_tokenizer import write_hf_tokenizer
 from jneox.model import GPTNeoX
 

@@ -36,7 +36,7 @@ def cmd_export(args) -> int:
     else:
         if not args.out:
             raise UsageError("--format gguf needs --out FILE.gguf")
-        out = export_gguf(args.model, args.out, type=args.type, tokenizer=args.tokenizer)
+        out = export_gguf(args.model, args.out, type=args.type, tokenizer=args.tokenizer, overwrite=args.overwrite)
         print(f"wrote {args.type} GGUF to {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -139,6 +139,7 @@ def add_export_parser(sub) -> None:
     p.add_argument("--type", default="f16", choices=TYPES, help="gguf weights (default: f16)")
     p.add_argument("--tokenizer", default="ugm", choices=tuple(TOKENIZER_MODELS),
                    help="llama.cpp tokenizer written into the gguf (default: ugm, the closer to sentencepiece)")
+    p.add_argument("--overwrite", action="store_true", help="gguf: replace an existing --out that is not a GGUF file")
     p.set_defaults(func=cmd_export)
 
 

@@ -21,6 +21,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from ..files import untrusted
 from . import paths
 
 CSRC = Path(__file__).with_name("csrc")
@@ -65,21 +66,11 @@ def _cpu_id() -> str:
     return platform.machine() + _cpu_flags_line()
 
 
-def _private(path: Path) -> str | None:
-    """Why ``path`` may not be trusted (None if it belongs to this user and no one else may write it)."""
-    st = path.stat()
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        return f"{path} belongs to uid {st.st_uid}, not to this user"
-    if st.st_mode & 0o022:
-        return f"{path} may be written by others (mode {st.st_mode & 0o777:o})"
-    return None
-
-
 def _cache_folder() -> Path:
     """The cache folder, created 0o700; a private temporary folder where the cache cannot be trusted."""
     folder = cache_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    why = _private(folder)
+    why = untrusted(folder)
     if why is None:
         return folder
     warnings.warn(f"jneox: not using the kernel cache: {why}; building in a private temporary folder "
@@ -109,7 +100,7 @@ def _intact(target: Path) -> bool:
     (written, also private, only after a complete build)."""
     record = target.with_name(target.name + ".sha256")
     try:
-        if not target.is_file() or _private(target) is not None or _private(record) is not None:
+        if not target.is_file() or untrusted(target) is not None or untrusted(record) is not None:
             return False
         return record.read_text(encoding="ascii").strip() == file_hash(target)
     except (OSError, UnicodeDecodeError):
