@@ -14,6 +14,7 @@ from ..hub import resolve
 from ..loading import eval_load_options, load_model, load_tokenizer, model_or_default
 from ..quantize import FORMATS
 from .args import OVERWRITE_HELP, add_model_args, load_from_args
+from .judge import add_judge_args, cmd_judge
 
 
 def cmd_quantize(args) -> int:
@@ -41,6 +42,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.task == "judge":
+        return cmd_judge(args)
     model, tokenizer = load_from_args(args, eval_load_options(args.dtype, args.device))
     t0 = time.perf_counter()
     result = evaluate(model, tokenizer, args.task, args.data, num_fewshot=args.num_fewshot,
@@ -92,4 +95,5 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=16, help="choices scored together (default: 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
+    add_judge_args(p)
     p.set_defaults(func=cmd_eval)
