@@ -17,8 +17,7 @@ from jneox.cli import main
 from jneox.errors import JneoxError
 from jneox.evaluate.judge import (ChatEndpoint, JudgeError, JudgeRun, bootstrap_interval, bradley_terry,
                                   format_report, pair_outcome, remote_candidate, run_judge, write_chart)
-from jneox.evaluate.judge_prompts import (ELYZA_RUBRIC, PROMPTS, SINGLE_V1, parse_bare_score, parse_rating,
-                                          parse_verdict)
+from jneox.evaluate.judge_prompts import ELYZA_RUBRIC, PROMPTS, parse_bare_score, parse_rating, parse_verdict
 from jneox.evaluate.questions import read_questions
 from jneox.generate import SamplingParams
 
@@ -298,8 +297,8 @@ def test_pairwise_swaps_positions_and_a_position_biased_judge_gives_ties(fake, t
 def test_elyza_rubric_run(fake, tmp_path):
     cands = fake(candidate_script)
     judge = fake(lambda body: "4" if "熱意" in body["messages"][-1]["content"] else "Score: 4")
-    run = JudgeRun(read_questions(DATA / "elyza_tasks.csv"), [remote_candidate("good", endpoint(cands, "good"), GREEDY)],
-                   endpoint(judge, "j"), retries=1)
+    good = remote_candidate("good", endpoint(cands, "good"), GREEDY)
+    run = JudgeRun(read_questions(DATA / "elyza_tasks.csv"), [good], endpoint(judge, "j"), retries=1)
     m = run_judge(run, None)["metrics"]["good"]
     assert m["all"] == {"mean": 4.0, "ci95": [4.0, 4.0], "n": 1} and m["failed"] == 1
     assert len(judge.requests) == 3 and len(judge.requests[0]["messages"]) == 1  # the rubric has no system prompt
@@ -331,8 +330,9 @@ def test_resume_refuses_a_candidate_that_changed(fake, tmp_path):
     questions = read_questions(DATA / "rakuda_questions.jsonl")
     out = tmp_path / "r.json"
     run_judge(JudgeRun(questions, [remote_candidate("x", endpoint(cands, "good"), GREEDY)], endpoint(judge, "j")), out)
+    changed = remote_candidate("x", endpoint(cands, "bad"), GREEDY)
     with pytest.raises(JneoxError, match="candidate x answered there as"):
-        run_judge(JudgeRun(questions, [remote_candidate("x", endpoint(cands, "bad"), GREEDY)], endpoint(judge, "j")), out)
+        run_judge(JudgeRun(questions, [changed], endpoint(judge, "j")), out)
 
 
 def test_cli_judge_with_key_from_the_environment(fake, tmp_path, monkeypatch, capsys):
@@ -340,8 +340,8 @@ def test_cli_judge_with_key_from_the_environment(fake, tmp_path, monkeypatch, ca
     monkeypatch.setenv("JNEOX_JUDGE_API_KEY", "env-key")
     out = tmp_path / "cli.json"
     code = main(["eval", "--task", "judge", "--data", str(DATA / "mt_bench_question.jsonl"), "--limit", "2",
-                 "--candidate-url", cands.url, "--candidate-model", "good", "--judge-url", judge.url.removesuffix("/v1"),
-                 "--judge-model", "j", "--greedy", "-o", str(out), "--no-progress"])
+                 "--candidate-url", cands.url, "--candidate-model", "good",
+                 "--judge-url", judge.url.removesuffix("/v1"), "--judge-model", "j", "--greedy", "-o", str(out), "--no-progress"])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["metrics"][f"good@{cands.url}"]["all"]["n"] == 4

@@ -67,8 +67,7 @@ def cmd_judge(args) -> int:
             candidates.append(remote_candidate(name, _candidate_endpoint(args, source, "jneox"), params))
         else:
             options = load_options(args.dtype, args.device)
-            candidates.append(local_candidate(name, source, lambda source=source, options=options: load(source, **options),
-                                              params))
+            candidates.append(local_candidate(name, source, lambda s=source, o=options: load(s, **o), params))
     for k, url in enumerate(args.candidate_url):
         model = args.candidate_model[k] if args.candidate_model else "jneox"
         candidates.append(remote_candidate(f"{model}@{url}", _candidate_endpoint(args, url, model), params))

@@ -36,7 +36,7 @@ from ..generate import SamplingParams
 from .judge_prompts import (ELYZA_RUBRIC, ELYZA_SCALE, MT_BENCH_SCALE, PAIR_MATH_V1, PAIR_MATH_V1_MULTI_TURN,
                             PAIR_V2, PAIR_V2_MULTI_TURN, SINGLE_MATH_V1, SINGLE_MATH_V1_MULTI_TURN, SINGLE_V1,
                             SINGLE_V1_MULTI_TURN, JudgePrompt, parse_bare_score, parse_rating, parse_verdict)
-from .questions import Question, read_questions
+from .questions import Question
 from .run import write_json_atomic
 
 API_KEY_VARIABLES = ("JNEOX_JUDGE_API_KEY", "OPENAI_API_KEY")

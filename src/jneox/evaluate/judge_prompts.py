@@ -17,7 +17,8 @@ class JudgePrompt:
     name: str
     kind: str  # "single" (a score) or "pair" (a verdict)
     system: str | None  # None: the whole prompt is one user message
-    template: str  # str.format fields: question(_1/_2), answer(_1/_2), answer_a(_1/_2), answer_b(_1/_2), ref_answer_1/2, eval_aspect
+    # str.format fields: question(_1/_2), answer(_1/_2), answer_a/answer_b(_1/_2), ref_answer_1/2, eval_aspect
+    template: str
 
     def messages(self, **fields: str) -> list[dict]:
         user = {"role": "user", "content": self.template.format(**fields)}
