@@ -471,7 +471,7 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path | None:
             values = np.array([metrics["pairs"][p][side] for p in labels], dtype=float)
             ax.barh(labels, values, left=bottom, label=side)
             bottom += values
-        ax.set_xlabel("judged questions (first model's win / tie / loss)")
+        ax.set_xlabel("judged turns (first model's win / tie / loss)")
     ax.set_title(f"judge: {result['config']['judge']['model']}")
     ax.legend()
     fig.tight_layout()
