@@ -15,6 +15,7 @@ from ..hub import resolve
 from ..loading import eval_load_options, load_model, load_tokenizer, model_or_default
 from ..quantize import FORMATS
 from .args import OVERWRITE_HELP, add_model_args, load_from_args
+from .judge import add_judge_args, cmd_judge
 
 
 def cmd_quantize(args) -> int:
@@ -42,6 +43,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.task == "judge":
+        return cmd_judge(args)
     # usage errors before minutes of loading
     runs = _eval_runs(args, args.tasks) if args.tasks else None
     if args.task and len(args.fewshot_data or []) > 1:
@@ -147,7 +150,7 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate on the jp-stable harness's Japanese tasks (JGLUE, JAQKET, XL-Sum, "
                                     "XWinograd, MGSM), perplexity, a YAML task or chat")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--task", help=f"one task: {', '.join(TASKS)}, perplexity, chat, or a .yaml spec of a "
+    which.add_argument("--task", help=f"one task: {', '.join(TASKS)}, perplexity, chat, judge (LLM-judged answers), or a .yaml spec of a "
                                       "multiple-choice task")
     which.add_argument("--tasks", help="several tasks in one results JSON, comma-separated as in a harness.sh line "
                                        "(jcommonsenseqa-1.1-0.4,jnli-1.1-0.4,...)")
@@ -171,4 +174,5 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=16, help="choices scored together (default: 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
+    add_judge_args(p)
     p.set_defaults(func=cmd_eval)
