@@ -1,6 +1,7 @@
 """Loading and saving the HF layout, and the errors a bad folder must give."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model, save_hf
+from jneox import checkpoint
 from jneox.checkpoint import save
 from jneox.errors import CheckpointError
 from jneox.hub import resolve
@@ -254,3 +256,19 @@ def test_hub_id_offline_fails_at_once_with_a_hint(tmp_path, offline):
 def test_tokenizer_loads_from_the_folder(tiny_checkpoint):
     tok = load_tokenizer(tiny_checkpoint)
     assert tok.eos_id == 3 and tok.decode(tok.encode("こんにちは")) == "こんにちは"
+
+
+def test_a_config_that_cannot_belong_to_the_weights_is_refused_before_a_model_is_built(tiny_checkpoint, tmp_path,
+                                                                                          monkeypatch):
+    """config.json's implied parameter count is checked against the safetensors headers first: a config
+    claiming 64 layers over a 2-layer file is one line naming both numbers, and no model is built."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    built = []
+    monkeypatch.setattr(checkpoint, "meta_model", lambda c: built.append(c))
+    with pytest.raises(CheckpointError, match=r"config\.json implies [\d,]+ parameters, but the weights hold only"):
+        load_model(folder)
+    assert built == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import re
@@ -151,6 +152,34 @@ def check_bin_sizes(files: list[Path], limit: int) -> None:
                                   f"can fill ({limit} bytes at most)")
 
 
+def safetensors_values(path: Path) -> int:
+    """How many values the tensors of a safetensors file hold, read from its header alone (the header's
+    length is checked against the file's size before it is read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+            return sum(math.prod(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({type(e).__name__} in its header)") from None
+
+
+def check_parameter_count(files: list[Path], config: ModelConfig, source: Path) -> None:
+    """Refuse a config.json that cannot belong to these weights before a model is built for it: one
+    implying more than twice the values the safetensors files hold (a smaller mismatch is named tensor
+    by tensor as the weights are read). ``.bin`` files are bounded by :func:`check_bin_sizes` instead."""
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return
+    held, implied = sum(safetensors_values(f) for f in files), config.num_parameters
+    if implied > 2 * held + (1 << 20):
+        raise CheckpointError(f"{source / CONFIG_FILE} implies {implied:,} parameters, but the weights hold only "
+                              f"{held:,} values: the config does not belong to these weights")
+
+
 def _bin_limit(model: GPTNeoX, config: ModelConfig) -> int:
     """The most bytes a ``.bin`` checkpoint of ``model`` can honestly hold: every parameter (a tied head
     stored twice) as float64, the causal-mask buffers older transformers stored (one bool per position
@@ -198,13 +227,14 @@ def read_float(folder: Path, config: ModelConfig, dtype: torch.dtype | None = to
     Every tensor is checked: an unknown name, a wrong shape or a missing tensor is an error naming
     the file and the tensor. The model is built without allocating random weights first.
     """
+    files = weight_files(folder)
+    check_parameter_count(files, config, folder)
     model = meta_model(config)
     if score_head:
         model.lm_head = torch.nn.Linear(config.hidden_size, 1, bias=False, device="meta")
     expected = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
     state: dict[str, torch.Tensor] = {}
     mapped: set[int] = set()
-    files = weight_files(folder)
     check_bin_sizes(files, _bin_limit(model, config))
     for file in files:
         for name, tensor, is_mapped in read_tensors(file):
