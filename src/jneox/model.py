@@ -215,6 +215,12 @@ class GPTNeoX(nn.Module):
         self.group_size: int | None = None
 
     # ---- KV cache --------------------------------------------------------------------------
+    def cache_bytes(self, batch: int = 1, max_len: int | None = None) -> int:
+        """What :meth:`new_cache` would hold once every position of every row is written."""
+        c = self.config
+        max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+        return 2 * c.num_layers * batch * max_len * c.hidden_size * self.norm_f.weight.dtype.itemsize
+
     def new_cache(self, batch: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         """A KV cache (one :class:`KVCache` per layer) for ``batch`` rows of up to ``max_len`` positions,
         to pass to :meth:`forward`. The model keeps no cache itself: whoever decodes owns it."""

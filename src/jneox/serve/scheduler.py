@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 import traceback
@@ -46,6 +47,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import UsageError
 from ..generate import TextAssembler
 from ..model import GPTNeoX, KVCache
 from ..quantize import MAX_KERNEL_ROWS, kernel_prompt_rows
@@ -119,6 +121,17 @@ class Request:
     draft: Guesser | None = None  # this request's guesser, from the first token on
 
 
+def check_cache_fits(model: GPTNeoX, rows: int, window: int) -> None:
+    """Refuse a KV cache that could not fit in this machine's memory once its rows fill up (a config.json
+    with a huge max_position_embeddings would otherwise fail on its first mapping, or much later)."""
+    need = model.cache_bytes(rows, window)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if ram and need > ram:
+        raise UsageError(f"the KV cache for {rows} rows of {window} positions would need {need / 2**30:.1f} GiB, "
+                         f"more than this machine's {ram / 2**30:.1f} GiB: lower --max-batch, or use a config.json "
+                         f"with a smaller max_position_embeddings")
+
+
 class Engine:
     """Serves generation requests from many threads with one model (see the module docstring).
 
@@ -142,6 +155,7 @@ class Engine:
         # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
         # linear layer widen its whole weight for one matrix multiply, for each new request)
         self.prefill_chunk = kernel_prompt_rows() if self.device.type == "cpu" else self.window
+        check_cache_fits(model, max_batch, self.window)
         # zero-filled and touched only where written, so unused positions cost no memory
         self.caches: list[KVCache] = model.new_cache(max_batch, self.window)
         self.slots: list[Request | None] = [None] * max_batch
