@@ -26,31 +26,6 @@ INLINE_ALLOWED = {
     "datasets": "optional: only `jneox tokenize` of a saved Hugging Face dataset reads it",
 }
 
-# Known offenders in modules being reshaped in other branches; the lead empties these after merging.
-# A cycle is known when it goes through one of these edges; with them taken out there must be none.
-KNOWN_CYCLE_EDGES = {
-    ("jneox.generate", "jneox.speculative"): "generate imports speculative in a function",
-    ("jneox.speculative", "jneox.loading"): "speculative.make_draft loads a model (loading.load_draft does now)",
-    ("jneox.loading", "jneox.export.gguf"): "loading.load reads GGUF through export.gguf until the reader moves "
-                                            "to jneox.gguf_file",
-}
-KNOWN_INLINE = {
-    "jneox.chat": "imports generate in functions",
-    "jneox.generate": "imports speculative in a function",
-    "jneox.speculative": "make_draft imports loading",
-    "jneox.loading": "load() imports export.gguf until the reader moves to jneox.gguf_file",
-    "jneox.export.gguf": "gguf, sentencepiece, quantize, kernels, tokenizer in functions",
-    "jneox.kernels": "errors and torch in functions",
-    "jneox.serve": "app and uvicorn in functions",
-    "jneox.train.data": "tqdm in a function",
-    "jneox.train.distributed": "loading, torch.distributed parts, model in functions",
-    "jneox.train.dpo": "sft in a function",
-    "jneox.train.loop": "checkpoint, model, loading, files, pickle, tqdm, report in functions",
-    "jneox.train.ppo": "lora, reward, chat, loading, data, preference, sft in functions",
-    "jneox.train.pretrain": "data, loading in functions",
-    "jneox.train.reward": "checkpoint, model, loading, hub, sft, data in functions",
-    "jneox.train.sft": "hub, loading, lora, data in functions",
-}
 
 
 # ---- reading the graph -------------------------------------------------------------------
@@ -184,21 +159,13 @@ def test_import_graph_has_no_cycle():
     edges, _ = import_graph(SRC)
     assert {"jneox.loading", "jneox.checkpoint", "jneox.cli.tools"} <= set(edges)
     found = cycles(edges)
-    unknown = cycles({m: {t for t in ts if (m, t) not in KNOWN_CYCLE_EDGES} for m, ts in edges.items()})
-    assert not unknown, "import cycles: " + "; ".join(" -> ".join(c) for c in unknown)
-    if found:
-        pytest.xfail("known cycles, through edges the lead removes after merging (" +
-                     "; ".join(f"{a} -> {b}" for a, b in KNOWN_CYCLE_EDGES) + "): " + "; ".join(" -> ".join(c) for c in found))
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
 
 def test_imports_are_at_the_top():
     _, inline = import_graph(SRC)
     bad = forbidden_inline(inline)
-    unknown = {m: t for m, t in bad.items() if m not in KNOWN_INLINE}
-    assert not unknown, "imports inside functions: " + "; ".join(f"{m}: {', '.join(t)}" for m, t in unknown.items())
-    if bad:
-        pytest.xfail("known inline imports, removed by the lead after merging: " +
-                     "; ".join(f"{m}: {', '.join(t)}" for m, t in bad.items()))
+    assert not bad, "imports inside functions: " + "; ".join(f"{m}: {', '.join(t)}" for m, t in bad.items())
 
 
 def test_the_checks_see_a_cycle_and_an_inline_import(tmp_path):
