@@ -95,9 +95,11 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def load_adapter(folder: str | os.PathLike, config: ModelConfig, name: str | None = None) -> Adapter:
-    """The PEFT adapter in ``folder``, checked against the base model's ``config`` (layers, shapes, rank);
-    whatever does not fit raises :class:`~jneox.errors.CheckpointError` naming the file and tensor."""
+def load_adapter(folder: str | os.PathLike, config: ModelConfig, name: str | None = None,
+                 device: str | torch.device = "cpu") -> Adapter:
+    """The PEFT adapter in ``folder`` (named ``name``, default the folder's name), checked against the base
+    model's ``config`` (layers, shapes, rank), its tensors in fp32 on ``device``; whatever does not fit
+    raises :class:`~jneox.errors.CheckpointError` naming the file and tensor."""
     folder = Path(folder)
     cfg = _read_config(folder / ADAPTER_CONFIG)
     rank, alpha = cfg["r"], float(cfg["lora_alpha"])
@@ -128,7 +130,7 @@ def load_adapter(folder: str | os.PathLike, config: ModelConfig, name: str | Non
                                           f"need {list(want)}")
                 if dtype not in _FLOATS:
                     raise CheckpointError(f"{path}: tensor {key} is {dtype}; expected one of {', '.join(_FLOATS)}")
-                pairs.setdefault((layer, ours), {})[m[3]] = f.get_tensor(key).float().contiguous()
+                pairs.setdefault((layer, ours), {})[m[3]] = f.get_tensor(key).to(device, torch.float32).contiguous()
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
     if not pairs:
