@@ -169,3 +169,46 @@ def test_an_adapter_that_does_not_fit_is_refused_in_one_line(base, tmp_path, con
 def test_a_missing_adapter_folder_names_the_file(base, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'none' / ADAPTER_CONFIG}: not found"):
         load_adapter(tmp_path / "none", load_model(base).config)
+
+
+# ---- training writes adapters ------------------------------------------------------------------
+QA = [("日本の首都は?", "東京です。"), ("猫は何と鳴く?", "にゃあと鳴きます。"), ("一足す一は?", "二です。")]
+
+
+def test_sft_save_adapter_loads_in_peft_as_the_merged_checkpoint(tmp_path, tiny_checkpoint):
+    """`jneox sft --lora-rank R --save-adapter DIR`: DIR is a PEFT folder that PeftModel.from_pretrained puts
+    on transformers' model of the base checkpoint, giving the logits of the merged checkpoint in OUT."""
+    from transformers import GPTNeoXForCausalLM
+
+    from jneox import cli
+
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                                       ensure_ascii=False) + "\n" for q, a in QA * 4), encoding="utf-8")
+    out, adapter = tmp_path / "out", tmp_path / "adapter"
+    assert cli.main(["sft", "--model", str(tiny_checkpoint), "--data", str(data), "--out", str(out), "--batch-size", "2",
+                     "--max-steps", "3", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--warmup-steps", "1",
+                     "--eval-every", "0", "--device", "cpu", "--no-progress", "--save-adapter", str(adapter)]) == 0
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8.0, str(tiny_checkpoint))
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
+    ref = peft.PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(tiny_checkpoint), adapter).eval()
+    x = ids(seed=3)
+    with torch.no_grad():
+        merged = load_model(out)(x)
+        torch.testing.assert_close(ref(x).logits, merged, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(load_model(tiny_checkpoint)(x), merged, atol=1e-3)  # training moved it
+
+
+def test_save_adapter_needs_lora_and_is_checked_before_training(tmp_path, tiny_checkpoint, capsys):
+    from jneox import cli
+
+    argv = ["dpo", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--save-adapter", str(tmp_path / "a")]
+    assert cli.main(argv) == 2
+    assert "--save-adapter writes LoRA adapters: give --lora-rank too" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert cli.main([*argv[:-1], str(taken), "--lora-rank", "2"]) == 2
+    assert str(taken) in capsys.readouterr().err and (taken / "notes.txt").exists()
