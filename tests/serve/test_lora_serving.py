@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 import torch
-from serve_fixtures import API_KEY, serve_checkpoint, spawn_serve, start_server  # noqa: F401
+from serve_fixtures import API_KEY, serve_checkpoint, spawn_serve, start_server  # noqa: F401  (fixtures)
 
 import jneox
 from jneox.adapters import save_adapter
