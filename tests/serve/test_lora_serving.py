@@ -150,3 +150,19 @@ def test_cli_lora_flag(serve_checkpoint, adapters, tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jneox: error: ") and str(bad / "adapter_model.safetensors") in lines[0]
+
+
+def test_speculative_decoding_keeps_each_adapters_greedy_answer(serve_checkpoint, adapters, client):
+    """With --speculate, a verification row adds its request's adapter at every position: greedy answers
+    are the plain server's, adapter by adapter."""
+    from jneox.speculative import PromptLookup
+
+    spec = start_server(serve_checkpoint, draft=PromptLookup(4), adapters={n: a for n, (a, _) in adapters.items()})
+    try:
+        fast = openai.OpenAI(base_url=spec.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        for model in ("tiny", *NAMES):
+            prompt = "山と川と山と川と山と川と"  # repeats, so prompt lookup has guesses to check
+            assert ask(fast, model, prompt, 32) == ask(client, model, prompt, 32)
+        assert spec.engine.counters["draft_proposed"] > 0
+    finally:
+        spec.stop()
