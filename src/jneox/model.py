@@ -129,7 +129,11 @@ def add_low_rank(y: torch.Tensor, x: torch.Tensor, rows: dict[int, LowRank] | No
     in fp32 beside whatever format the weight has: a row's bits do not depend on its neighbours, and a
     row without an update is left untouched."""
     for i, (a, b, scale) in (rows or {}).items():
-        y[i] += (F.linear(F.linear(x[i].float(), a), b) * scale).to(y.dtype)
+        h = F.linear(x[i].float(), a)
+        if y.dtype == torch.float32:
+            y[i].addmm_(h, b.t(), alpha=scale)  # one step: these small products cost their calls, not arithmetic
+        else:
+            y[i] += (F.linear(h, b) * scale).to(y.dtype)
     return y
 
 
