@@ -21,7 +21,7 @@ LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 # one linear layer's low-rank update: A (rank, in), B (out, rank) and the scale, A and B in fp32
 LowRank = tuple[torch.Tensor, torch.Tensor, float]
 # a forward pass's per-row adapters: batch row -> that row's updates, one {linear: LowRank} per layer
-RowAdapters = dict[int, "list[dict[str, LowRank]]"]
+RowAdapters = dict[int, list[dict[str, LowRank]]]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
