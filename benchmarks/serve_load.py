@@ -19,6 +19,13 @@ aims at a server that is already running instead. Traffic only ever goes to that
     python benchmarks/serve_load.py --model DIR --dtype int8     # a real checkpoint
     python benchmarks/serve_load.py --model models/demo --task copy --temperature 0 --speculate lookup
 
+``--lora N`` loads N random LoRA adapters of rank ``--lora-rank`` (written into ``--work``) with
+``--lora``, and runs each client count twice: every request on the base model, then the requests
+spread round-robin over the adapters (rows of one batch on different adapters); the table has both
+rows and the adapter rows' aggregate tok/s as a share of the base rows'.
+
+    python benchmarks/serve_load.py --layers 36 --dtype int8 --clients 16 --lora 4
+
 ``--speculate``/``--draft-tokens`` are passed to the server (speculative decoding; the table then has
 the share of guesses accepted); ``--task copy`` asks questions about a passage given in the prompt,
 whose answers quote it (``benchmarks/speculative.py``'s copy task), instead of open chat questions.
@@ -42,8 +49,8 @@ QUESTIONS = ["日本のおすすめの観光地を教えてください。", "�
 
 
 async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, headers: dict,
-                      questions: list[str] = QUESTIONS, temperature: float = 0.7) -> dict:
-    body = {"model": "bench", "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                      questions: list[str] = QUESTIONS, temperature: float = 0.7, model: str = "bench") -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": questions[i % len(questions)]}],
             "max_tokens": max_tokens, "temperature": temperature, "seed": i, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -83,8 +90,9 @@ def server_counters(url: str) -> dict | None:
 
 
 async def run_clients(url: str, clients: int, duration: float, max_tokens: int, headers: dict,
-                      questions: list[str] = QUESTIONS, temperature: float = 0.7) -> dict:
-    """``clients`` loops, each sending one request after another until ``duration`` has passed."""
+                      questions: list[str] = QUESTIONS, temperature: float = 0.7, models: tuple[str, ...] = ("bench",)) -> dict:
+    """``clients`` loops, each sending one request after another until ``duration`` has passed; client c
+    asks for model ``models[c % len(models)]``."""
     results: list[dict] = []
     before = server_counters(url)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -95,7 +103,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
             k = 0
             while time.perf_counter() - t0 < duration:
                 results.append(await one_request(client, url, c * 1000 + k, max_tokens, headers, questions,
-                                                 temperature))
+                                                 temperature, models[c % len(models)]))
                 k += 1
 
         await asyncio.gather(*(loop(c) for c in range(clients)))
@@ -149,7 +157,38 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         opts += ["--device", args.device]
     if args.speculate:
         opts += ["--speculate", args.speculate, "--draft-tokens", str(args.draft_tokens)]
+    for name, folder in make_adapters(model, args.lora, args.lora_rank, args.work.expanduser()).items():
+        opts += ["--lora", f"{name}={folder}"]
     return launch_server(opts)
+
+
+def make_adapters(model: str, count: int, rank: int, work: Path) -> dict[str, Path]:
+    """``count`` PEFT adapters of rank ``rank`` with random (non-zero) updates for the checkpoint ``model``,
+    written once into ``work``; {name: folder}."""
+    if not count:
+        return {}
+    import torch
+
+    from jneox.adapters import linear_shape, save_adapter
+    from jneox.hub import resolve
+    from jneox.loading import load_config
+    from jneox.model import LINEARS
+
+    config = load_config(resolve(model))
+    out = {}
+    for i in range(count):
+        folder = work / f"lora-{config.num_layers}L-{config.hidden_size}-r{rank}-{i}"
+        if not folder.exists():
+            gen = torch.Generator().manual_seed(i)
+            state = {}
+            for layer in range(config.num_layers):
+                for name in LINEARS:
+                    fan_in, fan_out = linear_shape(config, name)
+                    state[f"blocks.{layer}.{name}.lora_a"] = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
+                    state[f"blocks.{layer}.{name}.lora_b"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+            save_adapter(folder, state, rank, alpha=2.0 * rank, base_model=model)
+        out[f"lora{i}"] = folder
+    return out
 
 
 def launch_server(opts: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
@@ -192,6 +231,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="of every request (default 0.7, the card's)")
     p.add_argument("--speculate", metavar="lookup|DRAFT", help="the server's --speculate")
     p.add_argument("--draft-tokens", type=int, default=5, help="the server's --draft-tokens (default 5)")
+    p.add_argument("--lora", type=int, default=0, metavar="N",
+                   help="also run each row with the requests spread over N random LoRA adapters (default 0)")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of those adapters (default 16)")
     args = p.parse_args()
     questions = QUESTIONS
     if args.task == "copy":
@@ -208,15 +250,19 @@ def main() -> None:
     rows = []
     try:
         asyncio.run(one_request_warmup(url, headers))
+        adapters = tuple(f"lora{i}" for i in range(args.lora))
         for n in counts:
-            rows.append(asyncio.run(run_clients(url, n, args.duration, args.max_tokens, headers, questions,
-                                                args.temperature)))
-            print(f"{n} clients: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors", file=sys.stderr, flush=True)
+            for models in (("bench",), adapters) if adapters else (("bench",),):
+                rows.append(asyncio.run(run_clients(url, n, args.duration, args.max_tokens, headers, questions,
+                                                    args.temperature, models)))
+                rows[-1]["adapters"] = 0 if models == ("bench",) else len(models)
+                print(f"{n} clients over {models}: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors",
+                      file=sys.stderr, flush=True)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    base = rows[0] if rows and rows[0]["clients"] == 1 else None
+    base = rows[0] if rows and rows[0]["clients"] == 1 and not args.lora else None
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --device {args.device or 'cpu'}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
           f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request, task {args.task}, temperature "
@@ -229,9 +275,16 @@ def main() -> None:
         agg = f"{r['tok_s']:.1f}" + (f" ({r['tok_s'] / base['tok_s']:.1f}x)" if base else "")
         dec = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base['decode_tok_s']:.1f}x)" if base else "")
         cpu = f"{r['decode_tok_cpu_s']:.1f}" + (f" ({r['decode_tok_cpu_s'] / base['decode_tok_cpu_s']:.1f}x)" if base else "")
-        print(f"| {r['clients']} | {r['requests']} | {agg} | {dec} | {cpu} | {r['prefill_share']:.0%} | "
+        clients = f"{r['clients']}" + (f" over {r['adapters']} adapters" if r["adapters"] else "")
+        print(f"| {clients} | {r['requests']} | {agg} | {dec} | {cpu} | {r['prefill_share']:.0%} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
               f"{'-' if r['accepted'] != r['accepted'] else format(r['accepted'], '.0%')} | {r['errors']} |")
+    if args.lora:
+        print(f"\nLoRA (rank {args.lora_rank}): aggregate tok/s of the requests spread over {args.lora} adapters, as a "
+              f"share of all on the base model")
+        for plain, lora in zip(rows[::2], rows[1::2]):
+            print(f"- {plain['clients']} clients: {lora['tok_s']:.1f} vs {plain['tok_s']:.1f} tok/s = "
+                  f"{lora['tok_s'] / plain['tok_s']:.0%} (decode {lora['decode_tok_s'] / plain['decode_tok_s']:.0%})")
     for r in rows:
         if r["first_error"]:
             print(f"\n{r['clients']} clients, first error: {r['first_error']}")

@@ -46,16 +46,19 @@ class Live:
 
 
 def start_server(checkpoint, api_key=API_KEY, max_batch=8, max_queue=16, start_engine=True, draft=None,
-                 **app_options) -> Live:
+                 adapters=(), **app_options) -> Live:
     """``app_options``: create_app's keyword options (request_timeout, cors_origins, ...); ``draft``: the
-    engine's speculative decoding."""
+    engine's speculative decoding; ``adapters``: folders of LoRA adapters, {name: folder}."""
     import uvicorn
 
     import jneox
     from jneox.serve import Engine, create_app
 
     model, tokenizer = jneox.load(checkpoint, weights="float32")  # what `jneox serve` loads on a CPU
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft)
+    from jneox.adapters import load_adapter
+
+    loaded = [load_adapter(folder, model.config, name) for name, folder in dict(adapters).items()]
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft, adapters=loaded)
     if start_engine:
         engine.start()
     app = create_app(engine, model_id="tiny", api_key=api_key, **app_options)

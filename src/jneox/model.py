@@ -16,6 +16,13 @@ from torch import nn
 from . import kernels
 from .config import ModelConfig
 
+# the linear layers of a block, by module path: what LoRA adapters may update
+LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+# one linear layer's low-rank update: A (rank, in), B (out, rank) and the scale, A and B in fp32
+LowRank = tuple[torch.Tensor, torch.Tensor, float]
+# a forward pass's per-row adapters: batch row -> that row's updates, one {linear: LowRank} per layer
+RowAdapters = dict[int, list[dict[str, LowRank]]]
+
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """A zero tensor whose memory is only taken where written, on the CPU.
@@ -115,6 +122,29 @@ def _consecutive_from(pos: torch.Tensor, B: int, T: int) -> torch.Tensor | None:
     return first.contiguous()
 
 
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, rows: dict[int, LowRank] | None) -> torch.Tensor:
+    """``y`` (B, T, out), a linear layer's output for ``x`` (B, T, in), plus ``scale * (x @ A^T) @ B^T``
+    for each row in ``rows`` (row -> its update), written into ``y``; the update is never merged into the
+    shared weight, so rows of one batch may each use their own adapter. Each row is computed on its own,
+    in fp32 beside whatever format the weight has: a row's bits do not depend on its neighbours, and a
+    row without an update is left untouched."""
+    for i, (a, b, scale) in (rows or {}).items():
+        h = F.linear(x[i].float(), a)
+        if y.dtype == torch.float32:
+            y[i].addmm_(h, b.t(), alpha=scale)  # one step: these small products cost their calls, not arithmetic
+        else:
+            y[i] += (F.linear(h, b) * scale).to(y.dtype)
+    return y
+
+
+def _layer_rows(adapters: RowAdapters | None, layer: int, name: str) -> dict[int, LowRank] | None:
+    """The updates of linear ``name`` of layer ``layer``, by row (None when no row has one)."""
+    if not adapters:
+        return None
+    rows = {i: per_layer[layer][name] for i, per_layer in adapters.items() if name in per_layer[layer]}
+    return rows or None
+
+
 def _decode_attention(q, k, v, mask=None):
     """One query per row against the cache: two small matmuls and a softmax. For a single query,
     PyTorch's CPU SDPA kernels spend more time on set-up than on the arithmetic."""
@@ -131,10 +161,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias, device=device)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias, device=device)
 
-    def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
+    def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None, lora=None):
         B, T, C = x.shape
         H, D = self.config.num_heads, self.config.head_dim
-        qkv = self.qkv(x)
+        lora = lora or {}
+        qkv = add_low_rank(self.qkv(x), x, lora.get("attn.qkv"))
         # the fused kernel when nothing needs a gradient: with grad on, a frozen model (a packed one) takes
         # it too, so its answers do not depend on whether the caller disabled grad
         if cache is not None and T <= kernels.MAX_KERNEL_ROWS and not qkv.requires_grad:
@@ -144,7 +175,7 @@ class Attention(nn.Module):
                 R = cos.shape[-1]
                 cs = (cos.reshape(B, T, R), sin.reshape(B, T, R)) if cos.dim() == 4 else (cos.reshape(T, R), sin.reshape(T, R))
                 y = kernels.decode_attention(lib, qkv.float().contiguous(), *cs, cache.k, cache.v, first, H, D)
-                return self.proj(y)
+                return add_low_rank(self.proj(y), y, lora.get("attn.proj"))
         qkv = qkv.view(B, T, H, 3, D)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -156,7 +187,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return add_low_rank(self.proj(y), y, lora.get("attn.proj"))
 
 
 class MLP(nn.Module):
@@ -166,8 +198,10 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size, device=device)
         self.approximate = config.gelu_approximate
 
-    def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+    def forward(self, x, lora=None):
+        lora = lora or {}
+        h = F.gelu(add_low_rank(self.fc(x), x, lora.get("mlp.fc")), approximate=self.approximate)
+        return add_low_rank(self.proj(h), h, lora.get("mlp.proj"))
 
 
 class Block(nn.Module):
@@ -179,12 +213,13 @@ class Block(nn.Module):
         self.mlp = MLP(config, device)
         self.parallel = config.parallel_residual
 
-    def forward(self, x, cos, sin, pos=None, cache=None, end=0, mask=None):
-        a = self.attn(self.norm_1(x), cos, sin, pos, cache, end, mask)
+    def forward(self, x, cos, sin, pos=None, cache=None, end=0, mask=None, lora=None):
+        """``lora``: this layer's per-row adapter updates, {linear name: {row: LowRank}} (None: none)."""
+        a = self.attn(self.norm_1(x), cos, sin, pos, cache, end, mask, lora)
         if self.parallel:
-            return x + a + self.mlp(self.norm_2(x))
+            return x + a + self.mlp(self.norm_2(x), lora)
         x = x + a
-        return x + self.mlp(self.norm_2(x))
+        return x + self.mlp(self.norm_2(x), lora)
 
 
 def meta_model(config: ModelConfig) -> "GPTNeoX":
@@ -232,14 +267,16 @@ class GPTNeoX(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
-                cache: list[KVCache] | None = None, head: bool = True) -> torch.Tensor:
+                cache: list[KVCache] | None = None, head: bool = True,
+                adapters: RowAdapters | None = None) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T); with ``head=False`` the final-norm hidden states instead
         (what a PPO value head reads beside the LM head).
 
         Without ``input_pos`` the call is a plain causal pass (training, scoring). With it, keys and
         values go to ``cache`` (from :meth:`new_cache`): ``input_pos`` is (T,) when every row is at
         the same positions, or (B, T) when each row has its own. ``last_only`` returns only the
-        last position's logits, which is all a prefill needs.
+        last position's logits, which is all a prefill needs. ``adapters`` adds LoRA updates to the rows
+        it names (see :func:`add_low_rank`; :class:`jneox.adapters.Adapter` makes them from PEFT files).
         """
         B, T = idx.shape
         c = self.config
@@ -265,8 +302,9 @@ class GPTNeoX(nn.Module):
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dims) for per-row positions
         x = self.embed(idx)
-        for block, layer_cache in zip(self.blocks, caches):
-            x = block(x, cos, sin, input_pos, layer_cache, end, mask)
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, caches)):
+            lora = {name: rows for name in LINEARS if (rows := _layer_rows(adapters, i, name))} if adapters else None
+            x = block(x, cos, sin, input_pos, layer_cache, end, mask, lora)
         if last_only:
             x = x[:, -1:]
         x = self.norm_f(x)

@@ -1,11 +1,14 @@
 """``jneox chat``, ``jneox generate`` and ``jneox serve``."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from ..chat import SYSTEM, TURN_STOP, USER, ChatSession, format_prompt
+from ..errors import UsageError
 from ..generate import stream
 from ..loading import served_model_id
 from ..serve import serve
@@ -78,12 +81,19 @@ def cmd_serve(args) -> int:
               f"can use it", file=sys.stderr)
     model, tokenizer = load_from_args(args)
     draft = draft_from_args(args, tokenizer)
-    serve(model, tokenizer, model_id=served_model_id(args.model, args.model_name), host=args.host, port=args.port,
+    model_id = served_model_id(args.model, args.model_name)
+    names = [name for name, _ in args.lora]
+    for name in names:
+        if name == model_id or names.count(name) > 1:
+            raise UsageError(f"--lora {name}=...: the name is " + ("the base model's id" if name == model_id else
+                             "given twice") + "; give each adapter a name of its own")
+    adapters = [load_adapter(folder, model.config, name, model.embed.weight.device) for name, folder in args.lora]
+    serve(model, tokenizer, model_id=model_id, host=args.host, port=args.port,
           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, log_level=args.log_level,
           allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
           default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
-          max_connections=args.max_connections)
+          max_connections=args.max_connections, adapters=adapters)
     return 0
 
 
@@ -102,6 +112,14 @@ def add_generate_parser(sub) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+
+def lora_spec(text: str) -> tuple[str, str]:
+    """``NAME=DIR`` of ``--lora``."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (a PEFT adapter folder), got {text!r}")
+    return name, folder
 
 
 def add_serve_parser(sub) -> None:
@@ -138,5 +156,8 @@ def add_serve_parser(sub) -> None:
                    help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
     p.add_argument("--default-max-tokens", type=at_least(1), metavar="N",
                    help="longest answer when a request gives no max_tokens (default 512; never past the window)")
+    p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="NAME=DIR",
+                   help=f"serve the PEFT LoRA adapter in DIR ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) as model NAME "
+                        "beside the base model: a request's model field picks one (may be repeated)")
     add_speculate_args(p)
     p.set_defaults(func=cmd_serve)

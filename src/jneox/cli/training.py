@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..chat import SYSTEM
 from ..files import LOG_FILE, REPORT_FILE, STATE_FILE, TOKENIZER_FILE
 from ..tokenizer import Tokenizer, train_tokenizer
@@ -67,7 +68,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    sft(args.model, args.data, train_config(args), **finetune_kwargs(args))
+    sft(args.model, args.data, train_config(args), save_adapter=args.save_adapter, **finetune_kwargs(args))
     return 0
 
 
@@ -86,6 +87,13 @@ def add_finetune_args(p: argparse.ArgumentParser, data_help: str, what: str, epo
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default: 16)")
 
 
+def add_save_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-adapter", metavar="DIR",
+                   help="with --lora-rank: also write the LoRA adapters to DIR as a PEFT adapter folder "
+                        f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) for `jneox serve --lora` and PEFT; OUT stays "
+                        "the merged checkpoint")
+
+
 def finetune_kwargs(args) -> dict:
     return dict(val_data=args.val_data, val_fraction=args.val_fraction, max_len=args.max_len, epochs=args.epochs,
                 max_steps=args.max_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -101,7 +109,7 @@ def cmd_reward(args) -> int:
 
 def cmd_dpo(args) -> int:
     dpo(args.model, args.data, train_config(args), beta=args.beta, loss_type=args.loss_type,
-        label_smoothing=args.label_smoothing, **finetune_kwargs(args))
+        label_smoothing=args.label_smoothing, save_adapter=args.save_adapter, **finetune_kwargs(args))
     return 0
 
 
@@ -139,6 +147,7 @@ def add_preference_parsers(sub) -> None:
     p.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid", help="(default: sigmoid, DPO's own)")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="assumed share of flipped labels, conservative DPO (sigmoid only; default: 0)")
+    add_save_adapter_arg(p)
     add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
     p.set_defaults(func=cmd_dpo)
 
@@ -193,6 +202,7 @@ def add_train_parsers(sub) -> None:
 
     p = sub.add_parser("sft", help=f"supervised fine-tuning on JSONL conversations (loss on {SYSTEM} turns only)")
     add_finetune_args(p, "JSONL conversations (card shape or messages)", "conversations", epochs=3.0)
+    add_save_adapter_arg(p)
     add_train_args(p, lr=1e-4, min_lr=1e-5, warmup=20, weight_decay=0.0)
     p.set_defaults(func=cmd_sft)
     add_preference_parsers(sub)

@@ -22,7 +22,7 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
           api_key: str | None = None, max_batch: int = 8, max_queue: int = 32, log_level: str = "info", *,
           allowed_hosts=(), cors_origins=(), request_timeout: float | None = None, shutdown_timeout: float = 30,
           default_max_tokens: int | None = None, draft=None, read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
-          max_connections: int | None = None) -> None:
+          max_connections: int | None = None, adapters=()) -> None:
     """Serve ``model`` until SIGTERM or SIGINT (Ctrl-C), then shut down gracefully: new requests get
     503, those already accepted finish for up to ``shutdown_timeout`` seconds (what is left then ends
     with an error event), and the function returns. A second signal stops at once.
@@ -30,10 +30,12 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
     :class:`Engine`). ``read_timeout``: seconds to receive a request's headers and body (None: no
     limit); ``max_connections``: connections open at once (None: DEFAULT_MAX_CONNECTIONS or fewer
     under a low ``ulimit -n``), more are closed as they are accepted (see :mod:`jneox.serve.limits`).
-    The other options: see :func:`create_app`."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft).start()
+    ``adapters``: LoRA adapters that requests name in ``model`` (see :class:`Engine`). The other options:
+    see :func:`create_app`."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft, adapters=adapters)
     app = create_app(engine, model_id, api_key, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                      request_timeout=request_timeout, default_max_tokens=default_max_tokens or DEFAULT_MAX_TOKENS)
+    engine.start()
     limits = Limits(read_timeout, max_connections)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3,
                             http=limits.protocol())

@@ -23,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from ..adapters import Adapter
 from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, parse_chat,
                        parse_completion, parse_json, too_large)
 from .limits import Limits, Throttled
@@ -167,6 +168,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     limit) ends a request that has not finished by then; ``default_max_tokens`` caps an answer whose
     request gives no ``max_tokens``.
     """
+    if model_id in engine.adapters:
+        raise ValueError(f"the adapter name {model_id!r} is the base model's id; give the adapter another name")
     app = FastAPI(title="jneox", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     names = {host.strip("[]").lower(), *(h.lower() for h in allowed_hosts)}
@@ -238,10 +241,24 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         """Whether the request's body (read by read_body) is small enough to tokenize on the loop."""
         return request.state.body_bytes <= INLINE_BYTES
 
-    def submit(req: GenerationRequest, listener: Listener):
+    def pick_adapter(body: dict) -> Adapter | None:
+        """The LoRA adapter that the request's ``model`` names (None: the base model). With adapters loaded,
+        a name that is neither the base model's id nor an adapter's is a 404 as OpenAI's API answers it;
+        without any, every name means the one model, as before adapters existed."""
+        name = body.get("model")
+        if not engine.adapters or name is None or name == model_id:
+            return None
+        if isinstance(name, str) and name in engine.adapters:
+            return engine.adapters[name]
+        raise APIError(404, f"The model `{str(name)[:100]}` does not exist; this server has {model_id} and the "
+                       f"adapters {', '.join(engine.adapters)} (GET /v1/models lists them)", "model",
+                       "model_not_found")
+
+    def submit(req: GenerationRequest, listener: Listener, adapter: Adapter | None = None):
         try:
             return engine.submit(req.prompt_ids, req.params, listener, logprobs=req.logprobs,
-                                 prompt_logprobs=req.echo, generate=req.generate, speculate=req.speculate)
+                                 prompt_logprobs=req.echo, generate=req.generate, speculate=req.speculate,
+                                 adapter=adapter)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry in a moment", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -261,10 +278,11 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             answer.add(event)
         return answer
 
-    async def run(request: Request, reqs: list[GenerationRequest], chunk, final, opening: bool = False):
-        """Submit ``reqs`` (one per prompt) and answer: for one streamed request SSE chunks made by
-        ``chunk(id, text, finish_reason, event=...)`` (and first an opening one ``first=True`` if
-        ``opening``), else one JSON body made by ``final(id, answers, usage)``."""
+    async def run(request: Request, reqs: list[GenerationRequest], chunk, final, opening: bool = False,
+                  adapter: Adapter | None = None):
+        """Submit ``reqs`` (one per prompt, each with ``adapter``) and answer: for one streamed request SSE
+        chunks made by ``chunk(id, text, finish_reason, event=...)`` (and first an opening one ``first=True``
+        if ``opening``), else one JSON body made by ``final(id, answers, usage)``."""
         if len(reqs) > engine.max_batch + engine.max_queue:
             raise APIError(400, f"{len(reqs)} prompts in one request; this server takes at most "
                            f"{engine.max_batch + engine.max_queue} at once", "prompt", "invalid_value")
@@ -272,7 +290,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         try:
             for req in reqs:
                 listeners.append(Listener(asyncio.get_running_loop(), request_timeout))
-                seqs.append(submit(req, listeners[-1]))
+                seqs.append(submit(req, listeners[-1], adapter))
         except APIError:
             for seq in seqs:
                 engine.cancel(seq)
@@ -331,6 +349,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     async def chat_completions(request: Request):
         body = await read_body(request)
         req = await workers.run(parse_chat, body, tokenizer, window, default_max_tokens, small=small(request))
+        adapter = pick_adapter(body)
+        served = adapter.name if adapter else model_id
 
         def logprobs(entries):
             return None if req.logprobs is None else {"content": chat_logprobs(tokenizer, entries)}
@@ -338,18 +358,18 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         def chunk(rid, text, finish, first=False, event=None):
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": model_id, "system_fingerprint": None,
+                    "model": served, "system_fingerprint": None,
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(event.logprobs) if event else None,
                                  "finish_reason": finish}]}
 
         def final(rid, answers, usage):
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
-                    "model": model_id, "system_fingerprint": None,
+                    "model": served, "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answers[0].text},
                                  "logprobs": logprobs(answers[0].logprobs), "finish_reason": answers[0].final.finish_reason}],
                     "usage": usage}
 
-        return await run(request, [req], chunk, final, opening=True)
+        return await run(request, [req], chunk, final, opening=True, adapter=adapter)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -360,6 +380,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             return reqs, [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
 
         reqs, echoed = await workers.run(prepare, small=small(request))
+        adapter = pick_adapter(body)
+        served = adapter.name if adapter else model_id
 
         def logprobs(req, prompt_entries, entries, offsets: Offsets):
             """The legacy shape over the prompt's tokens (echo) and then the generated ones."""
@@ -370,7 +392,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             return {k: [x for part in parts for x in part[k]] for k in parts[-1]}
 
         def head(rid, choices):
-            return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_id,
+            return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": served,
                     "choices": choices}
 
         offsets = Offsets(tokenizer, len(echoed[0]))  # the stream's generated text so far
@@ -389,7 +411,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
                                  for i, (r, a) in enumerate(zip(reqs, answers))]), "usage": usage}
 
         # echo without logprobs: the engine sends no prompt event, so the prompt opens the stream
-        return await run(request, reqs, chunk, final, opening=reqs[0].echo and reqs[0].logprobs is None)
+        return await run(request, reqs, chunk, final, opening=reqs[0].echo and reqs[0].logprobs is None,
+                         adapter=adapter)
 
     @app.post("/tokenize")
     async def tokenize_(request: Request):
@@ -410,7 +433,12 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     async def models(request: Request):
         check_key(request)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "jneox",
-                                            "context_window": window}]}
+                                            "context_window": window}, *adapter_entries()]}
+
+    def adapter_entries() -> list[dict]:
+        """/v1/models' entries of the LoRA adapters (vLLM's shape: ``parent`` is the base model)."""
+        return [{"id": name, "object": "model", "created": created, "owned_by": "jneox", "context_window": window,
+                 "parent": model_id} for name in engine.adapters]
 
     @app.get("/health")
     async def health():

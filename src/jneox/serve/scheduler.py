@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..adapters import Adapter
 from ..errors import UsageError
 from ..generate import TextAssembler
 from ..model import GPTNeoX, KVCache
@@ -119,6 +120,7 @@ class Request:
     pending: list[TokenLogprob] = field(default_factory=list)  # generated tokens' logprobs not yet sent
     speculate: bool = True  # False: plain decode steps even when the engine has a draft
     draft: Guesser | None = None  # this request's guesser, from the first token on
+    adapter: Adapter | None = None  # the LoRA adapter its rows add (None: the base model)
 
 
 def check_cache_fits(model: GPTNeoX, rows: int, window: int) -> None:
@@ -140,15 +142,18 @@ class Engine:
     request's slot at the next step. At most ``max_batch`` requests run and ``max_queue`` wait; past
     that ``submit`` raises :class:`QueueFull`. ``draft`` (:func:`jneox.loading.load_draft`) makes
     decode steps speculative (see the module docstring); its model must share ``tokenizer``.
+    ``adapters`` (:func:`jneox.adapters.load_adapter`) are the LoRA adapters a request may name; each
+    row of a batch adds its own request's adapter (see :func:`jneox.model.add_low_rank`).
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32,
-                 draft: Guesser | None = None):
+                 draft: Guesser | None = None, adapters: Sequence[Adapter] = ()):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.draft = draft
+        self.adapters = {a.name: a for a in adapters}
         self.window = model.config.max_position_embeddings
         self.device = model.embed.weight.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
@@ -221,14 +226,15 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
                logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True,
-               speculate: bool = True) -> Request:
+               speculate: bool = True, adapter: Adapter | None = None) -> Request:
         """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when full and
         Unavailable when the engine takes no more requests.
 
         ``logprobs`` (k >= 0) adds each generated token's log-probability and its k most likely
         alternatives to the events; ``prompt_logprobs`` also those of the prompt's tokens (first event);
         ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``);
-        ``speculate=False`` decodes this request without the engine's draft."""
+        ``speculate=False`` decodes this request without the engine's draft; ``adapter``: one of the
+        engine's ``adapters`` (None: the base model)."""
         if generate:
             check_prompt_fits(self.model, len(prompt_ids))
         elif not prompt_logprobs or logprobs is None:
@@ -237,7 +243,7 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; 1 to {self.window} can be scored")
         seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate,
-                      speculate=speculate)
+                      speculate=speculate, adapter=adapter)
         with self.cond:
             if self.failed:
                 raise Unavailable(ENGINE_FAILED)
@@ -366,7 +372,7 @@ class Engine:
             b = min(a + self.prefill_chunk, ids.shape[1])
             # echo: every position's logits, from the same pass that fills the cache
             logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device),
-                                last_only=scored is None, cache=rows)
+                                last_only=scored is None, cache=rows, adapters=self._adapters([seq], seq.slot, seq.slot + 1))
             if scored is not None:
                 scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
         seq.pos = ids.shape[1]
@@ -404,7 +410,8 @@ class Engine:
         logits = []
         for a in range(0, rows, per):
             b = min(a + per, rows)
-            logits.append(self.model(tokens[a:b], input_pos=positions[a:b], cache=self._rows(a, b)))
+            logits.append(self.model(tokens[a:b], input_pos=positions[a:b], cache=self._rows(a, b),
+                                     adapters=self._adapters(running, a, b)))
         logits = torch.cat(logits)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(running))
@@ -419,6 +426,13 @@ class Engine:
         self.counters["decode_tokens"] += made
         self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_cpu_s"] += time.thread_time() - c0
+
+    @staticmethod
+    def _adapters(seqs: list[Request], a: int, b: int) -> dict | None:
+        """The LoRA updates of a pass over slots ``[a, b)`` by the pass's row (slot - a), from those of
+        ``seqs`` that have an adapter; None when no row has one."""
+        rows = {s.slot - a: s.adapter.layers for s in seqs if s.adapter is not None and a <= s.slot < b}
+        return rows or None
 
     def _guesses(self, running: list[Request], rows: int) -> dict[Request, tuple[list[int], torch.Tensor | None]]:
         """Each speculating request's guesses for this step (requests without any are left out), at most

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .finetune import start_fine_tuning
+from .finetune import check_adapter_out, start_fine_tuning
 from .loop import Trainer, TrainConfig
 from .preference import PairBatch, PairObjective, answer_logps, build_preference_data, collate_pairs
 
@@ -97,9 +97,11 @@ def reference_logps(model: nn.Module, pairs: list, pad_id: int, batch_size: int,
 def dpo(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data: list[str] | None = None,
         val_fraction: float = 0.05, max_len: int = 1024, epochs: float = 1.0, max_steps: int | None = None,
         lora_rank: int = 0, lora_alpha: float = 16.0, skip_bad_lines: bool = False, beta: float = 0.1,
-        loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> dict:
+        loss_type: str = "sigmoid", label_smoothing: float = 0.0, save_adapter: str | os.PathLike | None = None) -> dict:
     """DPO from the checkpoint ``model`` on JSONL preference pairs (:mod:`jneox.train.preference`);
-    writes ``cfg.out`` as a plain causal-LM checkpoint."""
+    writes ``cfg.out`` as a plain causal-LM checkpoint (``save_adapter``: and the LoRA adapters there,
+    as a PEFT folder)."""
+    check_adapter_out(save_adapter, lora_rank, cfg.overwrite)
     objective = DPOObjective(beta, loss_type, label_smoothing)
 
     def examples(tokenizer, max_len, trainer):
@@ -115,5 +117,7 @@ def dpo(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data
     frozen_weights = run.add_lora(lora_rank, lora_alpha)
     train_items = [(p, c, r) for p, (c, r) in zip(train, ref_train)]
     val_items = [(p, c, r) for p, (c, r) in zip(val, ref_val)]
-    return trainer.fit(net, train_items, val_items, lambda items: collate_pairs(items, pad),
-                       tokenizer_file=run.tokenizer.path, objective=objective, frozen_weights=frozen_weights)
+    metrics = trainer.fit(net, train_items, val_items, lambda items: collate_pairs(items, pad),
+                          tokenizer_file=run.tokenizer.path, objective=objective, frozen_weights=frozen_weights)
+    run.save_adapter(save_adapter, lora_rank, lora_alpha)
+    return metrics

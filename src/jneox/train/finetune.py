@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..adapters import save_adapter
+from ..files import STATE_FILE, check_replaceable
 from ..hub import resolve
 from ..loading import load_model, load_tokenizer
 from ..errors import UsageError
@@ -59,6 +61,15 @@ def add_lora(trainer: Trainer, net: nn.Module, rank: int, alpha: float, model: s
     return frozen_weights
 
 
+def check_adapter_out(folder: str | os.PathLike | None, rank: int, overwrite: bool) -> None:
+    """Before a run: ``--save-adapter folder`` needs LoRA, and a folder it may write (not after hours of training)."""
+    if folder is None:
+        return
+    if not rank:
+        raise UsageError("--save-adapter writes LoRA adapters: give --lora-rank too")
+    check_replaceable(folder, overwrite)
+
+
 @dataclass
 class FineTuning:
     """A fine-tuning run, set up: its trainer, the starting model (fp32) and tokenizer, ``max_len``
@@ -81,6 +92,17 @@ class FineTuning:
         """:func:`add_lora` on the run's model; ``reread_base=False``: the run cannot read the starting
         checkpoint again for its checkpoints, so the frozen base stays in float32."""
         return add_lora(self.trainer, self.net, rank, alpha, self.start if reread_base else None, frozen_dtype)
+
+    def save_adapter(self, folder: str | os.PathLike | None, rank: int, alpha: float) -> None:
+        """After the run: the LoRA adapters of its final checkpoint (OUT's trainer state holds them, gathered
+        from every process) as a PEFT adapter folder, for ``jneox serve --lora`` and PEFT; OUT stays the
+        merged checkpoint. Nothing for ``folder`` None."""
+        if folder is None or not self.trainer.is_main:
+            return
+        state = torch.load(self.trainer.out / STATE_FILE, map_location="cpu", weights_only=True)
+        path = save_adapter(folder, state["lora"], rank, alpha, base_model=self.start,
+                            overwrite=self.trainer.cfg.overwrite)
+        self.trainer.print(f"saved the LoRA adapters to {path} (PEFT format)")
 
 
 def start_fine_tuning(kind: str, model: str | os.PathLike, cfg: TrainConfig, max_len: int,

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..model import LINEARS
 
-# the linear layers of a GPT-NeoX block (attention qkv/proj, MLP fc/proj)
-TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+TARGETS = LINEARS  # the linear layers of a GPT-NeoX block (attention qkv/proj, MLP fc/proj)
 
 
 class LoRALinear(nn.Module):

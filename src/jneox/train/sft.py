@@ -11,17 +11,19 @@ import torch
 
 from ..errors import UsageError
 from .data import build_sft_data, collate
-from .finetune import start_fine_tuning
+from .finetune import check_adapter_out, start_fine_tuning
 from .loop import TrainConfig
 
 
 def sft(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data: list[str] | None = None,
         val_fraction: float = 0.05, max_len: int = 1024, epochs: float = 3.0, max_steps: int | None = None,
         lora_rank: int = 0, lora_alpha: float = 16.0, skip_bad_lines: bool = False,
-        frozen_dtype: torch.dtype | None = None) -> dict:
+        frozen_dtype: torch.dtype | None = None, save_adapter: str | os.PathLike | None = None) -> dict:
     """Fine-tune the checkpoint ``model`` (folder or hub id) on JSONL conversations; writes ``cfg.out``.
     Without ``max_steps`` the run lasts ``epochs`` passes over the training conversations.
-    ``frozen_dtype``: see :func:`jneox.train.finetune.add_lora`."""
+    ``frozen_dtype``: see :func:`jneox.train.finetune.add_lora`; ``save_adapter``: also write the LoRA
+    adapters there as a PEFT folder (:meth:`~jneox.train.finetune.FineTuning.save_adapter`)."""
+    check_adapter_out(save_adapter, lora_rank, cfg.overwrite)
 
     def examples(tokenizer, max_len, trainer):
         train, val = build_sft_data(data, tokenizer, max_len, val_paths=val_data, val_fraction=val_fraction,
@@ -37,5 +39,7 @@ def sft(model: str | os.PathLike, data: list[str], cfg: TrainConfig, *, val_data
     def collate_examples(examples):  # labels are already next-token targets, -100 outside システム turns
         return collate(examples, pad)
 
-    return run.trainer.fit(run.net, run.train, run.val, collate_examples, tokenizer_file=run.tokenizer.path,
-                           frozen_weights=frozen_weights)
+    metrics = run.trainer.fit(run.net, run.train, run.val, collate_examples, tokenizer_file=run.tokenizer.path,
+                              frozen_weights=frozen_weights)
+    run.save_adapter(save_adapter, lora_rank, lora_alpha)
+    return metrics
