@@ -241,7 +241,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     def submit(req: GenerationRequest, listener: Listener):
         try:
             return engine.submit(req.prompt_ids, req.params, listener, logprobs=req.logprobs,
-                                 prompt_logprobs=req.echo, generate=req.generate, speculate=req.speculate)
+                                 prompt_logprobs=req.echo, generate=req.generate, speculate=req.speculate,
+                                 constraint=req.constraint)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry in a moment", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
