@@ -26,6 +26,7 @@ import llguidance
 import torch
 from llguidance.gbnf_to_lark import any_to_lark
 
+from ..chat import TOOL_CALL_START
 from ..errors import JneoxError
 from ..hf_tokenizer import build_tokenizer
 from ..sampling import Sampler, SamplingParams
@@ -81,6 +82,29 @@ def lark_grammar(grammar: str) -> str:
         raise ConstraintError(f"the grammar cannot be read: {str(e)[:300]}") from None
 
 
+def tool_call_schema(functions: Sequence[tuple[str, dict]], parallel: bool = True) -> dict:
+    """The JSON schema of a call turn (:func:`jneox.chat.format_tool_calls`) to one of ``functions``
+    ((name, parameters schema) pairs); ``parallel``: several calls in one turn."""
+    one = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False} for name, params in functions]
+    calls = {"type": "array", "minItems": 1, "items": one[0] if len(one) == 1 else {"anyOf": one}}
+    if not parallel:
+        calls["maxItems"] = 1
+    return {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
+            "additionalProperties": False}
+
+
+def tool_call_grammar(functions: Sequence[tuple[str, dict]], parallel: bool = True, or_text: bool = False) -> str:
+    """A call turn to one of ``functions``; ``or_text``: or else any text that does not start with
+    TOOL_CALL_START (the answer's first character decides)."""
+    schema = tool_call_schema(functions, parallel)
+    if not or_text:
+        return json_schema_grammar(schema)
+    inline = json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+    return llguidance.LLMatcher.grammar_from_lark(
+        f"start: call | text\ncall: %json {inline}\ntext: /[^{TOOL_CALL_START}][\\s\\S]*/")
+
+
 # ---- the tokenizer as llguidance sees it -----------------------------------------------------------
 class _Vocabulary:
     """What llguidance's TokenizerWrapper reads: each id's bytes, the special ids and an encoder."""
@@ -118,7 +142,7 @@ class Constraint:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if is_error:
             raise ConstraintError(messages[0][:400])
-        self.matcher = llguidance.LLMatcher(tokenizer, grammar)
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise ConstraintError(self.matcher.get_error()[:400])
         self.bits = torch.full((1, (tokenizer.vocab_size + 31) // 32), -1, dtype=torch.int32)
