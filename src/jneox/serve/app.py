@@ -23,7 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest,
+from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, constrained,
                        parse_completion, parse_json, too_large)
 from .limits import Limits, Throttled
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
@@ -334,7 +334,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         body = await read_body(request)
         # tools: the answer may be a call (``calls`` turns it into tool_calls); else None
         req, calls = await workers.run(parse_tool_chat, body, tokenizer, window, default_max_tokens,
-                                       small=small(request) and body.get("tools") is None)
+                                       small=small(request) and not constrained(body))
 
         def logprobs(entries):
             return None if req.logprobs is None else {"content": chat_logprobs(tokenizer, entries)}
@@ -369,7 +369,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             reqs = parse_completion(body, tokenizer, window, default_max_tokens)
             return reqs, [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
 
-        reqs, echoed = await workers.run(prepare, small=small(request))
+        reqs, echoed = await workers.run(prepare, small=small(request) and not constrained(body))
 
         def logprobs(req, prompt_entries, entries, offsets: Offsets):
             """The legacy shape over the prompt's tokens (echo) and then the generated ones."""

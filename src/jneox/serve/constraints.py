@@ -13,7 +13,7 @@ A :class:`Constraint` is one row's matcher. :class:`ConstrainedSampler` is the r
 :class:`~jneox.sampling.Sampler` with the grammar's mask applied to the logits before the sampling
 rules, so a row without a constraint keeps its plain Sampler and its bits. The mask for the next
 token is computed on a thread of its own as soon as a token is accepted, while the engine runs the
-next model step (llguidance releases the GIL while it computes).
+next model step.
 """
 from __future__ import annotations
 

@@ -287,6 +287,13 @@ def structured_grammar(body: dict) -> tuple[str, str] | None:
     return asked[0] if asked else None
 
 
+def constrained(body: dict) -> bool:
+    """Whether the request asks for a constraint (structured output or tools): compiling one may take
+    long enough that it is done off the event loop."""
+    return any(body.get(f) is not None for f in ("response_format", "structured_outputs", "tools",
+                                                  *(f"guided_{k}" for k in STRUCTURED_KINDS[:4])))
+
+
 def constraint(grammar: tuple[str, str] | None, tokenizer) -> Constraint | None:
     """A row's matcher for ``grammar`` (from :func:`structured_grammar`); 400 for one llguidance refuses."""
     if grammar is None:
