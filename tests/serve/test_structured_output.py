@@ -112,8 +112,10 @@ def _instances(schema):
     if kind == "array":
         return st.lists(_instances(schema["items"]), max_size=schema["maxItems"])
     props = schema["properties"]
+    # the answer lists an object's properties in the schema's order (llguidance's rule)
     return st.fixed_dictionaries({k: _instances(props[k]) for k in schema["required"]},
-                                 optional={k: _instances(v) for k, v in props.items() if k not in schema["required"]})
+                                 optional={k: _instances(v) for k, v in props.items() if k not in schema["required"]}
+                                 ).map(lambda d: {k: d[k] for k in props if k in d})
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
