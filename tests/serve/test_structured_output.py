@@ -177,6 +177,12 @@ def test_choice(live, field):
     assert len(seen) > 1  # the model's choice, not always the first
 
 
+def test_each_prompt_of_a_completion_is_constrained(live):
+    r = post(live, "/v1/completions", {"model": "tiny", "prompt": ["日本の", "東京は", "今日は"], "max_tokens": 50,
+                                       "seed": 4, "guided_choice": ["はい", "いいえ"]})
+    assert [c["text"] in ("はい", "いいえ") for c in r.json()["choices"]] == [True] * 3
+
+
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_regex"])
 def test_regex(live, field):
     pattern = r"[0-9]{3}-[0-9]{4}(号室)?"
@@ -239,6 +245,10 @@ def test_rows_without_constraint_keep_their_tokens(live):
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": "json"}, "response_format"),
     ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_json": {"type": "objectx"}}, "guided_json"),
+    ({"structured_outputs": {"json": {"properties": {"a": {"$ref": "#/nowhere"}}, "required": ["a"]}}},
+     "structured_outputs.json"),
+    ({"structured_outputs": "json"}, "structured_outputs"),
     ({"guided_regex": "[0-9"}, "guided_regex"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),

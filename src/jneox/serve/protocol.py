@@ -263,25 +263,25 @@ def structured_grammar(body: dict) -> tuple[str, str] | None:
     json_object}) or its older ``guided_choice``, ``guided_regex``, ``guided_json``, ``guided_grammar``.
     At most one may be given."""
     asked: list[tuple[str, str]] = []
-    try:
-        if body.get("response_format") is not None:
-            g = _response_format(body["response_format"])
-            if g is not None:
-                asked.append(("response_format", g))
-        so = body.get("structured_outputs")
-        if so is not None:
-            if not isinstance(so, dict):
-                raise bad(f"structured_outputs must be an object, got {_type_name(so)}", "structured_outputs",
-                          "invalid_type")
-            for kind in STRUCTURED_KINDS:
-                if so.get(kind) not in (None, False):
-                    asked.append((f"structured_outputs.{kind}", _grammar_of(kind, so[kind], f"structured_outputs.{kind}")))
-        for kind in STRUCTURED_KINDS[:4]:
-            if body.get(f"guided_{kind}") is not None:
-                asked.append((f"guided_{kind}", _grammar_of(kind, body[f"guided_{kind}"], f"guided_{kind}")))
-    except ConstraintError as e:
-        raise bad(str(e), "response_format" if body.get("response_format") is not None else None,
-                  "invalid_grammar") from None
+    fields: list[tuple[str, object]] = []  # (param, how to make its grammar)
+    if body.get("response_format") is not None:
+        fields.append(("response_format", lambda: _response_format(body["response_format"])))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise bad(f"structured_outputs must be an object, got {_type_name(so)}", "structured_outputs",
+                      "invalid_type")
+        fields += [(f"structured_outputs.{k}", lambda k=k: _grammar_of(k, so[k], f"structured_outputs.{k}"))
+                   for k in STRUCTURED_KINDS if so.get(k) not in (None, False)]
+    fields += [(f"guided_{k}", lambda k=k: _grammar_of(k, body[f"guided_{k}"], f"guided_{k}"))
+               for k in STRUCTURED_KINDS[:4] if body.get(f"guided_{k}") is not None]
+    for param, make in fields:
+        try:
+            g = make()
+        except ConstraintError as e:
+            raise bad(f"{param}: {e}", param, "invalid_grammar") from None
+        if g is not None:
+            asked.append((param, g))
     if len(asked) > 1:
         raise bad(f"{asked[0][0]} and {asked[1][0]} both constrain the answer; send one", asked[1][0], "invalid_value")
     return asked[0] if asked else None
