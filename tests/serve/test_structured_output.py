@@ -258,3 +258,21 @@ def test_bad_constraints_are_400(live, body, param):
     r = post(live, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_constrained_rows_do_not_speculate(serve_checkpoint):
+    """With the server's --speculate, a constrained row decodes plainly (a guess would skip the mask):
+    its answers still validate, and no guess is checked for it."""
+    from serve_fixtures import start_server
+
+    from jneox.speculative import PromptLookup
+
+    server = start_server(serve_checkpoint, draft=PromptLookup(4))
+    try:
+        for seed in range(2):
+            r = post(server, "/v1/completions", {"model": "tiny", "prompt": "日本の日本の日本の", "max_tokens": 200,
+                                                 "seed": seed, "temperature": 0, "guided_json": PERSON})
+            jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), PERSON)
+        assert server.engine.stats()["draft_proposed"] == 0
+    finally:
+        server.stop()
