@@ -13,10 +13,11 @@ import threading
 
 import httpx
 import pytest
-from serve_fixtures import API_KEY, client, live, reference, serve_checkpoint  # noqa: F401
+from serve_fixtures import API_KEY, client, live, reference, serve_checkpoint, start_server  # noqa: F401
 
 import jneox
 from jneox.serve.constraints import Constraint, choice_grammar, grammar_tokenizer, json_schema_grammar
+from jneox.speculative import PromptLookup
 
 jsonschema = pytest.importorskip("jsonschema")
 hypothesis = pytest.importorskip("hypothesis")
@@ -263,10 +264,6 @@ def test_bad_constraints_are_400(live, body, param):
 def test_constrained_rows_do_not_speculate(serve_checkpoint):
     """With the server's --speculate, a constrained row decodes plainly (a guess would skip the mask):
     its answers still validate, and no guess is checked for it."""
-    from serve_fixtures import start_server
-
-    from jneox.speculative import PromptLookup
-
     server = start_server(serve_checkpoint, draft=PromptLookup(4))
     try:
         for seed in range(2):
