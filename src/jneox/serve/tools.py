@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..chat import TOOL_CALL_START, format_tool_calls, format_tool_results, format_tools, parse_tool_calls
 from .constraints import ConstraintError, json_schema_grammar, tool_call_grammar
@@ -32,7 +32,6 @@ class ToolCalls:
     names: list[str]
     stream_held: str = ""  # a streamed answer that may be a call is held back until it ends
     streaming_text: bool = False  # a streamed answer known to be text is passed on as it comes
-    ids: list[str] = field(default_factory=list)
 
     def calls(self, text: str) -> list[dict] | None:
         parsed = parse_tool_calls(text)
