@@ -49,10 +49,11 @@ QUESTIONS = ["日本のおすすめの観光地を教えてください。", "�
 
 
 async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, headers: dict,
-                      questions: list[str] = QUESTIONS, temperature: float = 0.7, model: str = "bench") -> dict:
+                      questions: list[str] = QUESTIONS, temperature: float = 0.7, model: str = "bench",
+                      extra: dict | None = None) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": questions[i % len(questions)]}],
             "max_tokens": max_tokens, "temperature": temperature, "seed": i, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
     first = last = None
     usage = None
@@ -90,7 +91,8 @@ def server_counters(url: str) -> dict | None:
 
 
 async def run_clients(url: str, clients: int, duration: float, max_tokens: int, headers: dict,
-                      questions: list[str] = QUESTIONS, temperature: float = 0.7, models: tuple[str, ...] = ("bench",)) -> dict:
+                      questions: list[str] = QUESTIONS, temperature: float = 0.7, models: tuple[str, ...] = ("bench",),
+                      extra: dict | None = None) -> dict:
     """``clients`` loops, each sending one request after another until ``duration`` has passed; client c
     asks for model ``models[c % len(models)]``."""
     results: list[dict] = []
@@ -103,7 +105,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
             k = 0
             while time.perf_counter() - t0 < duration:
                 results.append(await one_request(client, url, c * 1000 + k, max_tokens, headers, questions,
-                                                 temperature, models[c % len(models)]))
+                                                 temperature, models[c % len(models)], extra))
                 k += 1
 
         await asyncio.gather(*(loop(c) for c in range(clients)))
@@ -234,6 +236,8 @@ def main() -> None:
     p.add_argument("--lora", type=int, default=0, metavar="N",
                    help="also run each row with the requests spread over N random LoRA adapters (default 0)")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of those adapters (default 16)")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="every request's answer follows this JSON schema (response_format json_schema)")
     args = p.parse_args()
     questions = QUESTIONS
     if args.task == "copy":
@@ -242,6 +246,10 @@ def main() -> None:
 
         questions = task_questions(12)["copy"]
     counts = [int(c) for c in args.clients.split(",")]
+    extra = None
+    if args.json_schema:
+        schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+        extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}}
     proc = None
     url = args.url
     if url is None:
@@ -254,7 +262,7 @@ def main() -> None:
         for n in counts:
             for models in (("bench",), adapters) if adapters else (("bench",),):
                 rows.append(asyncio.run(run_clients(url, n, args.duration, args.max_tokens, headers, questions,
-                                                    args.temperature, models)))
+                                                    args.temperature, models, extra)))
                 rows[-1]["adapters"] = 0 if models == ("bench",) else len(models)
                 print(f"{n} clients over {models}: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors",
                       file=sys.stderr, flush=True)
@@ -267,7 +275,8 @@ def main() -> None:
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --device {args.device or 'cpu'}, --max-batch {args.max_batch}, --max-queue {args.max_queue}); "
           f"{args.duration:.0f} s per row, {args.max_tokens} tokens per request, task {args.task}, temperature "
           f"{args.temperature:g}" + (f", --speculate {args.speculate} --draft-tokens {args.draft_tokens}"
-                                     if args.speculate else "") + "\n")
+                                     if args.speculate else "")
+          + (f", answers constrained by the JSON schema {args.json_schema}" if args.json_schema else "") + "\n")
     print("| clients | requests | aggregate tok/s (vs 1) | decode tok/s (vs 1) | decode tok per CPU-s (vs 1) | "
           "time in prefill | TTFT p50 / p95 (s) | per-token p50 / p95 (ms) | guesses accepted | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -3,9 +3,14 @@
 A prompt is ``"<speaker>: <text>"`` utterances joined by ``<NL>``, ending with ``"<NL>システム: "``;
 every newline inside an utterance is written as ``<NL>``. The answer ends at ``</s>``; its ``<NL>``
 become newlines again.
+
+The card has no tool turns; jneox renders them into the two speakers' turns (see "Tool turns" below):
+the functions offered and the results of calls are text of a ユーザー turn, a call is a システム turn
+holding one JSON object, ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -139,3 +144,48 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         self.history += [Utterance(USER, user_text), Utterance(SYSTEM, "".join(pieces))]
+
+
+# ---- tool turns ------------------------------------------------------------------------------------
+# The functions go before the user's first request (as a system message does); a call is a システム
+# turn that is exactly a JSON object of this shape; results come back as a ユーザー turn. An answer
+# that starts with TOOL_CALL_START is a call.
+TOOL_CALL_START = "{"
+TOOLS_INTRO = ("次の関数を使えます。関数を呼び出すときは、ほかに何も書かずに次の形のJSONだけで答えてください: "
+               '{"tool_calls": [{"name": "関数名", "arguments": {引数}}]}')
+TOOL_RESULTS_INTRO = "関数の結果:"
+
+
+def format_tools(functions: Sequence[dict]) -> str:
+    """The text that offers ``functions`` ({"name", "description", "parameters"}): the intro, then one
+    JSON object per line."""
+    lines = [json.dumps({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None},
+                        ensure_ascii=False) for f in functions]
+    return "\n".join([TOOLS_INTRO, *lines])
+
+
+def format_tool_calls(calls: Sequence[tuple[str, object]]) -> str:
+    """A システム turn that calls functions: ``(name, arguments)`` pairs, arguments a JSON object."""
+    return json.dumps({"tool_calls": [{"name": n, "arguments": a} for n, a in calls]}, ensure_ascii=False)
+
+
+def format_tool_results(results: Sequence[tuple[str, str]]) -> str:
+    """A ユーザー turn that hands back ``(name, result text)`` pairs, one JSON object per line."""
+    lines = [json.dumps({"name": n, "result": r}, ensure_ascii=False) for n, r in results]
+    return "\n".join([TOOL_RESULTS_INTRO, *lines])
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, dict]] | None:
+    """The ``(name, arguments)`` pairs of an answer written as :func:`format_tool_calls` writes them;
+    None if the answer is not a call."""
+    if not text.startswith(TOOL_CALL_START):
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    calls = value.get("tool_calls") if isinstance(value, dict) else None
+    if not (isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                      and isinstance(c.get("arguments"), dict) for c in calls)):
+        return None
+    return [(c["name"], c["arguments"]) for c in calls]

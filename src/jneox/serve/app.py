@@ -24,10 +24,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from ..adapters import Adapter
-from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, parse_chat,
+from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, constrained,
                        parse_completion, parse_json, too_large)
 from .limits import Limits, Throttled
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
+from .tools import parse_tool_chat
 from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
 
 STATIC = Path(__file__).with_name("static")
@@ -258,7 +259,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         try:
             return engine.submit(req.prompt_ids, req.params, listener, logprobs=req.logprobs,
                                  prompt_logprobs=req.echo, generate=req.generate, speculate=req.speculate,
-                                 adapter=adapter)
+                                 adapter=adapter, constraint=req.constraint)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry in a moment", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -348,7 +349,9 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        req = await workers.run(parse_chat, body, tokenizer, window, default_max_tokens, small=small(request))
+        # tools: the answer may be a call (``calls`` turns it into tool_calls); else None
+        req, calls = await workers.run(parse_tool_chat, body, tokenizer, window, default_max_tokens,
+                                       small=small(request) and not constrained(body))
         adapter = pick_adapter(body)
         served = adapter.name if adapter else model_id
 
@@ -356,17 +359,23 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             return None if req.logprobs is None else {"content": chat_logprobs(tokenizer, entries)}
 
         def chunk(rid, text, finish, first=False, event=None):
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            if first or calls is None:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            else:
+                delta, finish = calls.delta(text, finish)
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": served, "system_fingerprint": None,
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs(event.logprobs) if event else None,
                                  "finish_reason": finish}]}
 
         def final(rid, answers, usage):
+            message, finish = {"role": "assistant", "content": answers[0].text}, answers[0].final.finish_reason
+            if calls is not None:
+                message, finish = calls.message(answers[0].text, finish)
             return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
                     "model": served, "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answers[0].text},
-                                 "logprobs": logprobs(answers[0].logprobs), "finish_reason": answers[0].final.finish_reason}],
+                    "choices": [{"index": 0, "message": message,
+                                 "logprobs": logprobs(answers[0].logprobs), "finish_reason": finish}],
                     "usage": usage}
 
         return await run(request, [req], chunk, final, opening=True, adapter=adapter)
@@ -379,7 +388,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
             reqs = parse_completion(body, tokenizer, window, default_max_tokens)
             return reqs, [tokenizer.decode(r.prompt_ids) if r.echo else "" for r in reqs]
 
-        reqs, echoed = await workers.run(prepare, small=small(request))
+        reqs, echoed = await workers.run(prepare, small=small(request) and not constrained(body))
         adapter = pick_adapter(body)
         served = adapter.name if adapter else model_id
 

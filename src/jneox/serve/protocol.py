@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
 from ..generate import SamplingParams
+from .constraints import (Constraint, ConstraintError, choice_grammar, grammar_tokenizer, json_object_grammar,
+                          json_schema_grammar, lark_grammar, regex_grammar)
 
 MAX_BODY_BYTES = 1 << 20
 # connection limits (enforced by jneox.serve.limits): seconds to receive a request's headers and
@@ -159,6 +161,7 @@ class GenerationRequest:
     echo: bool = False  # the answer starts with the prompt (and its tokens' logprobs, if asked for)
     generate: bool = True  # False: max_tokens 0 with echo, the prompt is only scored
     speculate: bool = True  # jneox's own field: false decodes without the server's --speculate
+    constraint: Constraint | None = None  # structured output: the grammar the answer follows
 
 
 def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
@@ -195,6 +198,111 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     if not isinstance(opts, dict):
         raise bad(f"stream_options must be an object, got {_type_name(opts)}", "stream_options", "invalid_type")
     return stream, _bool(opts, "include_usage")
+
+
+# ---- structured output -----------------------------------------------------------------------------
+STRUCTURED_KINDS = ("choice", "regex", "json", "grammar", "json_object")
+MAX_CHOICES = 1024
+
+
+def _schema(v, param: str):
+    """A JSON schema given as an object or as a string holding one."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            raise bad(f"{param} is a string but not JSON", param, "invalid_value") from None
+    if not isinstance(v, (dict, bool)):
+        raise bad(f"{param} must be a JSON schema (an object), got {_type_name(v)}", param, "invalid_type")
+    return v
+
+
+def _grammar_of(kind: str, v, param: str) -> str:
+    """The grammar for one structured-output field (vLLM's names: choice, regex, json, grammar)."""
+    if kind == "choice":
+        if not (isinstance(v, list) and v and len(v) <= MAX_CHOICES and all(isinstance(c, str) for c in v)):
+            raise bad(f"{param} must be a non-empty array of at most {MAX_CHOICES} strings", param, "invalid_value")
+        return choice_grammar(v)
+    if kind in ("regex", "grammar"):
+        if not isinstance(v, str) or not v:
+            raise bad(f"{param} must be a non-empty string, got {_type_name(v)}", param, "invalid_type")
+        return regex_grammar(v) if kind == "regex" else lark_grammar(v)
+    if kind == "json_object":
+        if v is not True:
+            raise bad(f"{param} must be true, got {_type_name(v)}", param, "invalid_value")
+        return json_object_grammar()
+    return json_schema_grammar(_schema(v, param))
+
+
+def _response_format(v) -> str | None:
+    """OpenAI's ``response_format``: text, json_object, or json_schema ({name, schema, strict})."""
+    if not isinstance(v, dict):
+        raise bad(f"response_format must be an object, got {_type_name(v)}", "response_format", "invalid_type")
+    kind = v.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar()
+    if kind == "json_schema":
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad("response_format.json_schema must be an object with the schema under 'schema'",
+                      "response_format.json_schema", "invalid_type")
+        if spec.get("name") is not None and not isinstance(spec["name"], str):
+            raise bad("response_format.json_schema.name must be a string", "response_format.json_schema.name",
+                      "invalid_type")
+        _bool(spec, "strict")  # the schema is always enforced exactly
+        return json_schema_grammar(_schema(spec.get("schema", {}), "response_format.json_schema.schema"))
+    raise bad(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {str(kind)[:40]!r}",
+              "response_format.type", "invalid_value")
+
+
+def structured_grammar(body: dict) -> tuple[str, str] | None:
+    """The grammar a request's answer must follow and the field that asked for it (None: no constraint):
+    OpenAI's ``response_format``, vLLM's ``structured_outputs`` ({choice | regex | json | grammar |
+    json_object}) or its older ``guided_choice``, ``guided_regex``, ``guided_json``, ``guided_grammar``.
+    At most one may be given."""
+    asked: list[tuple[str, str]] = []
+    fields: list[tuple[str, object]] = []  # (param, how to make its grammar)
+    if body.get("response_format") is not None:
+        fields.append(("response_format", lambda: _response_format(body["response_format"])))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise bad(f"structured_outputs must be an object, got {_type_name(so)}", "structured_outputs",
+                      "invalid_type")
+        fields += [(f"structured_outputs.{k}", lambda k=k: _grammar_of(k, so[k], f"structured_outputs.{k}"))
+                   for k in STRUCTURED_KINDS if so.get(k) not in (None, False)]
+    fields += [(f"guided_{k}", lambda k=k: _grammar_of(k, body[f"guided_{k}"], f"guided_{k}"))
+               for k in STRUCTURED_KINDS[:4] if body.get(f"guided_{k}") is not None]
+    for param, make in fields:
+        try:
+            g = make()
+        except ConstraintError as e:
+            raise bad(f"{param}: {e}", param, "invalid_grammar") from None
+        if g is not None:
+            asked.append((param, g))
+    if len(asked) > 1:
+        raise bad(f"{asked[0][0]} and {asked[1][0]} both constrain the answer; send one", asked[1][0], "invalid_value")
+    return asked[0] if asked else None
+
+
+def constrained(body: dict) -> bool:
+    """Whether the request asks for a constraint (structured output or tools): compiling one may take
+    long enough that it is done off the event loop."""
+    return any(body.get(f) is not None for f in ("response_format", "structured_outputs", "tools",
+                                                  *(f"guided_{k}" for k in STRUCTURED_KINDS[:4])))
+
+
+def constraint(grammar: tuple[str, str] | None, tokenizer) -> Constraint | None:
+    """A row's matcher for ``grammar`` (from :func:`structured_grammar`); 400 for one llguidance refuses."""
+    if grammar is None:
+        return None
+    param, g = grammar
+    try:
+        return Constraint(grammar_tokenizer(tokenizer), g)
+    except ConstraintError as e:
+        raise bad(f"{param}: {e}", param, "invalid_grammar") from None
 
 
 # ---- chat ----------------------------------------------------------------------------------------
@@ -280,7 +388,8 @@ def parse_chat(body: dict, tokenizer, window: int, default_max_tokens: int = DEF
     params = sampling(body, len(ids), window, extra_stop=(TURN_STOP,), prompt_param="messages",
                       default_max_tokens=default_max_tokens)
     return GenerationRequest(ids, params, *_stream_options(body), logprobs=logprobs,
-                             speculate=_bool(body, "speculate", True))
+                             speculate=_bool(body, "speculate", True),
+                             constraint=constraint(structured_grammar(body), tokenizer))
 
 
 def token_ids(v, tokenizer, param: str) -> list[int]:
@@ -332,11 +441,13 @@ def parse_completion(body: dict, tokenizer, window: int,
     elif zero:
         raise bad(f"{name} must be >= 1 (0, to score the prompt only, needs echo: true and logprobs)", name,
                   "invalid_value")
+    grammar = structured_grammar(body)
     reqs = []
     for i, ids in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         reqs.append(GenerationRequest(ids, sampling(body, len(ids), window, prompt_param=param,
                                                               default_max_tokens=default_max_tokens), *stream,
                                       logprobs=logprobs, echo=echo, generate=not score_only,
-                                      speculate=_bool(body, "speculate", True)))
+                                      speculate=_bool(body, "speculate", True),
+                                      constraint=constraint(grammar, tokenizer) if not score_only else None))
     return reqs

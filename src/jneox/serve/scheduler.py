@@ -55,6 +55,7 @@ from ..quantize import MAX_KERNEL_ROWS, kernel_prompt_rows
 from ..sampling import Sampler, SamplingParams, check_prompt_fits
 from ..speculative import Guesser, verify
 from ..tokenizer import Tokenizer
+from .constraints import ConstrainedSampler, Constraint
 
 
 class QueueFull(RuntimeError):
@@ -121,6 +122,7 @@ class Request:
     speculate: bool = True  # False: plain decode steps even when the engine has a draft
     draft: Guesser | None = None  # this request's guesser, from the first token on
     adapter: Adapter | None = None  # the LoRA adapter its rows add (None: the base model)
+    constraint: Constraint | None = None  # structured output: the grammar its tokens follow
 
 
 def check_cache_fits(model: GPTNeoX, rows: int, window: int) -> None:
@@ -226,7 +228,8 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
                logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True,
-               speculate: bool = True, adapter: Adapter | None = None) -> Request:
+               speculate: bool = True, adapter: Adapter | None = None,
+               constraint: Constraint | None = None) -> Request:
         """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when full and
         Unavailable when the engine takes no more requests.
 
@@ -234,7 +237,8 @@ class Engine:
         alternatives to the events; ``prompt_logprobs`` also those of the prompt's tokens (first event);
         ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``);
         ``speculate=False`` decodes this request without the engine's draft; ``adapter``: one of the
-        engine's ``adapters`` (None: the base model)."""
+        engine's ``adapters`` (None: the base model); ``constraint`` makes its tokens follow a grammar (a row
+        of its own: it never speculates, as guesses skip the mask)."""
         if generate:
             check_prompt_fits(self.model, len(prompt_ids))
         elif not prompt_logprobs or logprobs is None:
@@ -243,7 +247,7 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; 1 to {self.window} can be scored")
         seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate,
-                      speculate=speculate, adapter=adapter)
+                      speculate=speculate and constraint is None, adapter=adapter, constraint=constraint)
         with self.cond:
             if self.failed:
                 raise Unavailable(ENGINE_FAILED)
@@ -363,7 +367,7 @@ class Engine:
             return
         seq.text = TextAssembler(self.tokenizer, seq.params.stop)
         # unseeded rows get a generator of their own: a row's tokens must not depend on its neighbours'
-        seq.sampler = Sampler(seq.params, seq.prompt_ids, self.window, self.device, self.vocab_size, own_generator=True)
+        seq.sampler = self._sampler(seq)
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = self._rows(seq.slot, seq.slot + 1)
@@ -389,6 +393,13 @@ class Engine:
             seq.draft = self.draft.for_sequence()
             seq.draft.start(seq.sampler.total)
         self._take(seq, logits[:, -1])
+
+    def _sampler(self, seq: Request) -> Sampler:
+        """The request's Sampler; a constrained request's masks its logits with its grammar first."""
+        if seq.constraint is not None:
+            return ConstrainedSampler(seq.params, seq.prompt_ids, self.window, seq.constraint, self.device,
+                                      self.vocab_size, own_generator=True)
+        return Sampler(seq.params, seq.prompt_ids, self.window, self.device, self.vocab_size, own_generator=True)
 
     def _decode_step(self, running: list[Request]) -> None:
         """One new token for every running request, rows at their own positions; with a draft, each
