@@ -9,6 +9,7 @@ from ..chat import SYSTEM, TURN_STOP, USER, ChatSession, format_prompt
 from ..generate import stream
 from ..loading import served_model_id
 from ..serve import serve
+from ..serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from ..serve.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S
 from .args import add_model_args, add_sampling_args, add_speculate_args, at_least, draft_from_args, load_from_args, sampling_params
 
@@ -83,7 +84,7 @@ def cmd_serve(args) -> int:
           allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
           default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
-          max_connections=args.max_connections)
+          max_connections=args.max_connections, prefix_cache_mb=args.prefix_cache_mb)
     return 0
 
 
@@ -138,5 +139,8 @@ def add_serve_parser(sub) -> None:
                    help="on SIGTERM/Ctrl-C, let accepted requests finish for up to S seconds (default 30)")
     p.add_argument("--default-max-tokens", type=at_least(1), metavar="N",
                    help="longest answer when a request gives no max_tokens (default 512; never past the window)")
+    p.add_argument("--prefix-cache-mb", type=at_least(0, float), default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help="keep the keys and values of prompt prefixes, up to MB megabytes, for later prompts that "
+                        f"start the same way (default {DEFAULT_PREFIX_CACHE_MB}; 0: off)")
     add_speculate_args(p)
     p.set_defaults(func=cmd_serve)

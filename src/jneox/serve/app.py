@@ -26,6 +26,7 @@ from starlette.responses import Response
 from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, parse_chat,
                        parse_completion, parse_json, too_large)
 from .limits import Limits, Throttled
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
 from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
 
@@ -419,6 +420,11 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         body = {"status": status if status != "ok" or alive else "failed", "model": model_id, **engine.stats()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        check_key(request)  # as the tokenizer endpoints: a scraper sends the key (Prometheus' authorization)
+        return Response(await workers.run(engine.metrics.exposition), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
@@ -464,7 +470,15 @@ class DrainingServer(uvicorn.Server):
 def _usage(*events: Event) -> dict:
     """Token counts from the final events of one request's answers (several prompts: summed)."""
     prompt, completion = sum(e.prompt_tokens for e in events), sum(e.completion_tokens for e in events)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {**usage, **_cached_usage(events)}
+
+
+def _cached_usage(events: Iterable[Event]) -> dict:
+    """OpenAI's ``prompt_tokens_details.cached_tokens``: prompt tokens taken from the prefix cache
+    (present when the engine looked the prompts up)."""
+    cached = [e.cached_tokens for e in events if e.cached_tokens is not None]
+    return {"prompt_tokens_details": {"cached_tokens": sum(cached)}} if cached else {}
 
 
 def _sse(obj: dict) -> str:
