@@ -38,6 +38,8 @@ WILDCARD = ("0.0.0.0", "::")  # listening on every address of the machine
 # contend for the GIL with the loop and the engine
 CPU_THREADS = 1
 CPU_QUEUE = 64  # such jobs that may wait for the thread; past that the server answers 429
+# the request fields a model's generation config gives defaults for (SamplingParams' names, as requests spell them)
+REQUEST_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 INLINE_BYTES = 16 << 10  # a request body this small is tokenized on the loop: quicker than a hand-over
 CLIENT_GONE = 499  # nginx's status for a request whose client left (nobody reads it)
 log = logging.getLogger("jneox.serve")
@@ -158,7 +160,8 @@ class HostCheck:
 
 def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = None, *, host: str = "127.0.0.1",
                allowed_hosts: Iterable[str] = (), cors_origins: Iterable[str] = (),
-               request_timeout: float | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               request_timeout: float | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               generation_defaults: dict | None = None) -> FastAPI:
     """The server's app. ``engine`` must be started (``engine.start()``) before requests arrive.
 
     ``host`` is the address the server listens on: requests must name it (or, on a loopback or
@@ -166,7 +169,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     of ``allowed_hosts`` (``*``: any) in their Host header. ``cors_origins`` are the web origins whose
     pages may call the API from a browser (none by default). ``request_timeout`` (seconds, None: no
     limit) ends a request that has not finished by then; ``default_max_tokens`` caps an answer whose
-    request gives no ``max_tokens``.
+    request gives no ``max_tokens``. ``generation_defaults`` (SamplingParams field -> value, from
+    :func:`jneox.loading.generation_defaults`) stand in for the sampling fields a request leaves out.
     """
     app = FastAPI(title="jneox", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -183,6 +187,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     created = int(time.time())
     workers = app.state.workers = Workers()
     gone_log = Throttled()
+    request_defaults = {k: v for k, v in (generation_defaults or {}).items() if k in REQUEST_SAMPLING_FIELDS}
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -330,7 +335,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
+        body = _with_defaults(await read_body(request), request_defaults)
         req = await workers.run(parse_chat, body, tokenizer, window, default_max_tokens, small=small(request))
 
         def logprobs(entries):
@@ -354,7 +359,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
+        body = _with_defaults(await read_body(request), request_defaults)
 
         def prepare():
             reqs = parse_completion(body, tokenizer, window, default_max_tokens)
@@ -472,6 +477,11 @@ def _usage(*events: Event) -> dict:
     prompt, completion = sum(e.prompt_tokens for e in events), sum(e.completion_tokens for e in events)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     return {**usage, **_cached_usage(events)}
+
+
+def _with_defaults(body: dict, defaults: dict) -> dict:
+    """The request's body with the model's sampling defaults for the fields it leaves out (or null)."""
+    return {**body, **{k: v for k, v in defaults.items() if body.get(k) is None}} if defaults else body
 
 
 def _cached_usage(events: Iterable[Event]) -> dict:
