@@ -25,6 +25,7 @@ server with the prefix cache (``--prefix-cache-mb``) and once against one withou
 turn's prompt tokens, the tokens taken from the cache and the time to first token both ways:
 
     python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 200
+    python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 80 --preamble-tokens 600  # 5th: ~1,000, ~900 seen
 
 ``--speculate``/``--draft-tokens`` are passed to the server (speculative decoding; the table then has
 the share of guesses accepted); ``--task copy`` asks questions about a passage given in the prompt,
@@ -131,14 +132,17 @@ PASSAGE = ("吾輩は猫である。名前はまだ無い。どこで生れた�
            "ニャーニャー泣いていた事だけは記憶している。吾輩はここで始めて人間というものを見た。")
 
 
-async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, headers: dict) -> list[dict]:
-    """One client's chat of ``turns`` turns, one after another: each turn's prompt tokens, cached prompt
-    tokens (usage.prompt_tokens_details) and time to first token."""
+async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, headers: dict,
+                     preamble_tokens: int = 0) -> list[dict]:
+    """One client's chat of ``turns`` turns, one after another (the first with a passage of about
+    ``preamble_tokens`` tokens before it): each turn's prompt tokens, cached prompt tokens
+    (usage.prompt_tokens_details) and time to first token."""
     history, rows = [], []
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=10)) as client:
         for t in range(turns):
-            # a passage of about turn_tokens tokens (the tokenizer makes ~1 token per 1.5 characters here)
-            text = f"第{t + 1}問。" + (PASSAGE * (1 + int(turn_tokens * 1.5) // len(PASSAGE)))[: int(turn_tokens * 1.5)]
+            # a passage of about turn_tokens tokens (rinna's tokenizer: about 4 tokens per 3 characters of it)
+            chars = int((turn_tokens + (preamble_tokens if t == 0 else 0)) * 0.75)
+            text = f"第{t + 1}問。" + (PASSAGE * (1 + chars // len(PASSAGE)))[:chars]
             history.append({"role": "user", "content": text + "要約してください。"})
             body = {"model": "bench", "messages": history, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
@@ -170,13 +174,15 @@ def prefix_cache_rows(args, headers: dict) -> None:
         proc, url = start_server(args, ["--prefix-cache-mb", str(mb)])
         try:
             asyncio.run(one_request_warmup(url, headers))
-            runs[mb] = asyncio.run(chat_turns(url, args.turns, args.turn_tokens, args.max_tokens, headers))
+            runs[mb] = asyncio.run(chat_turns(url, args.turns, args.turn_tokens, args.max_tokens, headers,
+                                              args.preamble_tokens))
         finally:
             proc.terminate()
             proc.wait(30)
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --threads {args.threads or 'default'}); one client, "
-          f"{args.turns} turns of ~{args.turn_tokens} tokens, {args.max_tokens}-token greedy answers\n")
+          f"{args.turns} turns of ~{args.turn_tokens} tokens (the first after ~{args.preamble_tokens}), "
+          f"{args.max_tokens}-token greedy answers\n")
     print("| turn | prompt tokens | cached tokens | TTFT, cache on (s) | TTFT, cache off (s) | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
     for on, off in zip(runs[args.prefix_cache_mb], runs[0]):
@@ -258,6 +264,8 @@ def main() -> None:
     p.add_argument("--draft-tokens", type=int, default=5, help="the server's --draft-tokens (default 5)")
     p.add_argument("--turns", type=int, help="measure prefix caching: one chat of this many turns, cache on and off")
     p.add_argument("--turn-tokens", type=int, default=200, help="with --turns: about this many tokens per user turn")
+    p.add_argument("--preamble-tokens", type=int, default=0,
+                   help="with --turns: about this many more tokens in the first turn (a long shared context)")
     p.add_argument("--prefix-cache-mb", type=float, default=2048, help="with --turns: the cached run's budget")
     args = p.parse_args()
     if args.turns:

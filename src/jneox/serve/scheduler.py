@@ -370,6 +370,7 @@ class Engine:
         """The prompt into the request's slot (in chunks), and its first token, as generate_tokens does."""
         if seq.cancelled:
             self._free(seq)
+            self._observe_end(seq, "abort")
             return
         seq.text = TextAssembler(self.tokenizer, seq.params.stop)
         # unseeded rows get a generator of their own: a row's tokens must not depend on its neighbours'
