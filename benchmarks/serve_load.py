@@ -26,6 +26,14 @@ rows and the adapter rows' aggregate tok/s as a share of the base rows'.
 
     python benchmarks/serve_load.py --layers 36 --dtype int8 --clients 16 --lora 4
 
+``--turns N`` measures prefix caching instead: one client holds an N-turn chat (each user turn a
+passage of about ``--turn-tokens`` tokens, each answer ``--max-tokens`` greedy tokens), once against a
+server with the prefix cache (``--prefix-cache-mb``) and once against one without; the table has each
+turn's prompt tokens, the tokens taken from the cache and the time to first token both ways:
+
+    python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 200
+    python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 80 --preamble-tokens 600  # 5th: ~1,000, ~900 seen
+
 ``--speculate``/``--draft-tokens`` are passed to the server (speculative decoding; the table then has
 the share of guesses accepted); ``--task copy`` asks questions about a passage given in the prompt,
 whose answers quote it (``benchmarks/speculative.py``'s copy task), instead of open chat questions.
@@ -130,6 +138,68 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
             "decode_tok_cpu_s": decode_cpu, "prefill_share": prefill, "accepted": accepted}
 
 
+PASSAGE = ("吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。何でも薄暗いじめじめした所で"
+           "ニャーニャー泣いていた事だけは記憶している。吾輩はここで始めて人間というものを見た。")
+
+
+async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, headers: dict,
+                     preamble_tokens: int = 0) -> list[dict]:
+    """One client's chat of ``turns`` turns, one after another (the first with a passage of about
+    ``preamble_tokens`` tokens before it): each turn's prompt tokens, cached prompt tokens
+    (usage.prompt_tokens_details) and time to first token."""
+    history, rows = [], []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=10)) as client:
+        for t in range(turns):
+            # a passage of about turn_tokens tokens (rinna's tokenizer: about 4 tokens per 3 characters of it)
+            chars = int((turn_tokens + (preamble_tokens if t == 0 else 0)) * 0.75)
+            text = f"第{t + 1}問。" + (PASSAGE * (1 + chars // len(PASSAGE)))[:chars]
+            history.append({"role": "user", "content": text + "要約してください。"})
+            body = {"model": "bench", "messages": history, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            t0, first, usage, answer = time.perf_counter(), None, None, []
+            async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise SystemExit(f"turn {t + 1}: HTTP {r.status_code}: {r.text[:200]}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    msg = json.loads(line[6:])
+                    if msg.get("usage"):
+                        usage = msg["usage"]
+                    elif msg["choices"] and msg["choices"][0]["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        answer.append(msg["choices"][0]["delta"]["content"])
+            history.append({"role": "assistant", "content": "".join(answer)})
+            rows.append({"turn": t + 1, "prompt_tokens": usage["prompt_tokens"],
+                         "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+                         "ttft": (first or time.perf_counter()) - t0})
+    return rows
+
+
+def prefix_cache_rows(args, headers: dict) -> None:
+    """--turns: the same chat against a server with the prefix cache and one without; one table."""
+    runs = {}
+    for mb in (args.prefix_cache_mb, 0):
+        proc, url = start_server(args, ["--prefix-cache-mb", str(mb)])
+        try:
+            asyncio.run(one_request_warmup(url, headers))
+            runs[mb] = asyncio.run(chat_turns(url, args.turns, args.turn_tokens, args.max_tokens, headers,
+                                              args.preamble_tokens))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
+    print(f"\njneox serve ({what}, --dtype {args.dtype}, --threads {args.threads or 'default'}); one client, "
+          f"{args.turns} turns of ~{args.turn_tokens} tokens (the first after ~{args.preamble_tokens}), "
+          f"{args.max_tokens}-token greedy answers\n")
+    print("| turn | prompt tokens | cached tokens | TTFT, cache on (s) | TTFT, cache off (s) | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for on, off in zip(runs[args.prefix_cache_mb], runs[0]):
+        print(f"| {on['turn']} | {on['prompt_tokens']} | {on['cached']} | {on['ttft']:.2f} | {off['ttft']:.2f} | "
+              f"{off['ttft'] / on['ttft']:.1f}x |")
+
+
 def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
@@ -142,7 +212,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     if args.model:
         model = args.model
     else:
@@ -161,7 +231,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         opts += ["--speculate", args.speculate, "--draft-tokens", str(args.draft_tokens)]
     for name, folder in make_adapters(model, args.lora, args.lora_rank, args.work.expanduser()).items():
         opts += ["--lora", f"{name}={folder}"]
-    return launch_server(opts)
+    return launch_server([*opts, *extra])
 
 
 def make_adapters(model: str, count: int, rank: int, work: Path) -> dict[str, Path]:
@@ -238,7 +308,15 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16, help="rank of those adapters (default 16)")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="every request's answer follows this JSON schema (response_format json_schema)")
+    p.add_argument("--turns", type=int, help="measure prefix caching: one chat of this many turns, cache on and off")
+    p.add_argument("--turn-tokens", type=int, default=200, help="with --turns: about this many tokens per user turn")
+    p.add_argument("--preamble-tokens", type=int, default=0,
+                   help="with --turns: about this many more tokens in the first turn (a long shared context)")
+    p.add_argument("--prefix-cache-mb", type=float, default=2048, help="with --turns: the cached run's budget")
     args = p.parse_args()
+    if args.turns:
+        prefix_cache_rows(args, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
+        return
     questions = QUESTIONS
     if args.task == "copy":
         sys.path.insert(0, str(Path(__file__).parent))

@@ -4,6 +4,8 @@ decisions every front end shares: which model when none is named, how a model is
 how evaluation loads float32, and a draft model for speculative decoding."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -12,11 +14,12 @@ import torch
 from .checkpoint import check_reward_config, quantization_of, read_float, read_quantized
 from .config import ConfigError, ModelConfig
 from .errors import CheckpointError, UsageError
-from .files import CONFIG_FILE, TOKENIZER_FILE
+from .files import CONFIG_FILE, GENERATION_CONFIG, TOKENIZER_FILE
 from .gguf_file import load_gguf_with_tokenizer
 from .hub import OFFICIAL_MODEL, default_model, resolve
 from .model import GPTNeoX
 from .quantize import FORMATS
+from .sampling import SamplingParams
 from .speculative import DEFAULT_DRAFT_TOKENS, DraftModel, PromptLookup
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -152,6 +155,55 @@ def load(path_or_id: str | os.PathLike, dtype: torch.dtype | None = torch.float3
         raise CheckpointError(f"{folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} pieces but the model's "
                               f"vocab_size is {model.config.vocab_size}")
     return model, tokenizer
+
+
+# generation_config.json's fields that are sampling defaults, and SamplingParams' names for them
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens"}
+
+
+def read_generation_config(path: str | os.PathLike) -> dict:
+    """The sampling defaults of a ``generation_config.json``, as SamplingParams field -> value (only the
+    fields the file gives; ``do_sample: false`` is greedy, temperature 0). Other fields (token ids,
+    ``max_length``) are not sampling defaults and are ignored. A bad file: one :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    out = {}
+    for field, name in GENERATION_FIELDS.items():
+        v = raw.get(field)
+        if v is None:
+            continue
+        integer = name in ("top_k", "max_new_tokens")
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{path}: {field} must be {'an integer' if integer else 'a number'}, got {v!r}")
+        out[name] = v if integer else float(v)
+    if "do_sample" in raw:
+        if not isinstance(raw["do_sample"], bool):
+            raise CheckpointError(f"{path}: do_sample must be true or false, got {raw['do_sample']!r}")
+        if not raw["do_sample"]:
+            out["temperature"] = 0.0
+    try:
+        SamplingParams(**out)
+    except UsageError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return out
+
+
+def generation_defaults(path_or_id: str | os.PathLike, config: str | os.PathLike | None = None) -> dict:
+    """The sampling defaults for a model (see :func:`read_generation_config`): ``config`` if given (a
+    file, or ``"none"`` for none), else the checkpoint's own ``generation_config.json`` if it has one.
+    Explicit settings (a flag, a request's field) override them; they override SamplingParams' defaults."""
+    if config is not None:
+        return {} if str(config) == "none" else read_generation_config(config)
+    if str(path_or_id).endswith(".gguf"):
+        return {}
+    path = resolve(path_or_id) / GENERATION_CONFIG
+    return read_generation_config(path) if path.is_file() else {}
 
 
 def load_draft(spec: str | None, tokenizer: Tokenizer, num_tokens: int = DEFAULT_DRAFT_TOKENS, **load_kwargs):

@@ -9,7 +9,7 @@ import torch
 from ..errors import UsageError
 from ..generate import SamplingParams
 from ..hub import OFFICIAL_MODEL
-from ..loading import load, load_draft, load_options, model_or_default
+from ..loading import generation_defaults, load, load_draft, load_options, model_or_default
 from ..quantize import FORMATS
 from ..speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
@@ -18,6 +18,7 @@ OVERWRITE_HELP = ("replace OUT even if it is not a jneox checkpoint folder, dele
                   "OUT may be new, empty, or hold only a previous jneox checkpoint or run, which is replaced atomically)")
 # the card's sampling settings are SamplingParams' defaults
 TEMPERATURE, MAX_NEW_TOKENS = SamplingParams.temperature, SamplingParams.max_new_tokens
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")  # SamplingParams' names
 
 
 def at_least(lo: float, cast=int, hi: float | None = None):
@@ -44,15 +45,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=TEMPERATURE,
-                   help=f"0 means greedy (default: {TEMPERATURE:g}, the card's)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"default: {MAX_NEW_TOKENS}, the card's")
+    # no argparse defaults: a flag not given leaves the model's generation_config.json in charge
+    p.add_argument("--temperature", type=float,
+                   help=f"0 means greedy (default: the model's generation config, else {TEMPERATURE:g}, the card's)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off; default: as --temperature)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (1: off; default: as --temperature)")
+    p.add_argument("--repetition-penalty", type=float, help="default: the model's generation config, else 1 (off)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"default: the model's generation config, else {MAX_NEW_TOKENS}, the card's")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+    add_generation_config_arg(p)
     add_speculate_args(p)
+
+
+def add_generation_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generation-config", metavar="PATH|none",
+                   help="sampling defaults from this generation_config.json instead of the model's own; 'none': "
+                        "ignore the model's (explicit sampling settings override either)")
 
 
 def add_speculate_args(p: argparse.ArgumentParser) -> None:
@@ -63,10 +73,15 @@ def add_speculate_args(p: argparse.ArgumentParser) -> None:
                    help=f"guesses checked per pass, 1 to {MAX_DRAFT_TOKENS} (default: {DEFAULT_DRAFT_TOKENS})")
 
 
-def sampling_params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, stop=tuple(args.stop))
+def sampling_params(args, defaults: dict | None = None) -> SamplingParams:
+    """The sampling flags given, else ``defaults`` (a model's generation config), else SamplingParams'."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    return SamplingParams(**{**(defaults or {}), **given}, seed=args.seed, stop=tuple(args.stop))
+
+
+def generation_defaults_from_args(args) -> dict:
+    """The sampling defaults --generation-config (else the model's generation_config.json) gives."""
+    return generation_defaults(model_or_default(args.model), args.generation_config)
 
 
 def load_from_args(args, options: dict | None = None):

@@ -12,13 +12,16 @@ from ..errors import UsageError
 from ..generate import stream
 from ..loading import served_model_id
 from ..serve import serve
+from ..serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from ..serve.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S
-from .args import add_model_args, add_sampling_args, add_speculate_args, at_least, draft_from_args, load_from_args, sampling_params
+from .args import (add_generation_config_arg, add_model_args, add_sampling_args, add_speculate_args, at_least,
+                   draft_from_args, generation_defaults_from_args, load_from_args, sampling_params)
 
 
 def cmd_chat(args) -> int:
-    params = sampling_params(args)
+    sampling_params(args)  # bad flags fail before the model loads
     model, tokenizer = load_from_args(args)
+    params = sampling_params(args, generation_defaults_from_args(args))
     session = ChatSession(model, tokenizer, params, draft=draft_from_args(args, tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -60,8 +63,9 @@ def cmd_chat(args) -> int:
 
 def cmd_generate(args) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
-    params = sampling_params(args)
+    sampling_params(args)  # bad flags fail before the model loads
     model, tokenizer = load_from_args(args)
+    params = sampling_params(args, generation_defaults_from_args(args))
     prompt = text if args.raw else format_prompt([{"speaker": USER, "text": text}])
     if not args.raw:
         params = params.with_(stop=(*params.stop, TURN_STOP))
@@ -93,7 +97,8 @@ def cmd_serve(args) -> int:
           allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
           default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
-          max_connections=args.max_connections, adapters=adapters)
+          max_connections=args.max_connections, adapters=adapters, prefix_cache_mb=args.prefix_cache_mb,
+          generation_defaults=generation_defaults_from_args(args))
     return 0
 
 
@@ -159,5 +164,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="NAME=DIR",
                    help=f"serve the PEFT LoRA adapter in DIR ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) as model NAME "
                         "beside the base model: a request's model field picks one (may be repeated)")
+    p.add_argument("--prefix-cache-mb", type=at_least(0, float), default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help="keep the keys and values of prompt prefixes, up to MB megabytes, for later prompts that "
+                        f"start the same way (default {DEFAULT_PREFIX_CACHE_MB}; 0: off)")
+    add_generation_config_arg(p)
     add_speculate_args(p)
     p.set_defaults(func=cmd_serve)

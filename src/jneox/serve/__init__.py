@@ -12,6 +12,7 @@ import uvicorn
 
 from .app import DrainingServer, create_app
 from .limits import Limits
+from .prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from .protocol import DEFAULT_MAX_TOKENS, DEFAULT_READ_TIMEOUT_S
 from .scheduler import Engine, Event, QueueFull, Unavailable
 
@@ -22,7 +23,8 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
           api_key: str | None = None, max_batch: int = 8, max_queue: int = 32, log_level: str = "info", *,
           allowed_hosts=(), cors_origins=(), request_timeout: float | None = None, shutdown_timeout: float = 30,
           default_max_tokens: int | None = None, draft=None, read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
-          max_connections: int | None = None, adapters=()) -> None:
+          max_connections: int | None = None, adapters=(), prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+          generation_defaults: dict | None = None) -> None:
     """Serve ``model`` until SIGTERM or SIGINT (Ctrl-C), then shut down gracefully: new requests get
     503, those already accepted finish for up to ``shutdown_timeout`` seconds (what is left then ends
     with an error event), and the function returns. A second signal stops at once.
@@ -30,11 +32,18 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
     :class:`Engine`). ``read_timeout``: seconds to receive a request's headers and body (None: no
     limit); ``max_connections``: connections open at once (None: DEFAULT_MAX_CONNECTIONS or fewer
     under a low ``ulimit -n``), more are closed as they are accepted (see :mod:`jneox.serve.limits`).
-    ``adapters``: LoRA adapters that requests name in ``model`` (see :class:`Engine`). The other options:
-    see :func:`create_app`."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft, adapters=adapters)
+    ``adapters``: LoRA adapters that requests name in ``model`` (see :class:`Engine`).
+    ``prefix_cache_mb``: the prefix cache's budget (0: off; see :class:`Engine`). ``generation_defaults``
+    (:func:`jneox.loading.generation_defaults`): sampling defaults for requests; its ``max_new_tokens``
+    is the default ``max_tokens`` unless ``default_max_tokens`` is given.
+    The other options: see :func:`create_app`."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft, adapters=adapters,
+                    prefix_cache_mb=prefix_cache_mb, model_name=model_id)
     app = create_app(engine, model_id, api_key, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
-                     request_timeout=request_timeout, default_max_tokens=default_max_tokens or DEFAULT_MAX_TOKENS)
+                     request_timeout=request_timeout,
+                     default_max_tokens=(default_max_tokens or (generation_defaults or {}).get("max_new_tokens")
+                                         or DEFAULT_MAX_TOKENS),
+                     generation_defaults=generation_defaults)
     engine.start()
     limits = Limits(read_timeout, max_connections)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3,

@@ -27,6 +27,7 @@ from ..adapters import Adapter
 from .protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, GenerationRequest, constrained,
                        parse_completion, parse_json, too_large)
 from .limits import Limits, Throttled
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
 from .tools import parse_tool_chat
 from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
@@ -39,6 +40,8 @@ WILDCARD = ("0.0.0.0", "::")  # listening on every address of the machine
 # contend for the GIL with the loop and the engine
 CPU_THREADS = 1
 CPU_QUEUE = 64  # such jobs that may wait for the thread; past that the server answers 429
+# the request fields a model's generation config gives defaults for (SamplingParams' names, as requests spell them)
+REQUEST_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 INLINE_BYTES = 16 << 10  # a request body this small is tokenized on the loop: quicker than a hand-over
 CLIENT_GONE = 499  # nginx's status for a request whose client left (nobody reads it)
 log = logging.getLogger("jneox.serve")
@@ -159,7 +162,8 @@ class HostCheck:
 
 def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = None, *, host: str = "127.0.0.1",
                allowed_hosts: Iterable[str] = (), cors_origins: Iterable[str] = (),
-               request_timeout: float | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               request_timeout: float | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               generation_defaults: dict | None = None) -> FastAPI:
     """The server's app. ``engine`` must be started (``engine.start()``) before requests arrive.
 
     ``host`` is the address the server listens on: requests must name it (or, on a loopback or
@@ -167,7 +171,8 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     of ``allowed_hosts`` (``*``: any) in their Host header. ``cors_origins`` are the web origins whose
     pages may call the API from a browser (none by default). ``request_timeout`` (seconds, None: no
     limit) ends a request that has not finished by then; ``default_max_tokens`` caps an answer whose
-    request gives no ``max_tokens``.
+    request gives no ``max_tokens``. ``generation_defaults`` (SamplingParams field -> value, from
+    :func:`jneox.loading.generation_defaults`) stand in for the sampling fields a request leaves out.
     """
     if model_id in engine.adapters:
         raise ValueError(f"the adapter name {model_id!r} is the base model's id; give the adapter another name")
@@ -186,6 +191,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
     created = int(time.time())
     workers = app.state.workers = Workers()
     gone_log = Throttled()
+    request_defaults = {k: v for k, v in (generation_defaults or {}).items() if k in REQUEST_SAMPLING_FIELDS}
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -348,7 +354,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
+        body = _with_defaults(await read_body(request), request_defaults)
         # tools: the answer may be a call (``calls`` turns it into tool_calls); else None
         req, calls = await workers.run(parse_tool_chat, body, tokenizer, window, default_max_tokens,
                                        small=small(request) and not constrained(body))
@@ -382,7 +388,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
+        body = _with_defaults(await read_body(request), request_defaults)
 
         def prepare():
             reqs = parse_completion(body, tokenizer, window, default_max_tokens)
@@ -456,6 +462,11 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         body = {"status": status if status != "ok" or alive else "failed", "model": model_id, **engine.stats()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        check_key(request)  # as the tokenizer endpoints: a scraper sends the key (Prometheus' authorization)
+        return Response(await workers.run(engine.metrics.exposition), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
@@ -501,7 +512,20 @@ class DrainingServer(uvicorn.Server):
 def _usage(*events: Event) -> dict:
     """Token counts from the final events of one request's answers (several prompts: summed)."""
     prompt, completion = sum(e.prompt_tokens for e in events), sum(e.completion_tokens for e in events)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {**usage, **_cached_usage(events)}
+
+
+def _with_defaults(body: dict, defaults: dict) -> dict:
+    """The request's body with the model's sampling defaults for the fields it leaves out (or null)."""
+    return {**body, **{k: v for k, v in defaults.items() if body.get(k) is None}} if defaults else body
+
+
+def _cached_usage(events: Iterable[Event]) -> dict:
+    """OpenAI's ``prompt_tokens_details.cached_tokens``: prompt tokens taken from the prefix cache
+    (present when the engine looked the prompts up)."""
+    cached = [e.cached_tokens for e in events if e.cached_tokens is not None]
+    return {"prompt_tokens_details": {"cached_tokens": sum(cached)}} if cached else {}
 
 
 def _sse(obj: dict) -> str:

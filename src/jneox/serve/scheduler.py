@@ -56,6 +56,8 @@ from ..sampling import Sampler, SamplingParams, check_prompt_fits
 from ..speculative import Guesser, verify
 from ..tokenizer import Tokenizer
 from .constraints import ConstrainedSampler, Constraint
+from .metrics import Metrics
+from .prefix_cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
 
 
 class QueueFull(RuntimeError):
@@ -94,6 +96,9 @@ class Event:
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
+    # prompt tokens whose keys and values came from the prefix cache (final event; None: not looked up,
+    # the cache is off or the prompt was scored in full)
+    cached_tokens: int | None = None
 
     @property
     def final(self) -> bool:
@@ -123,6 +128,9 @@ class Request:
     draft: Guesser | None = None  # this request's guesser, from the first token on
     adapter: Adapter | None = None  # the LoRA adapter its rows add (None: the base model)
     constraint: Constraint | None = None  # structured output: the grammar its tokens follow
+    cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (None: not looked up)
+    arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
+    last_token_at: float = 0.0
 
 
 def check_cache_fits(model: GPTNeoX, rows: int, window: int) -> None:
@@ -146,10 +154,14 @@ class Engine:
     decode steps speculative (see the module docstring); its model must share ``tokenizer``.
     ``adapters`` (:func:`jneox.adapters.load_adapter`) are the LoRA adapters a request may name; each
     row of a batch adds its own request's adapter (see :func:`jneox.model.add_low_rank`).
+    ``prefix_cache_mb`` (0: off) keeps prefilled prompt blocks for later prompts that start the same
+    way (:mod:`jneox.serve.prefix_cache`); ``metrics`` (:mod:`jneox.serve.metrics`) are labelled
+    ``model_name``.
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32,
-                 draft: Guesser | None = None, adapters: Sequence[Adapter] = ()):
+                 draft: Guesser | None = None, adapters: Sequence[Adapter] = (),
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, model_name: str = "jneox"):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -182,7 +194,18 @@ class Engine:
         self.counters = {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_cpu_s": 0.0,
                          "decode_tokens": 0, "decode_s": 0.0, "decode_cpu_s": 0.0,
                          # speculative decoding: guesses checked, and those the model agreed with
-                         "draft_proposed": 0, "draft_accepted": 0}
+                         "draft_proposed": 0, "draft_accepted": 0,
+                         # prefix cache: prompt tokens looked up, and found (not prefilled again)
+                         "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
+        # blocks are prefill chunks (the bits argument of jneox.serve.prefix_cache); a chunk as long as the
+        # window (no chunking, off the CPU) leaves no prefix to reuse
+        self.prefix_cache = (PrefixCache(self.caches, self.prefill_chunk, int(prefix_cache_mb * 2**20))
+                             if prefix_cache_mb > 0 and self.prefill_chunk < self.window else None)
+        self.metrics = Metrics(model_name)
+        self.metrics.gauges(running=self.running_count, waiting=lambda: len(self.waiting), kv_usage=self._kv_usage,
+                            prefix_usage=lambda: self.prefix_cache.usage if self.prefix_cache else 0.0)
 
     # ---- the caller's side (any thread) -------------------------------------------------------
     def start(self) -> "Engine":
@@ -272,6 +295,11 @@ class Engine:
     def running_count(self) -> int:
         return sum(s is not None for s in self.slots)
 
+    def _kv_usage(self) -> float:
+        """The share of the KV cache's positions that running requests hold (what a scrape reads)."""
+        held = sum(s.pos for s in list(self.slots) if s is not None)
+        return held / (self.max_batch * self.window)
+
     def stats(self) -> dict:
         with self.cond:
             return {"running": self.running_count(), "waiting": len(self.waiting), "max_batch": self.max_batch,
@@ -329,12 +357,14 @@ class Engine:
             traceback.print_exc()  # the details go to the log, not to the client
             for seq in seqs:
                 self._free(seq)
+                self._observe_end(seq, "error")
                 self._send(seq, Event(error="generation failed (the server log has the details)"))
 
     def _drop_cancelled(self) -> None:
         for seq in self.slots:
             if seq is not None and seq.cancelled:
                 self._free(seq)
+                self._observe_end(seq, "abort")
 
     def _free(self, seq: Request) -> None:
         with self.cond:
@@ -364,6 +394,7 @@ class Engine:
         """The prompt into the request's slot (in chunks), and its first token, as generate_tokens does."""
         if seq.cancelled:
             self._free(seq)
+            self._observe_end(seq, "abort")
             return
         seq.text = TextAssembler(self.tokenizer, seq.params.stop)
         # unseeded rows get a generator of their own: a row's tokens must not depend on its neighbours'
@@ -372,7 +403,8 @@ class Engine:
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = self._rows(seq.slot, seq.slot + 1)
         scored = [TokenLogprob(seq.prompt_ids[0], None)] if seq.prompt_logprobs else None
-        for a in range(0, ids.shape[1], self.prefill_chunk):
+        keys = self._reuse_prefix(seq)
+        for a in range(seq.cached_tokens or 0, ids.shape[1], self.prefill_chunk):
             b = min(a + self.prefill_chunk, ids.shape[1])
             # echo: every position's logits, from the same pass that fills the cache
             logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device),
@@ -380,13 +412,16 @@ class Engine:
             if scored is not None:
                 scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
         seq.pos = ids.shape[1]
-        self.counters["prefill_tokens"] += ids.shape[1]
+        self._store_prefix(seq, keys)
+        self.metrics.prompt_tokens.inc(ids.shape[1])
+        self.counters["prefill_tokens"] += ids.shape[1] - (seq.cached_tokens or 0)
         self.counters["prefill_s"] += time.perf_counter() - t0
         self.counters["prefill_cpu_s"] += time.thread_time() - c0
         if scored is not None:
             self._send(seq, Event(prompt_logprobs=scored))
         if not seq.generate:
             self._free(seq)
+            self._observe_end(seq, "length")
             self._send(seq, Event(finish_reason="length", prompt_tokens=len(seq.prompt_ids)))
             return
         if self.draft is not None and seq.speculate:
@@ -400,6 +435,45 @@ class Engine:
             return ConstrainedSampler(seq.params, seq.prompt_ids, self.window, seq.constraint, self.device,
                                       self.vocab_size, own_generator=True)
         return Sampler(seq.params, seq.prompt_ids, self.window, self.device, self.vocab_size, own_generator=True)
+
+    def _reuse_prefix(self, seq: Request) -> list[bytes]:
+        """Fill the start of the request's slot from the prefix cache (``seq.cached_tokens`` positions);
+        the keys of the prompt's whole blocks, for :meth:`_store_prefix`. A prompt scored in full (echo)
+        needs every position's logits, so it takes nothing; the last prompt token is always computed
+        (its logits give the first token)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return []
+        # an adapter changes every layer's keys and values: its blocks are its own
+        salt = b"" if seq.adapter is None else b"adapter:" + seq.adapter.name.encode()
+        keys = block_keys(seq.prompt_ids, pc.block_tokens, salt)
+        if seq.prompt_logprobs:
+            return keys
+        blocks = pc.lookup(keys, (len(seq.prompt_ids) - 1) // pc.block_tokens, len(seq.prompt_ids))
+        seq.cached_tokens = pc.restore(blocks, self._rows(seq.slot, seq.slot + 1), 0)
+        self.counters["prefix_query_tokens"] += len(seq.prompt_ids)
+        self.counters["prefix_hit_tokens"] += seq.cached_tokens
+        self.metrics.prefix_queries.inc(len(seq.prompt_ids))
+        self.metrics.prefix_hits.inc(seq.cached_tokens)
+        return keys
+
+    def _store_prefix(self, seq: Request, keys: list[bytes]) -> None:
+        """Keep the request's prefilled whole blocks in the prefix cache."""
+        if self.prefix_cache is not None and keys:
+            self.prefix_cache.store(keys, self._rows(seq.slot, seq.slot + 1), 0)
+
+    def _observe_token(self, seq: Request) -> None:
+        """Token and latency metrics for the request's newest token."""
+        now = time.monotonic()
+        m = self.metrics
+        m.generation_tokens.inc()
+        (m.ttft.observe(now - seq.arrived) if seq.completion_tokens == 1 else m.itl.observe(now - seq.last_token_at))
+        seq.last_token_at = now
+
+    def _observe_end(self, seq: Request, reason: str) -> None:
+        """Outcome and latency metrics of a request that ended."""
+        self.metrics.finished[reason].inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.arrived)
 
     def _decode_step(self, running: list[Request]) -> None:
         """One new token for every running request, rows at their own positions; with a draft, each
@@ -497,6 +571,7 @@ class Engine:
         """The request's next token ``t`` (accepted by its sampler), which the model's (1, V) ``logits``
         gave: pass its text (and logprobs) on, and end the request if done."""
         seq.completion_tokens += 1
+        self._observe_token(seq)
         if seq.logprobs is not None:
             seq.pending += self._logprobs(logits, [t], seq.logprobs)
         piece = seq.text.push(t)
@@ -506,7 +581,9 @@ class Engine:
             self._send(seq, Event(text=piece, logprobs=self._released(seq)))
         if seq.text.done:  # the slot is free before the client hears that the answer is complete
             self._free(seq)
+            self._observe_end(seq, seq.text.finish_reason)
             self._send(seq, Event(finish_reason=seq.text.finish_reason, prompt_tokens=len(seq.prompt_ids),
-                                  completion_tokens=seq.completion_tokens, logprobs=self._released(seq)))
+                                  completion_tokens=seq.completion_tokens, logprobs=self._released(seq),
+                                  cached_tokens=seq.cached_tokens))
             return
         seq.next_token = t
