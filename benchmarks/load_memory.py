@@ -93,7 +93,8 @@ def print_table(runs: dict[str, list[dict]], ckpt: Path, layers: int) -> None:
 @torch.inference_mode()
 def child(ckpt: Path, fmt: str, new_tokens: int) -> dict:
     from jneox.loading import load_model
-    from jneox.generate import SamplingParams, generate_tokens
+    from jneox.generate import generate_tokens
+    from jneox.sampling import SamplingParams
 
     peak_file, loading = [0.0], [True]
 

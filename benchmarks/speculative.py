@@ -52,7 +52,8 @@ from make_copy_data import DEFAULT_CONVERSATIONS, conversation_files, copy_conve
 
 from jneox.chat import format_prompt  # noqa: E402
 from jneox.loading import load, load_config, load_model  # noqa: E402
-from jneox.generate import SamplingParams, generate_tokens  # noqa: E402
+from jneox.generate import generate_tokens  # noqa: E402
+from jneox.sampling import SamplingParams
 from jneox.speculative import DraftModel, PromptLookup  # noqa: E402
 
 

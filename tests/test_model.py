@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_hf_model, save_hf
 from jneox.loading import load_model
-from jneox.generate import SamplingParams, generate_tokens
+from jneox.generate import generate_tokens
+from jneox.sampling import SamplingParams
 
 VARIANTS = {
     "sequential": dict(),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from jneox.loading import load, load_model
-from jneox.generate import SamplingParams, generate, generate_tokens
+from jneox.generate import generate, generate_tokens
+from jneox.sampling import SamplingParams
 from jneox.errors import UsageError
 from jneox.speculative import MAX_DRAFT_TOKENS, DraftModel, PromptLookup, _check
 

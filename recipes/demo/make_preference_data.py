@@ -31,7 +31,7 @@ import torch
 
 from jneox.chat import NL, format_prompt, parse_answer
 from jneox.loading import load
-from jneox.generate import SamplingParams
+from jneox.sampling import SamplingParams
 from jneox.train.ppo import sample_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -8,9 +8,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .model import GPTNeoX
-# the sampling names are re-exported here, where callers have always found them
-from .sampling import (Sampler, SamplingParams, apply_repetition_penalty, check_prompt_fits,  # noqa: F401
-                       filtered_logits, sample_categorical, sample_next)
+from .sampling import Sampler, SamplingParams, check_prompt_fits
 from .speculative import Guesser, speculative_tokens
 from .tokenizer import Tokenizer
 

@@ -195,7 +195,8 @@ def test_jsquad_generation_stops_at_a_new_line_and_the_answer_length(tiny):
     _, model, tokenizer, _ = tiny
     result = evaluate(model, tokenizer, "jsquad", EVAL / "jsquad.json", num_fewshot=1,
                       fewshot_data=EVAL / "jsquad_train.json")
-    from jneox.generate import SamplingParams, generate_tokens
+    from jneox.generate import generate_tokens
+    from jneox.sampling import SamplingParams
 
     for s in result["samples"]:
         budget = max(len(tokenizer.encode(a)) for a in s["references"])

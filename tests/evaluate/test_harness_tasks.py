@@ -18,7 +18,8 @@ from conftest import make_hf_model, save_hf
 from jneox.errors import UsageError
 from jneox.evaluate import evaluate, evaluate_tasks, get_task, metrics
 from jneox.evaluate.run import greedy_answer
-from jneox.generate import SamplingParams, generate_tokens
+from jneox.generate import generate_tokens
+from jneox.sampling import SamplingParams
 from jneox.evaluate.tasks import TASKS, FewshotSampler, Task, harness_decode, harness_encode, register, split_file
 from jneox.loading import load
 from jneox.train.data import DataError

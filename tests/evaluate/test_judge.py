@@ -19,7 +19,7 @@ from jneox.evaluate.judge import (ChatEndpoint, JudgeError, JudgeRun, bootstrap_
                                   format_report, pair_outcome, remote_candidate, run_judge, write_chart)
 from jneox.evaluate.judge_prompts import ELYZA_RUBRIC, PROMPTS, parse_bare_score, parse_rating, parse_verdict
 from jneox.evaluate.questions import read_questions
-from jneox.generate import SamplingParams
+from jneox.sampling import SamplingParams
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "judge"
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import gguf_raw
 import pytest

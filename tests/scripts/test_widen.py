@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from jneox.loading import load, load_model
-from jneox.generate import SamplingParams, generate_tokens
+from jneox.generate import generate_tokens
+from jneox.sampling import SamplingParams
 
 from conftest import make_hf_model, save_hf
 

@@ -12,7 +12,8 @@ from serve_fixtures import API_KEY, serve_checkpoint, spawn_serve, start_server 
 
 import jneox
 from jneox.adapters import save_adapter
-from jneox.generate import SamplingParams, generate
+from jneox.generate import generate
+from jneox.sampling import SamplingParams
 from jneox.loading import load_model
 from jneox.train.lora import apply_lora, lora_scales, lora_state, merge_lora_state
 

@@ -10,7 +10,8 @@ import pytest
 from serve_fixtures import API_KEY, client, live, reference, serve_checkpoint, spawn_serve, start_server  # noqa: F401
 
 from jneox.chat import TURN_STOP, format_prompt
-from jneox.generate import SamplingParams, generate
+from jneox.generate import generate
+from jneox.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
 

@@ -10,7 +10,8 @@ import pytest
 from serve_fixtures import WINDOW, live, reference, serve_checkpoint  # noqa: F401
 
 from jneox.chat import TURN_STOP, format_prompt
-from jneox.generate import SamplingParams, generate
+from jneox.generate import generate
+from jneox.sampling import SamplingParams
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -95,7 +95,8 @@ def test_echo_text_offsets_and_tokens(live, reference):
 # ---- generated tokens -----------------------------------------------------------------------
 def sampled(model, tokenizer, prompt: list[int], n: int, **params) -> list[int]:
     """The first ``n`` token ids jneox.generate draws (the server draws the same with the same seed)."""
-    from jneox.generate import SamplingParams, generate_tokens
+    from jneox.generate import generate_tokens
+    from jneox.sampling import SamplingParams
 
     ids = generate_tokens(model, prompt, SamplingParams(max_new_tokens=n, **params), tokenizer.eos_id,
                           tokenizer.vocab_size)

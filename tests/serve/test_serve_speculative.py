@@ -13,7 +13,7 @@ from serve_fixtures import API_KEY, WINDOW, serve_checkpoint, spawn_serve, start
 
 import jneox
 from jneox.config import ModelConfig
-from jneox.generate import SamplingParams, filtered_logits
+from jneox.sampling import SamplingParams, filtered_logits
 from jneox.model import GPTNeoX
 from jneox.serve import Engine
 from jneox.speculative import DraftModel, PromptLookup

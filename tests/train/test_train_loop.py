@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DATA
 from jneox import cli
 from jneox.loading import load, load_model
 from jneox.config import ModelConfig
@@ -169,10 +170,10 @@ def test_tokenizer_pretrain_sft_generate_and_transformers_reads_the_result(tmp_p
 
     tok, pre, ft = tmp_path / "tok", tmp_path / "pretrained", tmp_path / "sft"
     opts = ["--device", "cpu", "--no-progress", "--log-every", "50", "--seed", "0"]
-    assert cli.main(["train-tokenizer", "--input", str(TESTS / "data" / "ja_sample.txt"), "--vocab-size", "1000",
+    assert cli.main(["train-tokenizer", "--input", str(DATA / "ja_sample.txt"), "--vocab-size", "1000",
                      "--out", str(tok)]) == 0
     assert cli.main(["pretrain", "--model-config", "tiny", "--tokenizer", str(tok), "--out", str(pre),
-                     "--data", str(TESTS / "data" / "ja_sample.txt"), "--block-size", "32", "--batch-size", "4",
+                     "--data", str(DATA / "ja_sample.txt"), "--block-size", "32", "--batch-size", "4",
                      "--max-steps", "200", "--warmup-steps", "20", "--lr", "2e-3", "--min-lr", "2e-4",
                      "--eval-every", "100", "--save-every", "100", "--val-fraction", "0.1", "--report", *opts]) == 0
     first, last = first_and_last_eval(pre)

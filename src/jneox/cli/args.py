@@ -7,7 +7,7 @@ import sys
 import torch
 
 from ..errors import UsageError
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from ..hub import OFFICIAL_MODEL
 from ..loading import generation_defaults, load, load_draft, load_options, model_or_default
 from ..quantize import FORMATS

@@ -10,7 +10,7 @@ from ..evaluate.judge import (API_KEY_VARIABLES, CANDIDATE_KEY_VARIABLES, DEFAUL
                               ChatEndpoint, JudgeRun, api_key, format_report, local_candidate, remote_candidate,
                               run_judge, write_chart)
 from ..evaluate.questions import read_questions
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from ..loading import load, load_options, model_or_default
 from .args import MAX_NEW_TOKENS, at_least, load_from_args
 

@@ -22,7 +22,8 @@ from typing import Sequence
 
 from ..chat import SYSTEM, USER, Utterance, escape, format_prompt
 from ..errors import JneoxError
-from ..generate import SamplingParams, generate
+from ..generate import generate
+from ..sampling import SamplingParams
 from .japanese import japanese_letter_ratio
 from .score import score_ids
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..chat import ChatSession
 from ..errors import JneoxError, UsageError
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from .judge_prompts import (ELYZA_RUBRIC, ELYZA_SCALE, MT_BENCH_SCALE, PAIR_MATH_V1, PAIR_MATH_V1_MULTI_TURN,
                             PAIR_V2, PAIR_V2_MULTI_TURN, SINGLE_MATH_V1, SINGLE_MATH_V1_MULTI_TURN, SINGLE_V1,
                             SINGLE_V1_MULTI_TURN, JudgePrompt, parse_bare_score, parse_rating, parse_verdict)

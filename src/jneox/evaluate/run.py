@@ -10,7 +10,8 @@ from typing import Sequence
 
 from ..errors import UsageError
 from ..files import staged_file
-from ..generate import SamplingParams, generate_tokens
+from ..generate import generate_tokens
+from ..sampling import SamplingParams
 from ..train.data import DataError, read_conversations, read_documents
 from . import metrics
 from .chat import RULES, evaluate_chat

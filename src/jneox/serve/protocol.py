@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from .constraints import (Constraint, ConstraintError, choice_grammar, grammar_tokenizer, json_object_grammar,
                           json_schema_grammar, lark_grammar, regex_grammar)
 
