@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_hf_model, save_hf
-from jneox.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from jneox.adapters import load_adapter, save_adapter
+from jneox.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MARKER
 from jneox.errors import CheckpointError
 from jneox.loading import load_model
 from jneox.quantize import quantize_model
@@ -74,7 +75,7 @@ def test_saved_adapter_loads_in_peft(base, tmp_path):
         if name.endswith("lora_b"):
             p.normal_(0, 0.05)
     out = save_adapter(tmp_path / "ad", lora_state(model.state_dict()), rank=4, alpha=16.0, base_model=base)
-    assert sorted(p.name for p in out.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, MARKER])
     ref = peft.PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(base), out).eval()
     x = ids(seed=2)
     want = model(x)

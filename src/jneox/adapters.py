@@ -29,10 +29,9 @@ from safetensors.torch import save_file
 from .checkpoint import hf_name
 from .config import ModelConfig
 from .errors import CheckpointError
-from .files import save_staged, write_json
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_staged, write_json
 from .model import LINEARS, LowRank
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before the base model's own tensor names
 # transformers' path inside a layer of each linear layer jneox adapts ("attention.query_key_value"), and
 # its module name, which adapter_config.json's target_modules lists

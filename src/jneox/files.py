@@ -36,6 +36,8 @@ SHARD = "model-{index:05d}-of-{count:05d}.safetensors"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# a PEFT adapter folder
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # a training run's folder: a checkpoint plus these
 STATE_FILE, LOG_FILE, REPORT_FILE = "trainer_state.pt", "train_log.jsonl", "loss.png"
 # Written into every folder jneox saves (last, so it also marks the folder complete) and into a training
@@ -50,7 +52,8 @@ _OWN_FILES = re.compile("|".join([
     re.escape(CONFIG_FILE), re.escape(GENERATION_CONFIG), r"model(-\d{5}-of-\d{5})?\.safetensors",
     re.escape(SAFETENSORS_INDEX), re.escape(TOKENIZER_FILE), re.escape(TOKENIZER_CONFIG),
     re.escape(SPECIAL_TOKENS_MAP), re.escape(TOKENIZER_JSON),
-    re.escape(STATE_FILE), re.escape(LOG_FILE), re.escape(REPORT_FILE), re.escape(MARKER)]))
+    re.escape(STATE_FILE), re.escape(LOG_FILE), re.escape(REPORT_FILE), re.escape(MARKER),
+    re.escape(ADAPTER_CONFIG), re.escape(ADAPTER_WEIGHTS)]))
 _STAGING, _OLD = ".staging-", ".old-"
 # renameat2(2): AT_FDCWD makes its paths relative to the working directory, as rename's are
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2

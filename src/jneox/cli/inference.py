@@ -6,9 +6,10 @@ import os
 import sys
 import time
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+from ..adapters import load_adapter
 from ..chat import SYSTEM, TURN_STOP, USER, ChatSession, format_prompt
 from ..errors import UsageError
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..generate import stream
 from ..loading import served_model_id
 from ..serve import serve

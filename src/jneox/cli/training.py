@@ -6,9 +6,8 @@ import argparse
 import sys
 import time
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..chat import SYSTEM
-from ..files import LOG_FILE, REPORT_FILE, STATE_FILE, TOKENIZER_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOG_FILE, REPORT_FILE, STATE_FILE, TOKENIZER_FILE
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..train.data import DataStats, read_documents
 from ..train.dpo import dpo
