@@ -56,7 +56,7 @@ def start_server(model: str, read_timeout: float, max_connections: int, log) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "jneox.cli", "serve", "--model", model, "--port", str(port), "--log-level",
+    cmd = [sys.executable, "-m", "jneox", "serve", "--model", model, "--port", str(port), "--log-level",
            "warning", "--read-timeout", str(read_timeout), "--max-connections", str(max_connections)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"

@@ -30,7 +30,8 @@ from .limits import Limits, Throttled
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .scheduler import Engine, Event, QueueFull, TokenLogprob, Unavailable
 from .tools import parse_tool_chat
-from .tokens import Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize, tokenizer_info
+from .tokens import (EndpointProcess, Offsets, chat_logprobs, completion_logprobs, detokenize, tokenize,
+                     tokenizer_info)
 
 STATIC = Path(__file__).with_name("static")
 RETRY_AFTER_S = 1
@@ -133,12 +134,17 @@ class Workers:
         """``fn(*args)`` on the pool, or at once on the loop if ``small``."""
         if small:
             return fn(*args)
+        return await self.wait(lambda: self.pool.submit(fn, *args))
+
+    async def wait(self, submit):
+        """The result of the future that ``submit()`` starts (on the pool, or elsewhere), counted against
+        the same limit."""
         if self.busy >= self.limit:
             raise APIError(429, f"the server is busy: {self.busy} requests are being tokenized; retry in a moment",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         self.busy += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            return await asyncio.wrap_future(submit())
         finally:
             self.busy -= 1
 
@@ -429,15 +435,27 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         return await run(request, reqs, chunk, final, opening=reqs[0].echo and reqs[0].logprobs is None,
                          adapter=adapter)
 
+    endpoint_process = app.state.endpoint_process = EndpointProcess(tokenizer.path)
+
+    async def in_process(kind: str, body: dict) -> Response:
+        status, out = await workers.wait(lambda: endpoint_process.submit(kind, body, window))
+        if status != 200:
+            raise APIError(*out)
+        return Response(out, media_type="application/json")
+
     @app.post("/tokenize")
     async def tokenize_(request: Request):
         body = await read_body(request)
-        return await workers.run(lambda: JSONResponse(tokenize(body, tokenizer, window)), small=small(request))
+        if small(request):
+            return JSONResponse(tokenize(body, tokenizer, window))
+        return await in_process("tokenize", body)
 
     @app.post("/detokenize")
     async def detokenize_(request: Request):
         body = await read_body(request)
-        return await workers.run(lambda: JSONResponse(detokenize(body, tokenizer)), small=small(request))
+        if small(request):
+            return JSONResponse(detokenize(body, tokenizer))
+        return await in_process("detokenize", body)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info_(request: Request):

@@ -13,11 +13,14 @@ model.
 """
 from __future__ import annotations
 
+import json
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Sequence
 
 from ..chat import format_prompt
 from ..tokenizer import Tokenizer
-from .protocol import _bool, _type_name, bad, chat_utterances, token_ids
+from .protocol import APIError, _bool, _type_name, bad, chat_utterances, token_ids
 from .scheduler import TokenLogprob
 
 # what one tokenizer request may ask for: far more than any context window, little enough that a
@@ -134,3 +137,41 @@ def _check_chars(text: str, param: str) -> None:
     if len(text) > MAX_TOKENIZE_CHARS:
         raise bad(f"{param} has {len(text)} characters; at most {MAX_TOKENIZE_CHARS} are accepted in one request "
                   f"(send a long text in parts)", param, "too_long")
+
+
+# ---- large jobs in a process of their own -------------------------------------------------------
+_process_tokenizer: Tokenizer | None = None  # the tokenizer of an EndpointProcess's child
+
+
+def _start_child(path: str) -> None:
+    global _process_tokenizer
+    _process_tokenizer = Tokenizer(path)
+
+
+def _child_job(kind: str, body: dict, window: int) -> tuple[int, bytes | tuple]:
+    """(200, the JSON answer's bytes) or (status, APIError's arguments)."""
+    try:
+        out = tokenize(body, _process_tokenizer, window) if kind == "tokenize" else detokenize(body, _process_tokenizer)
+    except APIError as e:
+        return e.status, (e.status, e.message, e.param, e.code, e.type)
+    # the bytes starlette's JSONResponse would send
+    return 200, json.dumps(out, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+class EndpointProcess:
+    """Large ``/tokenize`` and ``/detokenize`` jobs in one process of their own, started on first use:
+    encoding a long text and its answer holds Python's GIL for tens of milliseconds at a time, which a
+    thread would take from the event loop and so from every other client."""
+
+    def __init__(self, tokenizer_path):
+        self.path, self.pool = str(tokenizer_path), None
+
+    def submit(self, kind: str, body: dict, window: int) -> Future:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_child, initargs=(self.path,))
+        return self.pool.submit(_child_job, kind, body, window)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
