@@ -335,7 +335,7 @@ class PackedLinear(nn.Module):
 
     def _gemm_takes(self, lib) -> bool:
         """Whether prompts go to PyTorch's GEMM block by block (:meth:`_gemm_blocks`) rather than to the
-        kernels' prompt paths, as measured (module docstring): wherever the kernels have no prompt path
+        kernels' prompt paths, as measured (docs/performance.md): wherever the kernels have no prompt path
         (AVX2, portable C), and on AMX CPUs where the AMX kernel does not take the prompt (kernels capped
         below it, fp32 weights excepted), as oneDNN's bf16 matmul is twice the kernels' bf16 dot products.
         Elsewhere (AVX-512 without AMX) the kernels, measured faster than PyTorch's matmul there; the blocks

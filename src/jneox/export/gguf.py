@@ -5,7 +5,7 @@ Writing: the hyper-parameters llama.cpp's gptneox graph reads, the weights under
 (:mod:`jneox.gguf_file` owns them) with the fused qkv projection reordered from Hugging Face's
 per-head ``[q_h, k_h, v_h]`` to ``[q; k; v]`` (as llama.cpp's own converter does), and the
 sentencepiece vocabulary with scores and piece types. llama.cpp has two tokenizers that read such a
-vocabulary; measured on the same texts (README, Interop) its UGM ("t5", a unigram Viterbi like
+vocabulary; measured on the same texts (docs/interop.md) its UGM ("t5", a unigram Viterbi like
 sentencepiece's) agrees with sentencepiece except where sentencepiece falls back to bytes (UGM has
 no byte fallback), its SPM ("llama", merges by score) differs more: UGM is the default.
 
