@@ -18,7 +18,7 @@ from ..train.report import plot_log
 from ..train.reward import reward, score_file
 from ..train.sft import sft
 from ..train.tokenize import CHUNK_BYTES, tokenize_files
-from .args import MAX_NEW_TOKENS, OVERWRITE_HELP, TEMPERATURE
+from .args import OVERWRITE_HELP
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float, min_lr: float, warmup: int, weight_decay: float) -> None:
@@ -150,21 +150,24 @@ def add_preference_parsers(sub) -> None:
     add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
     p.set_defaults(func=cmd_dpo)
 
+    C = PPOConfig  # the flags' defaults are the config's own
     p = sub.add_parser("ppo", help="PPO against a reward model, with a KL penalty to the starting model "
                                    "(rollouts sampled at the card's settings)")
     add_finetune_args(p, "JSONL prompts: preference pairs, {\"prompt\"} lines or conversations", "prompts", epochs=1.0, val=False)
     p.add_argument("--reward-model", required=True, help="a folder written by `jneox reward`")
-    p.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty per answer token (default: 0.05)")
-    p.add_argument("--ppo-epochs", type=int, default=4, help="optimizer steps on each rollout (default: 4)")
-    p.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clipping (default: 0.2)")
-    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (default: 0.1)")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount (default: 1)")
-    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default: 0.95)")
-    p.add_argument("--missing-eos-penalty", type=float, default=1.0,
-                   help="subtracted from the score of an answer that never reached </s> (default: 1)")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"rollout sampling (default: {TEMPERATURE:g}, the card's)")
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
-                   help=f"rollout answer length (default: {MAX_NEW_TOKENS}, the card's)")
+    p.add_argument("--kl-coef", type=float, default=C.kl_coef, help=f"KL penalty per answer token (default: {C.kl_coef:g})")
+    p.add_argument("--ppo-epochs", type=int, default=C.ppo_epochs,
+                   help=f"optimizer steps on each rollout (default: {C.ppo_epochs})")
+    p.add_argument("--cliprange", type=float, default=C.cliprange, help=f"PPO ratio clipping (default: {C.cliprange:g})")
+    p.add_argument("--vf-coef", type=float, default=C.vf_coef, help=f"weight of the value loss (default: {C.vf_coef:g})")
+    p.add_argument("--gamma", type=float, default=C.gamma, help=f"discount (default: {C.gamma:g})")
+    p.add_argument("--lam", type=float, default=C.lam, help=f"GAE lambda (default: {C.lam:g})")
+    p.add_argument("--missing-eos-penalty", type=float, default=C.missing_eos_penalty,
+                   help=f"subtracted from the score of an answer that never reached </s> (default: {C.missing_eos_penalty:g})")
+    p.add_argument("--temperature", type=float, default=C.temperature,
+                   help=f"rollout sampling (default: {C.temperature:g}, the card's)")
+    p.add_argument("--max-new-tokens", type=int, default=C.max_new_tokens,
+                   help=f"rollout answer length (default: {C.max_new_tokens}, the card's)")
     add_train_args(p, lr=1e-6, min_lr=1e-7, warmup=10, weight_decay=0.0)
     p.set_defaults(func=cmd_ppo)
 
