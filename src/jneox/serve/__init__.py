@@ -53,3 +53,4 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
         server.run()
     finally:
         engine.stop()
+        app.state.endpoint_process.close()  # the tokenizer endpoints' child, if one was started
