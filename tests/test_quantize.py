@@ -520,3 +520,20 @@ def test_loading_as_int8_hands_the_mapped_bf16_pages_back(tmp_path):
     want = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
     assert torch.equal(got["head"], want)
     assert torch.equal(got["scale"][: len(scale)], scale)
+
+
+@pytest.mark.parametrize("fmt, group", FORMAT_CASES)
+def test_prompt_rows_independent_is_true_only_where_rows_are(fmt, group):
+    """The server batches several prompts' rows into one call, and the prefix cache resumes a prompt
+    mid-chunk, only where ``prompt_rows_independent`` says so: there, any piece of more than
+    MAX_KERNEL_ROWS rows, from anywhere in a call, must give the bits of the whole call."""
+    torch.manual_seed(2)
+    model = nn.Sequential(PackedLinear.from_linear(nn.Linear(256, 84), fmt, group_size=group))
+    if not quantize.prompt_rows_independent(model):
+        pytest.skip(f"{fmt}: prompts go to PyTorch's GEMM here (or no native kernels): rows are not independent")
+    x = torch.randn(300, 256)
+    with torch.no_grad():
+        whole = model(x)
+        for a, b in ((0, MAX_KERNEL_ROWS + 1), (5, 29), (40, 80), (100, 300), (17, 145)):
+            assert torch.equal(model(x[a:b]), whole[a:b]), (a, b)
+    assert not quantize.prompt_rows_independent(nn.Sequential(nn.Linear(4, 4), model))

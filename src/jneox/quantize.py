@@ -71,6 +71,19 @@ def kernel_prompt_rows() -> int:
     return PREFILL_CHUNK if kernels.library() is not None else MAX_KERNEL_ROWS
 
 
+def prompt_rows_independent(model: nn.Module) -> bool:
+    """Whether every linear layer of ``model`` computes each row of a prompt-sized call (more than
+    ``MAX_KERNEL_ROWS`` rows) on its own, whatever else the call holds: then several prompts' rows in
+    one call, or a prompt cut anywhere into pieces of more than ``MAX_KERNEL_ROWS`` rows, give the
+    bits each row gets in a call of its own prompt alone. True where every layer takes prompts through
+    the kernels (AMX tiles, or the AVX-512 batch path); PyTorch's GEMM blocks (:meth:`PackedLinear._gemm_takes`)
+    and plain ``nn.Linear`` layers hand the rows to MKL or oneDNN, which block them by the call's size."""
+    lib = kernels.library()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    return (lib is not None and bool(layers)
+            and all(isinstance(m, PackedLinear) and not m._gemm_takes(lib) for m in layers))
+
+
 class QuantizationError(JneoxError):
     pass
 
