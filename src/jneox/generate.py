@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cuda_graphs import StaticDecoder, can_capture, static_tokens
 from .model import GPTNeoX
 from .sampling import Sampler, SamplingParams, check_prompt_fits
 from .speculative import Guesser, speculative_tokens
@@ -35,6 +36,10 @@ def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingP
     check_prompt_fits(model, len(prompt_ids))
     device = model.embed.weight.device
     sampler = Sampler(params, prompt_ids, model.config.max_position_embeddings, device, vocab_size)
+    if can_capture(device):
+        # one CUDA graph replay per token: see jneox.cuda_graphs
+        yield from static_tokens(StaticDecoder(model, 1, sampler.total), sampler, eos_id)
+        return
     cache = model.new_cache(1, sampler.total)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     logits = model(ids, input_pos=torch.arange(ids.shape[1], device=device), last_only=True, cache=cache)

@@ -268,7 +268,7 @@ class GPTNeoX(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
                 cache: list[KVCache] | None = None, head: bool = True,
-                adapters: RowAdapters | None = None) -> torch.Tensor:
+                adapters: RowAdapters | None = None, span: int | None = None) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T); with ``head=False`` the final-norm hidden states instead
         (what a PPO value head reads beside the LM head).
 
@@ -277,6 +277,11 @@ class GPTNeoX(nn.Module):
         the same positions, or (B, T) when each row has its own. ``last_only`` returns only the
         last position's logits, which is all a prefill needs. ``adapters`` adds LoRA updates to the rows
         it names (see :func:`add_low_rank`; :class:`jneox.adapters.Adapter` makes them from PEFT files).
+
+        ``span`` (with (B, T) ``input_pos``) attends over cache slots ``[0, span)``, each row's later slots masked,
+        and reads no position on the host: the shapes and the work no longer depend on the positions'
+        values, which is what capturing a step as a CUDA graph needs. The caller vouches that every
+        position is below ``span``.
         """
         B, T = idx.shape
         c = self.config
@@ -287,13 +292,13 @@ class GPTNeoX(nn.Module):
             if cache is None:
                 raise ValueError("decoding with input_pos needs a KV cache: pass cache=model.new_cache(...)")
             positions = input_pos
-            end = int(input_pos.max()) + 1
+            end = int(input_pos.max()) + 1 if span is None else span
             if end > cache[0].max_len or B > cache[0].k.shape[0]:
                 raise ValueError(f"KV cache holds {cache[0].k.shape[0]} rows x {cache[0].max_len} "
                                  f"positions; asked for {B} rows up to position {end - 1}")
             caches = cache
-            uniform_from_zero = input_pos.dim() == 1 and int(input_pos[0]) == 0
-            if not (uniform_from_zero or (T == 1 and input_pos.dim() == 1)):
+            uniform_from_zero = span is None and input_pos.dim() == 1 and int(input_pos[0]) == 0
+            if not (uniform_from_zero or (span is None and T == 1 and input_pos.dim() == 1)):
                 keys = torch.arange(end, device=idx.device)
                 mask = keys <= positions[..., None]  # (T, end) or (B, T, end)
                 if mask.dim() == 3:

@@ -220,7 +220,7 @@ def test_sft_with_lora_saves_a_plain_checkpoint_that_resumes(tmp_path, tiny_chec
     data = write_conversations(tmp_path / "conversations.jsonl")
     argv = ["sft", "--model", str(tiny_checkpoint), "--data", str(data), "--batch-size", "2", "--max-steps", "6",
             "--save-every", "3", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--warmup-steps", "2",
-            "--eval-every", "0", "--log-every", "1", "--device", "cpu", "--no-progress"]
+            "--eval-every", "0", "--log-every", "1", "--device", "cpu", "--no-progress", "--grad-checkpointing"]
     assert cli.main([*argv, "--out", str(tmp_path / "whole")]) == 0
     monkeypatch.undo()
     state = torch.load(tmp_path / "at3" / "trainer_state.pt", weights_only=False)
@@ -250,3 +250,50 @@ def test_a_bad_data_line_stops_sft_with_file_and_line_unless_skipped(tmp_path, t
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert cli.main([*argv, "--skip-bad-lines"]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_activation_checkpointing_keeps_the_loss_and_the_gradients(lora):
+    """--grad-checkpointing recomputes each block in the backward pass: same loss, same gradients, same
+    parameter names; with grad off (eval, generation) the blocks run as they are."""
+    import copy
+
+    from jneox.train.loop import checkpoint_blocks, token_loss_sum
+
+    torch.manual_seed(0)
+    plain = GPTNeoX(ModelConfig.from_name("tiny", parallel_residual=False))
+    plain.init_weights(seed=3)
+    if lora:
+        apply_lora(plain, 4, 8.0)
+        with torch.no_grad():
+            for m in plain.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_b.normal_()
+    checkpointed = copy.deepcopy(plain)
+    checkpoint_blocks(checkpointed)
+    checkpoint_blocks(checkpointed)  # twice is once
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, 1000, (2, 33), generator=torch.Generator().manual_seed(1))
+    saved = {}  # model -> elements it keeps for the backward pass
+    losses = []
+    for m in (plain, checkpointed):
+        saved[m] = 0
+
+        def keep(t, m=m):
+            saved[m] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            losses.append(token_loss_sum(m(ids[:, :-1]), ids[:, 1:]))
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    for n, p in checkpointed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=1e-7, msg=n)
+    with torch.no_grad():
+        assert torch.equal(checkpointed(ids), plain(ids))
+    # the point of it: the checkpointed model keeps far fewer activations for the backward pass
+    assert saved[checkpointed] < saved[plain] / 2

@@ -41,6 +41,9 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, min_lr: float, warmup:
                    help="bf16: autocast to bfloat16, fp32 weights (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="activation checkpointing: recompute each block in the backward pass (less memory, "
+                        "about a third more compute)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT (an error if there is none)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
@@ -55,7 +58,8 @@ def train_config(args):
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
                        seed=args.seed, device=args.device, precision=args.precision, save_dtype=args.save_dtype,
-                       compile=args.compile, resume=args.resume, overwrite=args.overwrite, fsdp=args.fsdp, report=args.report,
+                       compile=args.compile, grad_checkpointing=args.grad_checkpointing, resume=args.resume,
+                       overwrite=args.overwrite, fsdp=args.fsdp, report=args.report,
                        progress=not args.no_progress)
 
 
