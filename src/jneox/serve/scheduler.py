@@ -491,7 +491,8 @@ class Engine:
             tokens[s.slot] = torch.tensor([s.next_token, *g, *[s.next_token] * (width - 1 - len(g))])
             positions[s.slot] = torch.arange(s.pos, s.pos + width).clamp_max(self.window - 1)
         tokens, positions = tokens.to(self.device), positions.to(self.device)
-        per = max(1, MAX_KERNEL_ROWS // width)  # batch rows per pass: <= MAX_KERNEL_ROWS input rows
+        # batch rows per pass: <= MAX_KERNEL_ROWS input rows for the CPU kernels; a GPU takes them all at once
+        per = max(1, MAX_KERNEL_ROWS // width) if self.device.type == "cpu" else rows
         logits = []
         for a in range(0, rows, per):
             b = min(a + per, rows)
