@@ -63,6 +63,8 @@ IMAGE_HAS = {"torch", "torchgen", "functorch", "transformers", "peft", "sentence
              "jinja2", "markupsafe", "networkx", "sympy", "mpmath", "typing_extensions", "certifi", "urllib3",
              "idna", "charset_normalizer", "nvidia", "setuptools", "pkg_resources", "_distutils_hack", "psutil",
              "accelerate", "jneox"}
+# seconds past --budget after which the run writes its table and ends, whatever is still running
+GRACE_S = 45
 # the sections after set-up, in their order (the compiled decoders last: they take the longest to start)
 SECTIONS = ("correctness", "decode", "server", "train", "compiled")
 # the jneox modules this script uses
@@ -272,8 +274,7 @@ def hf_model(jx, model, dtype: torch.dtype):
 
 # ---- sections ----------------------------------------------------------------------------------
 def section_setup(run: Run) -> None:
-    args, jx = run.args, run.shared["jx"]
-    device = run.device
+    jx, device = run.shared["jx"], run.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     run.row("setup", "device", f"{name}; torch {torch.__version__}"
             f"{'; CUDA ' + str(torch.version.cuda) if device.type == 'cuda' else ''}")
@@ -434,7 +435,7 @@ def section_compiled(run: Run) -> None:
     measure_decode(run, "compiled", "transformers generate, static cache + its own torch.compile",
                    lambda: hf.generate(ids, max_new_tokens=n, do_sample=False, cache_implementation="static"),
                    n, bound, needs=100, skip=skip)
-    del hf
+    hf = None  # its memory back before the ratio row
     results = run.shared.get("decode", {})
     ours = max((v for k, v in results.items() if k.startswith("jneox")), default=None)
     theirs = max((v for k, v in results.items() if k.startswith("transformers")), default=None)
@@ -444,10 +445,10 @@ def section_compiled(run: Run) -> None:
 
 
 def section_server(run: Run) -> None:
-    jx, model, device, args = run.shared["jx"], run.shared["model"], run.device, run.args
+    jx, model, args = run.shared["jx"], run.shared["model"], run.args
     sample = ROOT / "tests" / "data" / "ja_sample.txt"
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = jx.tokenizer.Tokenizer(jx.tokenizer.train_tokenizer([sample], tmp, 1000))
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")  # the tokenizer's file, for the section's length
+    tokenizer = jx.tokenizer.Tokenizer(jx.tokenizer.train_tokenizer([sample], tmp, 1000))
     clients_list = [1, 2, 4] if args.quick else [1, 8, 32]
     new_tokens = 8 if args.quick else 64
     engine = jx.scheduler.Engine(model, tokenizer, max_batch=max(clients_list), max_queue=2 * max(clients_list),
@@ -499,6 +500,7 @@ def section_server(run: Run) -> None:
             run.attempt("server", f"{clients} clients x 1 request of {new_tokens} tokens (Engine, greedy)", go)
     finally:
         engine.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def section_train(run: Run) -> None:
@@ -513,6 +515,8 @@ def section_train(run: Run) -> None:
     peak, peak_note = peak_flops(args, device)
     attn = config.num_layers * config.hidden_size * seq
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as jneox's trainer sets it
 
     def train_fitting(lora: bool):
         """:func:`train` at ``--train-batch`` sequences, halved while the GPU runs out of memory."""
@@ -560,11 +564,12 @@ def section_train(run: Run) -> None:
         flops = (4 * n + 8 * attn) if lora else (6 * n + 12 * attn)
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else "(CPU)"
         mfu = f"MFU {tok_s * flops / peak:.0%}" if peak else f"MFU n/a ({peak_note})"
-        del model, optimizer
+        model = optimizer = None  # the memory back before the next row (the step closure holds them)
         return f"batch {batch}: {tok_s:,.0f} tok/s ({1e3 * seconds / steps:.0f} ms/step), {mem}, {mfu}"
 
     shape = f"{seq}-token sequences, activation checkpointing, bf16 autocast"
-    run.attempt("train", f"LoRA r16 SFT step ({shape}; frozen base in bf16)", lambda: train_fitting(True))
+    frozen = "frozen base in bf16" if device.type == "cuda" else "frozen base in fp32 off CUDA"
+    run.attempt("train", f"LoRA r16 SFT step ({shape}; {frozen})", lambda: train_fitting(True))
     free(device)
     run.attempt("train", f"full fine-tuning step ({shape}; fp32 weights, fused AdamW)", lambda: train_fitting(False),
                 ">= 40% MFU" if not args.quick else "")
@@ -606,13 +611,17 @@ def main(argv: list[str] | None = None) -> int:
         make_bundle(BUNDLE)
         return 0
     run = Run(args)
+    command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    timer = threading.Timer(args.budget + GRACE_S, overtime, (run, command, Path(args.out)))
+    timer.daemon = True
+    timer.start()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run.shared.update(device=device)
     jx = import_jneox()
     config = jx.config.ModelConfig.from_name("tiny" if args.quick else "japanese-gpt-neox-3.6b")
     run.shared.update(jx=jx, config=config)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as jneox's trainer sets it
+        torch.backends.cuda.matmul.allow_tf32 = False  # transformers' fp32 reference in full fp32 (training sets it)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
@@ -624,17 +633,30 @@ def main(argv: list[str] | None = None) -> int:
         for name in SECTIONS:
             if name in chosen:
                 run.section(name, budgets[name] * scale, globals()[f"section_{name}"])
-    command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = table(run, command.strip())
-    print("\n" + text, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text(text, encoding="utf-8")
-    (out / "gpu_check.json").write_text(json.dumps({"rows": run.rows, "seconds": time.monotonic() - run.start},
-                                                   ensure_ascii=False, indent=1), encoding="utf-8")
-    print(f"wrote {out / 'gpu_check.md'}", flush=True)
+    timer.cancel()
+    write_outputs(run, command, Path(args.out))
     return 0
 
+
+def write_outputs(run: Run, command: str, out: Path) -> None:
+    """The table to stdout and ``out``; rows added meanwhile (by a section still running) are not lost
+    to a half-written file: each file is written whole."""
+    text = table(run, command.strip())
+    print("\n" + text, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.md").write_text(text, encoding="utf-8")
+    (out / "gpu_check.json").write_text(json.dumps({"rows": list(run.rows), "seconds": time.monotonic() - run.start},
+                                                   ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"wrote {out / 'gpu_check.md'}", flush=True)
+
+
+def overtime(run: Run, command: str, out: Path) -> None:
+    """The run is past its budget by :data:`GRACE_S` (a compilation that would not end): write what
+    there is, with a row saying so, and end the process."""
+    run.row("run", "(whole run)", f"stopped: {time.monotonic() - run.start:.0f} s, past the --budget of "
+            f"{run.args.budget:.0f} s; the rows above are complete")
+    write_outputs(run, command, out)
+    os._exit(0)
 
 if __name__ == "__main__":
     sys.exit(main())

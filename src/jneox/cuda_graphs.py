@@ -56,7 +56,7 @@ class StaticDecoder:
         self.cache = model.new_cache(batch, self.max_len)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False) if compile else decode_step
+        self.step_fn = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -97,3 +98,19 @@ def test_the_bundle_is_what_the_gpu_image_lacks(tmp_path):
                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert check.returncode == 0, check.stderr
     assert "'llguidance'" in check.stdout and "'fastapi'" not in check.stdout
+
+
+def test_a_run_past_its_budget_still_writes_its_table(tmp_path):
+    code = ("import runpy, sys, time; g = runpy.run_path(sys.argv[1], run_name='gpu_check');"
+            "main = g['main']; main.__globals__['GRACE_S'] = 0;"
+            "main.__globals__['section_setup'] = lambda run: (run.row('setup', 'slow', 'begun'), time.sleep(60));"
+            "main(['--quick', '--budget', '10', '--out', sys.argv[2]])")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code, str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t < 50
+    rows = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))["rows"]
+    assert [row["result"] for row in rows][0] == "begun"
+    assert rows[-1]["result"].startswith("stopped: ") and "past the --budget of 10 s" in rows[-1]["result"]
