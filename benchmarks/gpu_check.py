@@ -304,6 +304,16 @@ def greedy_static(jx, model, prompt: list[int], n: int, capture: bool | None = N
     return tokens, all_logits, decoder
 
 
+def greedy_rows(jx, model, prompts: list[list[int]], n: int, decoder=None):
+    """``n`` greedy tokens for each of ``prompts`` (one row each, equal lengths) on one StaticDecoder."""
+    p = len(prompts[0])
+    decoder = decoder or jx.cuda_graphs.StaticDecoder(model, len(prompts), p + n)
+    last = [int(decoder.prefill(prompt, row=i)[0, -1].argmax()) for i, prompt in enumerate(prompts)]
+    for i in range(n - 1):
+        last = decoder.step(last, [p + i] * len(prompts))[:, -1].argmax(-1).tolist()
+    return decoder
+
+
 def greedy_plain(model, prompt: list[int], n: int) -> list[int]:
     """``n`` greedy tokens with one eager forward pass per token (jneox's loop before CUDA graphs)."""
     device = model.embed.weight.device
@@ -381,7 +391,8 @@ def measure_decode(run: Run, section: str, name: str, go, n: int, bound: float, 
         with torch.no_grad():  # not inference_mode: torch.compile may not mutate inference tensors in place
             warm = timed(device, go)
             seconds = timed(device, go)
-        run.shared.setdefault("decode", {})[name] = n / seconds
+        if "batch" not in name:  # batch 1: the rows compared in the ratio
+            run.shared.setdefault("decode", {})[name] = n / seconds
         return (f"{n / seconds:.1f} tok/s, {1e3 * seconds / n:.2f} ms/token, {n / seconds / bound:.0%} of the bound "
                 f"(first run {warm:.1f} s)", n / seconds)
 
@@ -404,6 +415,15 @@ def section_decode(run: Run) -> None:
 
     name = "jneox, CUDA graph (what generate uses on CUDA)" if device.type == "cuda" else "jneox, static step (uncaptured)"
     measure_decode(run, "decode", name, graph, n, bound, target=DECODE_TARGET)
+    decoder.clear()
+    rows = 8
+    prompts = [prompt_ids(len(prompt), run.shared["config"].vocab_size, seed=10 + i) for i in range(rows)]
+
+    def batch():
+        decoder["b"] = greedy_rows(jx, model, prompts, n, decoder=decoder.get("b"))
+
+    measure_decode(run, "decode", f"jneox, {name.partition(', ')[2]}, batch {rows}: tokens of all rows",
+                   batch, n * rows, bound * rows)  # the weights are read once a step for all rows
     decoder.clear()
     hf = hf_model(jx, model, torch.bfloat16)
     ids = torch.tensor([prompt], device=device)
