@@ -86,7 +86,8 @@ class StaticDecoder:
             return self._run()
         if self.graph is None:
             self._capture()
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
     def _run(self) -> torch.Tensor:
@@ -96,15 +97,16 @@ class StaticDecoder:
         """Record one step. The warm-up runs (which compile, and let libraries pick their kernels) and the
         recording itself all compute the step the buffers hold now, so each writes the same keys and
         values to the same slots: the cache ends as one eager step would leave it."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._run()
+        with torch.cuda.device(self.device):  # the model's GPU, whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._run()
         self.graph = graph
 
 
