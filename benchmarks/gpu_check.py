@@ -547,9 +547,9 @@ def section_train(run: Run) -> None:
             except torch.cuda.OutOfMemoryError:
                 if b == 1:
                     raise
-                free(device)
-                run.log(f"out of GPU memory at batch {b}: trying {b // 2}")
-                b //= 2
+            free(device)  # out of the except block: the failed try's frames, and their tensors, are gone
+            run.log(f"out of GPU memory at batch {b}: trying {b // 2}")
+            b //= 2
 
     def train(lora: bool, batch: int):
         model = build_model(jx, config, torch.float32, device)
@@ -591,7 +591,7 @@ def section_train(run: Run) -> None:
     frozen = "frozen base in bf16" if device.type == "cuda" else "frozen base in fp32 off CUDA"
     run.attempt("train", f"LoRA r16 SFT step ({shape}; {frozen})", lambda: train_fitting(True))
     free(device)
-    run.attempt("train", f"full fine-tuning step ({shape}; fp32 weights, fused AdamW)", lambda: train_fitting(False),
+    run.attempt("train", f"full fine-tuning step ({shape}; fp32 weights, AdamW fused on CUDA)", lambda: train_fitting(False),
                 ">= 40% MFU" if not args.quick else "")
     run.row("train", "MFU peak used", peak_note)
 
