@@ -20,6 +20,7 @@ import torch
 from .model import GPTNeoX, KVCache
 from .sampling import Sampler
 
+
 def decode_step(model: GPTNeoX, tokens: torch.Tensor, positions: torch.Tensor, cache: list[KVCache],
                 span: int) -> torch.Tensor:
     """One token for each row: ``tokens`` (B, 1) at ``positions`` (B, 1), keys and values written into
