@@ -15,6 +15,7 @@ with every block of every corpus at least once.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import UsageError
 from .data import DataError, held_out_documents
-from .indexed import IDX, IndexedDataset, is_dataset, prefix_of
+from .indexed import BIN, IDX, IndexedDataset, is_dataset, prefix_of
 
 
 @dataclass(frozen=True)
@@ -224,3 +225,62 @@ def shard_data(items: list[str], block_size: int, vocab_size: int, val_fraction:
     train = Mixture([t for t, _ in splits], blend_counts([len(t) for t, _ in splits], [w for w, _ in pairs]))
     vals = [v for _, v in splits if len(v)]
     return train, Mixture(vals, [len(v) for v in vals])
+
+
+# ---- what a run was trained on ----------------------------------------------------------------------
+HASH_BLOCK = 1 << 20  # bytes hashed at a time, and from each end of a .bin
+
+
+def _sha256(path: Path, ends_only: bool = False) -> str:
+    """The SHA-256 of a file, or for ``ends_only`` of its size and first and last ``HASH_BLOCK`` bytes."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if ends_only:
+            h.update(str(size).encode())
+            h.update(f.read(HASH_BLOCK))
+            f.seek(max(0, size - HASH_BLOCK))
+            h.update(f.read(HASH_BLOCK))
+        else:
+            while block := f.read(HASH_BLOCK):
+                h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(items: list[str], block_size: int, val_fraction: float, seed: int,
+                     tokenizer_file: str | Path, text_field: str = "text") -> dict:
+    """What decides the blocks a pretraining run sees, kept in ``trainer_state.pt`` so that a resume
+    on other data is caught: each input's content (an indexed dataset by its whole ``.idx``, which
+    holds every document's length, and the ends of its ``.bin``; a text file by all of it), the blend
+    weights, the block size, the held-out fraction, the seed and the tokenizer. Paths are kept to
+    name what changed, not compared: data moved to another disk is the same data."""
+    inputs = []
+    for weight, path in parse_data(items):
+        prefixes = shard_prefixes(path)
+        if prefixes is None:
+            inputs.append({"path": str(path), "weight": weight, "content": _sha256(Path(path))})
+            continue
+        for prefix in prefixes:
+            content = _sha256(Path(f"{prefix}{IDX}")) + ":" + _sha256(Path(f"{prefix}{BIN}"), ends_only=True)
+            inputs.append({"path": str(prefix), "weight": weight, "content": content})
+    return {"block size": block_size, "val fraction": val_fraction, "seed": seed, "text field": text_field,
+            "tokenizer": _sha256(Path(tokenizer_file)), "inputs": inputs}
+
+
+def data_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two :func:`data_fingerprint` results, one phrase each (empty: the same data)."""
+    changes = [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("block size", "val fraction", "seed", "text field")
+               if old.get(k) != new.get(k)]
+    if old.get("tokenizer") != new.get("tokenizer"):
+        changes.append("the tokenizer's file differs")
+    a, b = old.get("inputs", []), new.get("inputs", [])
+    if len(a) != len(b):
+        changes.append(f"{len(b)} inputs where the checkpoint had {len(a)} ({', '.join(i['path'] for i in a)})")
+        return changes
+    for x, y in zip(a, b):
+        if x["weight"] != y["weight"]:
+            changes.append(f"the weight of {y['path']} {x['weight']} -> {y['weight']}")
+        if x["content"] != y["content"]:
+            moved = "" if x["path"] == y["path"] else f" (the checkpoint's was {x['path']})"
+            changes.append(f"{y['path']} has other content{moved}")
+    return changes

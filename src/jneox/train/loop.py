@@ -250,6 +250,7 @@ class Trainer:
             recover(self.out)  # a save killed half-way through its renames: --resume must find it
             check_replaceable(self.out, cfg.overwrite, unmarked_ok=cfg.resume)
         self.state: dict | None = None
+        self.data_id: dict | None = None  # what the data is, saved for a resume to compare (pretrain)
         if cfg.resume:
             path = self.out / STATE_FILE
             if not path.is_file():
@@ -470,6 +471,8 @@ class Trainer:
                          "config": {k: v if isinstance(v, (bool, int, float, type(None))) else str(v)
                                     for k, v in asdict(cfg).items()},
                          "objective": objective_state}
+                if self.data_id is not None:
+                    state["data"] = self.data_id
                 if scales:
                     state["lora"] = lora_state(model_state)  # the base comes from the original --model
                 elif cfg.save_dtype != "float32":
