@@ -30,23 +30,28 @@ from .indexed import BIN, IDX, IndexedDataset, is_dataset, prefix_of
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Tokens ``start:stop`` of shard ``shard``: a run of consecutive documents of one split."""
+class Segments:
+    """Runs of consecutive documents of one split: tokens ``start[k]:stop[k]`` of shard ``shard[k]``
+    (arrays, 24 bytes a run, as a split held out by documents has a run per held-out document)."""
 
-    shard: int
-    start: int
-    stop: int
+    shard: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+
+    @classmethod
+    def of(cls, runs: list[tuple[int, int, int]]) -> "Segments":
+        a = np.array(runs, dtype=np.int64).reshape(-1, 3)
+        return cls(a[:, 0].copy(), a[:, 1].copy(), a[:, 2].copy())
 
 
 class TokenBlocks(Sequence):
     """Rows of ``block_size + 1`` tokens (int64 tensors) cut from the concatenation of ``segments``;
     rows ``first .. first + count`` of that stream when given (a single document's split)."""
 
-    def __init__(self, shards: list[IndexedDataset], segments: list[Segment], block_size: int, vocab_size: int,
+    def __init__(self, shards: list[IndexedDataset], segments: Segments, block_size: int, vocab_size: int,
                  first: int = 0, count: int | None = None):
         self.shards, self.segments, self.row, self.vocab_size = shards, segments, block_size + 1, vocab_size
-        lengths = np.array([s.stop - s.start for s in segments], dtype=np.int64)
-        self.starts = np.concatenate(([0], np.cumsum(lengths)))  # stream offset of each segment
+        self.starts = np.concatenate(([0], np.cumsum(segments.stop - segments.start)))  # stream offset of each
         total_rows = int(self.starts[-1]) // self.row
         self.first = first
         self.count = total_rows - first if count is None else count
@@ -66,14 +71,15 @@ class TokenBlocks(Sequence):
         out = np.empty(self.row, dtype=np.int64)
         filled = 0
         k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        seg = self.segments
         while filled < self.row:
-            seg = self.segments[k]
-            offset = seg.start + pos + filled - int(self.starts[k])
-            take = min(self.row - filled, seg.stop - offset)
-            out[filled:filled + take] = self.shards[seg.shard].tokens[offset:offset + take]
+            shard, stop = int(seg.shard[k]), int(seg.stop[k])
+            offset = int(seg.start[k]) + pos + filled - int(self.starts[k])
+            take = min(self.row - filled, stop - offset)
+            out[filled:filled + take] = self.shards[shard].tokens[offset:offset + take]
             top = int(out[filled:filled + take].max()) if take else 0
             if top >= self.vocab_size:
-                raise DataError(self.shards[seg.shard].bin_path, None,
+                raise DataError(self.shards[shard].bin_path, None,
                                 f"token id {top} near token {offset} is not below the vocabulary size "
                                 f"{self.vocab_size}: tokenized with another tokenizer?")
             filled += take
@@ -183,7 +189,7 @@ def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fr
     n_docs = int(doc_offsets[-1])
     names = ", ".join(str(p) for p in prefixes)
 
-    def segments(runs) -> list[Segment]:
+    def segments(runs) -> Segments:
         out = []
         for a, b in runs:  # global documents [a, b), cut at shard boundaries
             while a < b:
@@ -192,9 +198,9 @@ def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fr
                 shard = shards[k]
                 start, stop = shard.document_start(a - int(doc_offsets[k])), shard.document_start(end - int(doc_offsets[k]))
                 if stop > start:
-                    out.append(Segment(k, start, stop))
+                    out.append((k, start, stop))
                 a = end
-        return out
+        return Segments.of(out)
 
     if n_docs < 2:  # one document cannot be held out by documents: its last blocks are
         blocks = TokenBlocks(shards, segments([(0, n_docs)]), block_size, vocab_size)
@@ -206,6 +212,8 @@ def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fr
         held = held_out_documents(n_docs, val_fraction, seed)
         train = TokenBlocks(shards, segments(_runs(held, n_docs, keep=True)), block_size, vocab_size)
         val = TokenBlocks(shards, segments(_runs(held, n_docs, keep=False)), block_size, vocab_size)
+    for shard in shards:  # the boundaries are found; only the tokens are read from here on
+        shard.release_index()
     if len(train) == 0:
         raise DataError(names, None, f"the training split has fewer tokens than one block of {block_size + 1}; "
                                      f"add text, lower the block size or the val fraction")

@@ -180,8 +180,10 @@ class SampleOrder:
             return i
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            # a tensor, not a list: 8 bytes a block, however many blocks a memory-mapped corpus has
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+            # a tensor, not a list, of 4 bytes a block where int32 holds every index (torch draws the
+            # same permutation in either dtype): a memory-mapped corpus may have many millions of blocks
+            dtype = torch.int32 if self.n < 2**31 else torch.int64
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen, dtype=dtype)
         return int(self._perm[i])
 
 
