@@ -80,7 +80,7 @@ def write_corpus(path: Path, gigabytes: float, model_file: Path, seed: int = 0) 
 def run(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time, peak RSS and peak PSS (whole process tree, MB) of ``cmd``; raises if it fails. PSS
     counts a page shared by forked workers once in all, where the RSS sum counts it in each."""
-    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0, cpu0, started = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     peak = peak_pss = 0.0
@@ -98,7 +98,7 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers too: each process waited for its own
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu, "peak_rss_mb": peak, "peak_pss_mb": peak_pss, "output": out}
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu, "started": started, "peak_rss_mb": peak, "peak_pss_mb": peak_pss, "output": out}
 
 
 def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0) -> float:
@@ -150,6 +150,12 @@ def pretrain_cmd(data: str, out: Path, steps: int, args, resume: bool = False) -
             "--max-steps", str(steps), "--eval-every", "0", "--eval-batches", "1", "--save-every", "1",
             "--log-every", "1", "--device", "cpu", "--no-progress", "--overwrite", "--seed", "0",
             *(["--resume"] if resume else [])]
+
+
+def to_step_s(out: Path, step: int, started: float) -> float:
+    """Seconds from the command's start to the log line of ``step`` (its training done, before the save)."""
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r["time"] for r in rows if r.get("step") == step and "tokens_per_s" in r][-1] - started
 
 
 def train_tok_s(out: Path, median: bool = False) -> float:
@@ -205,16 +211,19 @@ def main() -> None:
         out = args.dir / f"run_{gb:g}GB"
         first = run(pretrain_cmd(str(prefix), out, 1, args))
         rows.append({"what": "pretrain from shards, to step 1", "GB": gb, "wall_s": first["wall_s"],
+                     "to_step_s": to_step_s(out, 1, first["started"]),
                      "tokens/s": train_tok_s(out), "peak_rss_mb": first["peak_rss_mb"], "peak_pss_mb": first["peak_pss_mb"]})
         print(rows[-1], flush=True)
         again = run(pretrain_cmd(str(prefix), out, 2, args, resume=True))
         rows.append({"what": "pretrain --resume, to step 2", "GB": gb, "wall_s": again["wall_s"],
+                     "to_step_s": to_step_s(out, 2, again["started"]),
                      "tokens/s": train_tok_s(out), "peak_rss_mb": again["peak_rss_mb"], "peak_pss_mb": again["peak_pss_mb"]})
         print(rows[-1], flush=True)
         if i == 0:
             raw_out = args.dir / f"run_{gb:g}GB_raw"
             raw = run(pretrain_cmd(str(corpus), raw_out, 1, args))
             rows.append({"what": "pretrain from the JSONL (in memory), to step 1", "GB": gb, "wall_s": raw["wall_s"],
+                         "to_step_s": to_step_s(raw_out, 1, raw["started"]),
                          "tokens/s": train_tok_s(raw_out), "peak_rss_mb": raw["peak_rss_mb"], "peak_pss_mb": raw["peak_pss_mb"]})
             print(rows[-1], flush=True)
             for what, data in (("from the shards", str(prefix)), ("from the JSONL (in memory)", str(corpus))):
@@ -233,7 +242,8 @@ def main() -> None:
     for r in rows:
         mbs = f"{r['MB/s']:.1f} / {r['inner MB/s']:.1f}" if "MB/s" in r else ""
         vs = f"{r['vs_sentencepiece']:.0%} ({r['sp MB/s']:.1f})" if "vs_sentencepiece" in r else ""
-        wall = f"{r['wall_s']:.1f}" + (f" (CPU {r['cpu_s']:.1f})" if "cpu_s" in r else "")
+        wall = f"{r['wall_s']:.1f}" + (f" (CPU {r['cpu_s']:.1f})" if "cpu_s" in r else "") + \
+            (f" (step done at {r['to_step_s']:.1f})" if "to_step_s" in r else "")
         print(f"| {r['GB']:g} GB | {r['what']} | {wall} | {mbs} | {r['tokens/s']:,.0f} | "
               f"{r['peak_rss_mb']:.0f} ({r['peak_pss_mb']:.0f}) | {vs} |")
 

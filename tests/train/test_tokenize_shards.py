@@ -16,6 +16,7 @@ import torch
 
 from jneox.cli import main as cli_main
 from jneox.errors import UsageError
+from jneox.loading import load_model
 from jneox.tokenizer import Tokenizer
 from jneox.train import tokenize as tokenize_module
 from jneox.train.corpus import blend_counts, shard_data
@@ -155,6 +156,28 @@ def test_cli_tokenize_then_pretrain_on_a_folder(tmp_path, corpus, spiece_model, 
                      "--out", str(tmp_path / "run"), "--block-size", "16", "--batch-size", "2", "--max-steps", "2",
                      "--eval-every", "0", "--eval-batches", "1", "--no-progress", "--device", "cpu"]) == 0
     assert (tmp_path / "run" / "trainer_state.pt").is_file()
+
+
+def test_continued_pretraining_starts_from_the_init_checkpoint_on_shards(tmp_path, corpus, spiece_model,
+                                                                         tiny_checkpoint):
+    tokenize_files(corpus, spiece_model, tmp_path / "c", progress=False)
+
+    def pretrain(out: str, lr: str) -> Path:
+        assert cli_main(["pretrain", "--model-config", "tiny", "--init", str(tiny_checkpoint), "--tokenizer", str(spiece_model),
+                         "--data", str(tmp_path / "c"), "--out", str(tmp_path / out), "--block-size", "16",
+                         "--batch-size", "2", "--max-steps", "2", "--lr", lr, "--min-lr", "0", "--warmup-steps", "0",
+                         "--eval-every", "0", "--eval-batches", "2", "--no-progress", "--device", "cpu"]) == 0
+        return tmp_path / out
+
+    base = load_model(tiny_checkpoint).state_dict()
+    still = load_model(pretrain("still", "0")).state_dict()  # no step taken: the init's weights come back
+    assert all(torch.equal(still[k], v) for k, v in base.items())
+    moved = pretrain("moved", "1e-3")
+    evals = [r for r in records(moved / "train_log.jsonl") if "eval_loss" in r]
+    first = [r for r in records(tmp_path / "still" / "train_log.jsonl") if "eval_loss" in r][0]
+    assert evals[0]["eval_loss"] == first["eval_loss"]  # both start from the init on the same held-out blocks
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert not all(torch.equal(load_model(moved).state_dict()[k], v) for k, v in base.items())
 
 
 def test_resume_on_other_data_is_refused_naming_what_changed(tmp_path, corpus, spiece_model, capsys):
