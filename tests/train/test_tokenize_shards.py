@@ -224,6 +224,10 @@ def test_resume_on_other_data_is_refused_naming_what_changed(tmp_path, corpus, s
                      *run_text, "--block-size", "16", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
                      "--eval-batches", "1", "--no-progress", "--device", "cpu", "--resume"]) == 2
     assert re.search(r"t\.jsonl has other content", capsys.readouterr().err)
+    assert cli_main(["pretrain", "--model-config", "tiny", "--tokenizer", str(spiece_model), "--data",
+                     str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m"), "--block-size", "16",
+                     "--no-progress"]) == 2
+    assert re.search(r"missing\.jsonl: no such file", capsys.readouterr().err)  # the reader's error, not the hash's
 
 
 def test_blend_draws_each_corpus_by_weight_and_every_block(tmp_path, corpus, spiece_model):

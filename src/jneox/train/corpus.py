@@ -265,8 +265,9 @@ def data_fingerprint(items: list[str], block_size: int, val_fraction: float, see
     inputs = []
     for weight, path in parse_data(items):
         prefixes = shard_prefixes(path)
-        if prefixes is None:
-            inputs.append({"path": str(path), "weight": weight, "content": _sha256(Path(path))})
+        if prefixes is None:  # a missing file is left to the reader's own error
+            content = _sha256(Path(path)) if Path(path).is_file() else None
+            inputs.append({"path": str(path), "weight": weight, "content": content})
             continue
         for prefix in prefixes:
             content = _sha256(Path(f"{prefix}{IDX}")) + ":" + _sha256(Path(f"{prefix}{BIN}"), ends_only=True)
