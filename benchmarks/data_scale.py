@@ -8,7 +8,7 @@ workers together), sampled every 50 ms. The smallest corpus is also trained from
 documents gives the per-worker speed to compare with.
 
     python benchmarks/data_scale.py --sizes 0.1 1 --workers 2          # the table in docs/performance.md
-    python benchmarks/data_scale.py --sizes 10 --dir /big/disk         # 10 GB needs ~25 GB free
+    python benchmarks/data_scale.py --sizes 0.1 10 --dir /big/disk     # 10 GB needs ~15 GB free
 
 The corpus: documents of 3-40 sentences, each sentence 5-25 Japanese pieces of the tokenizer's
 own vocabulary drawn with Zipf-like frequencies, so the text tokenizes like natural text (known
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -77,23 +78,27 @@ def write_corpus(path: Path, gigabytes: float, model_file: Path, seed: int = 0) 
 
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall time and peak RSS (whole process tree, MB) of ``cmd``; raises if it fails."""
-    t0 = time.perf_counter()
+    """Wall time, peak RSS and peak PSS (whole process tree, MB) of ``cmd``; raises if it fails. PSS
+    counts a page shared by forked workers once in all, where the RSS sum counts it in each."""
+    t0, cpu0, started = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
-    peak = 0.0
+    peak = peak_pss = 0.0
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            rss = sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)])
-            peak = max(peak, rss / 2**20)
+            tree = [p.memory_full_info() for p in [ps, *ps.children(recursive=True)]]
+            peak = max(peak, sum(m.rss for m in tree) / 2**20)
+            peak_pss = max(peak_pss, sum(m.pss for m in tree) / 2**20)
         except psutil.Error:
             pass
         time.sleep(0.05)
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak, "output": out}
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers too: each process waited for its own
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu, "started": started, "peak_rss_mb": peak, "peak_pss_mb": peak_pss, "output": out}
 
 
 def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0) -> float:
@@ -114,35 +119,50 @@ def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0)
 
 def per_worker_encode(corpus: Path, model_file: Path, rounds: int, megabytes: int = 8) -> dict:
     """One worker's work on one chunk (read, parse the JSON, encode, pack with </s>) against
-    sentencepiece's EncodeAsIds on the same already-parsed texts, alternating, best round of each."""
+    sentencepiece's own encode of the same already-parsed texts in the same process: EncodeAsIds one
+    text at a time, and its batch call into arrays on one thread (its fastest single-process
+    encode). Alternating, best round of each, in CPU time of this process (all of it runs on one
+    thread), which other jobs on a shared machine disturb less than wall time."""
     chunk = tk.plan_chunks([str(corpus)], megabytes << 20)[0]
     tk._init_worker(str(model_file))
     texts = tk._texts(chunk, "text")[0]
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    best_jneox = best_sp = float("inf")
+    best = {"jneox": float("inf"), "ids": float("inf"), "batch": float("inf")}
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         tk.encode_chunk(chunk, "text", "uint16")
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         for t in texts:
             sp.EncodeAsIds(t)
-        t2 = time.perf_counter()
-        best_jneox, best_sp = min(best_jneox, t1 - t0), min(best_sp, t2 - t1)
+        t2 = time.process_time()
+        sp.encode(texts, out_type="numpy", num_threads=1)
+        t3 = time.process_time()
+        for k, v in (("jneox", t1 - t0), ("ids", t2 - t1), ("batch", t3 - t2)):
+            best[k] = min(best[k], v)
     mb = chunk.size / 1e6
-    return {"jneox MB/s": mb / best_jneox, "sentencepiece MB/s": mb / best_sp, "ratio": best_sp / best_jneox}
+    return {"jneox MB/s": mb / best["jneox"], "sentencepiece MB/s": mb / best["ids"], "ratio": best["ids"] / best["jneox"],
+            "batch MB/s": mb / best["batch"], "batch ratio": best["batch"] / best["jneox"]}
 
 
 def pretrain_cmd(data: str, out: Path, steps: int, args, resume: bool = False) -> list[str]:
     return [*JNEOX, "pretrain", "--model-config", args.model_config, "--tokenizer", str(args.tokenizer),
             "--data", data, "--out", str(out), "--block-size", str(args.block_size), "--batch-size", "8",
             "--max-steps", str(steps), "--eval-every", "0", "--eval-batches", "1", "--save-every", "1",
-            "--log-every", "1", "--device", "cpu", "--no-progress", "--overwrite",
+            "--log-every", "1", "--device", "cpu", "--no-progress", "--overwrite", "--seed", "0",
             *(["--resume"] if resume else [])]
 
 
-def train_tok_s(out: Path) -> float:
+def to_step_s(out: Path, step: int, started: float) -> float:
+    """Seconds from the command's start to the log line of ``step`` (its training done, before the save)."""
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1]
+    return [r["time"] for r in rows if r.get("step") == step and "tokens_per_s" in r][-1] - started
+
+
+def train_tok_s(out: Path, median: bool = False) -> float:
+    """The last step's training tokens/s, or the median over the steps after the first."""
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return float(np.median(speeds[1:])) if median else speeds[-1]
 
 
 def main() -> None:
@@ -156,14 +176,17 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--dir", type=Path, default=Path("/tmp/jneox_data_scale"))
     p.add_argument("--keep", action="store_true", help="keep the corpora and shards")
+    p.add_argument("--speed-steps", type=int, default=20,
+                   help="steps of the training-speed rows, shards against the JSONL in memory (default: 20)")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     sample = args.dir / "corpus_0.01GB.jsonl"
     write_corpus(sample, 0.01, args.tokenizer)
     enc = per_worker_encode(sample, args.tokenizer, args.rounds)
-    print(f"per worker, best of {args.rounds} alternating rounds on one 8 MB chunk: jneox {enc['jneox MB/s']:.1f} MB/s "
+    print(f"per worker, CPU time, best of {args.rounds} alternating rounds on one 8 MB chunk: jneox {enc['jneox MB/s']:.1f} MB/s "
           f"(read, JSON, encode, pack), sentencepiece EncodeAsIds {enc['sentencepiece MB/s']:.1f} MB/s "
-          f"(encode only): {enc['ratio']:.0%}", flush=True)
+          f"(encode only): {enc['ratio']:.0%}; sentencepiece's batch encode into arrays {enc['batch MB/s']:.1f} MB/s: "
+          f"{enc['batch ratio']:.0%}", flush=True)
     rows = []
     for i, gb in enumerate(sorted(args.sizes)):
         corpus = args.dir / f"corpus_{gb:g}GB.jsonl"
@@ -181,36 +204,48 @@ def main() -> None:
             sp_speed = (before + sentencepiece_speed(corpus, args.tokenizer)) / 2
             tokens = int(r["output"].split(" tokens")[0].rsplit(" ", 1)[-1])
             inner = float(r["output"].split(" MB/s")[0].rsplit("(", 1)[-1])  # without the interpreter's start
-            rows.append({"what": f"tokenize, {w} worker{'s' * (w > 1)}", "GB": gb, "wall_s": r["wall_s"],
+            rows.append({"what": f"tokenize, {w} worker{'s' * (w > 1)}", "GB": gb, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
                          "MB/s": mb / r["wall_s"], "inner MB/s": inner, "tokens/s": tokens / r["wall_s"],
-                         "peak_rss_mb": r["peak_rss_mb"], "sp MB/s": sp_speed, "vs_sentencepiece": inner / w / sp_speed})
+                         "peak_rss_mb": r["peak_rss_mb"], "peak_pss_mb": r["peak_pss_mb"], "sp MB/s": sp_speed, "vs_sentencepiece": inner / w / sp_speed})
             print(rows[-1], flush=True)
         out = args.dir / f"run_{gb:g}GB"
         first = run(pretrain_cmd(str(prefix), out, 1, args))
         rows.append({"what": "pretrain from shards, to step 1", "GB": gb, "wall_s": first["wall_s"],
-                     "tokens/s": train_tok_s(out), "peak_rss_mb": first["peak_rss_mb"]})
+                     "to_step_s": to_step_s(out, 1, first["started"]),
+                     "tokens/s": train_tok_s(out), "peak_rss_mb": first["peak_rss_mb"], "peak_pss_mb": first["peak_pss_mb"]})
         print(rows[-1], flush=True)
         again = run(pretrain_cmd(str(prefix), out, 2, args, resume=True))
         rows.append({"what": "pretrain --resume, to step 2", "GB": gb, "wall_s": again["wall_s"],
-                     "tokens/s": train_tok_s(out), "peak_rss_mb": again["peak_rss_mb"]})
+                     "to_step_s": to_step_s(out, 2, again["started"]),
+                     "tokens/s": train_tok_s(out), "peak_rss_mb": again["peak_rss_mb"], "peak_pss_mb": again["peak_pss_mb"]})
         print(rows[-1], flush=True)
         if i == 0:
             raw_out = args.dir / f"run_{gb:g}GB_raw"
             raw = run(pretrain_cmd(str(corpus), raw_out, 1, args))
             rows.append({"what": "pretrain from the JSONL (in memory), to step 1", "GB": gb, "wall_s": raw["wall_s"],
-                         "tokens/s": train_tok_s(raw_out), "peak_rss_mb": raw["peak_rss_mb"]})
+                         "to_step_s": to_step_s(raw_out, 1, raw["started"]),
+                         "tokens/s": train_tok_s(raw_out), "peak_rss_mb": raw["peak_rss_mb"], "peak_pss_mb": raw["peak_pss_mb"]})
             print(rows[-1], flush=True)
+            for what, data in (("from the shards", str(prefix)), ("from the JSONL (in memory)", str(corpus))):
+                speed_out = args.dir / "run_speed"
+                sp_run = run(pretrain_cmd(data, speed_out, args.speed_steps, args) + ["--save-every", "0"])
+                rows.append({"what": f"pretrain {what}, median of steps 2-{args.speed_steps}", "GB": gb,
+                             "wall_s": sp_run["wall_s"], "tokens/s": train_tok_s(speed_out, median=True),
+                             "peak_rss_mb": sp_run["peak_rss_mb"], "peak_pss_mb": sp_run["peak_pss_mb"]})
+                print(rows[-1], flush=True)
         if not args.keep:
             for f in args.dir.glob(f"shards_{gb:g}GB_w*"):
                 f.unlink()
-    print("\n| corpus | what | wall (s) | MB/s (wall / after start-up) | tokens/s | peak RSS (MB) "
+    print("\n| corpus | what | wall (s) | MB/s (wall / after start-up) | tokens/s | peak RSS (PSS) (MB) "
           "| per worker vs sentencepiece (its MB/s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         mbs = f"{r['MB/s']:.1f} / {r['inner MB/s']:.1f}" if "MB/s" in r else ""
         vs = f"{r['vs_sentencepiece']:.0%} ({r['sp MB/s']:.1f})" if "vs_sentencepiece" in r else ""
-        print(f"| {r['GB']:g} GB | {r['what']} | {r['wall_s']:.1f} | {mbs} | {r['tokens/s']:,.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {vs} |")
+        wall = f"{r['wall_s']:.1f}" + (f" (CPU {r['cpu_s']:.1f})" if "cpu_s" in r else "") + \
+            (f" (step done at {r['to_step_s']:.1f})" if "to_step_s" in r else "")
+        print(f"| {r['GB']:g} GB | {r['what']} | {wall} | {mbs} | {r['tokens/s']:,.0f} | "
+              f"{r['peak_rss_mb']:.0f} ({r['peak_pss_mb']:.0f}) | {vs} |")
 
 
 if __name__ == "__main__":

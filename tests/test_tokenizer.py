@@ -95,3 +95,22 @@ def test_bad_model_file_is_a_clear_error(tmp_path):
         Tokenizer(bad)
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer(tmp_path / "missing.model")
+
+
+def test_encode_batch_is_encode_of_each_text(tokenizer, monkeypatch):
+    texts = ["吾輩は猫である。\n名前はまだ無い。", "", "\r\n", *OUT_OF_VOCAB]
+    want = [tokenizer.encode(t) for t in texts]
+    got = tokenizer.encode_batch(texts)
+    assert [a.dtype.name for a in got] == ["int32"] * len(texts)
+    assert [a.tolist() for a in got] == want
+    # a sentencepiece without the buffer encode gives the same arrays through its lists
+    real = tokenizer.sp.encode
+
+    def lists_only(texts, out_type=int, **kw):
+        if out_type == "numpy":
+            raise ValueError("unknown return_type=numpy")
+        return real(texts, out_type=out_type, **kw)
+
+    monkeypatch.setattr(tokenizer.sp, "encode", lists_only)
+    got = tokenizer.encode_batch(texts)
+    assert [a.dtype.name for a in got] == ["int32"] * len(texts) and [a.tolist() for a in got] == want

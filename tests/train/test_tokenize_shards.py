@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import torch
 
 from jneox.cli import main as cli_main
 from jneox.errors import UsageError
+from jneox.loading import load_model
 from jneox.tokenizer import Tokenizer
 from jneox.train import tokenize as tokenize_module
 from jneox.train.corpus import blend_counts, shard_data
@@ -156,6 +158,78 @@ def test_cli_tokenize_then_pretrain_on_a_folder(tmp_path, corpus, spiece_model, 
     assert (tmp_path / "run" / "trainer_state.pt").is_file()
 
 
+def test_continued_pretraining_starts_from_the_init_checkpoint_on_shards(tmp_path, corpus, spiece_model,
+                                                                         tiny_checkpoint):
+    tokenize_files(corpus, spiece_model, tmp_path / "c", progress=False)
+
+    def pretrain(out: str, lr: str) -> Path:
+        assert cli_main(["pretrain", "--model-config", "tiny", "--init", str(tiny_checkpoint), "--tokenizer", str(spiece_model),
+                         "--data", str(tmp_path / "c"), "--out", str(tmp_path / out), "--block-size", "16",
+                         "--batch-size", "2", "--max-steps", "2", "--lr", lr, "--min-lr", "0", "--warmup-steps", "0",
+                         "--eval-every", "0", "--eval-batches", "2", "--no-progress", "--device", "cpu"]) == 0
+        return tmp_path / out
+
+    base = load_model(tiny_checkpoint).state_dict()
+    still = load_model(pretrain("still", "0")).state_dict()  # no step taken: the init's weights come back
+    assert all(torch.equal(still[k], v) for k, v in base.items())
+    moved = pretrain("moved", "1e-3")
+    evals = [r for r in records(moved / "train_log.jsonl") if "eval_loss" in r]
+    first = [r for r in records(tmp_path / "still" / "train_log.jsonl") if "eval_loss" in r][0]
+    assert evals[0]["eval_loss"] == first["eval_loss"]  # both start from the init on the same held-out blocks
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert not all(torch.equal(load_model(moved).state_dict()[k], v) for k, v in base.items())
+
+
+def test_resume_on_other_data_is_refused_naming_what_changed(tmp_path, corpus, spiece_model, capsys):
+    tokenize_files(corpus, spiece_model, tmp_path / "a", progress=False)
+    tokenize_files(corpus[:1], spiece_model, tmp_path / "b", progress=False)
+
+    def pretrain(data: list[str], *more: str, steps: int = 1, resume: bool = True) -> int:
+        return cli_main(["pretrain", "--model-config", "tiny", "--tokenizer", str(spiece_model), "--data", *data,
+                         "--out", str(tmp_path / "run"), "--block-size", "16", "--batch-size", "2",
+                         "--max-steps", str(steps), "--eval-every", "0", "--eval-batches", "1", "--no-progress",
+                         "--device", "cpu", *more, *(["--resume"] if resume else [])])
+
+    blend = ["0.3", str(tmp_path / "a"), "0.7", str(tmp_path / "b")]
+    assert pretrain(blend, resume=False) == 0
+    state = tmp_path / "run" / "trainer_state.pt"
+    before = state.read_bytes()
+    for data, more, says in [
+            (["0.5", str(tmp_path / "a"), "0.5", str(tmp_path / "b")], [], r"the weight of \S*a 0.3 -> 0.5"),
+            ([str(tmp_path / "a")], [], r"1 inputs where the checkpoint had 2"),
+            (["0.3", str(tmp_path / "b"), "0.7", str(tmp_path / "a")], [], r"\S*b has other content"),
+            (blend, ["--block-size", "8"], r"block size 16 -> 8"),
+            (blend, ["--seed", "5"], r"seed 0 -> 5"),
+            (blend, ["--val-fraction", "0.2"], r"val fraction 0.01 -> 0.2")]:
+        assert pretrain(data, *more, steps=2) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"--resume: \S*trainer_state.pt was trained on other data: {says}", err), err
+        assert len(err.strip().splitlines()) == 1 and state.read_bytes() == before  # nothing written
+    # the same data moved to another folder is the same data; tokenized again from other text it is not
+    os.rename(tmp_path / "a.bin", tmp_path / "moved.bin")
+    os.rename(tmp_path / "a.idx", tmp_path / "moved.idx")
+    assert pretrain(["0.3", str(tmp_path / "moved"), "0.7", str(tmp_path / "b")], steps=2) == 0
+    tokenize_files(corpus[1:], spiece_model, tmp_path / "b", progress=False, overwrite=True)
+    assert pretrain(["0.3", str(tmp_path / "moved"), "0.7", str(tmp_path / "b")], steps=3) == 2
+    assert re.search(r"\S*b has other content", capsys.readouterr().err)
+    # a text corpus (tokenized in memory) is compared by its content
+    run_text = ["--out", str(tmp_path / "text")]
+    text = tmp_path / "t.jsonl"
+    text.write_bytes(corpus[0].read_bytes())
+    assert cli_main(["pretrain", "--model-config", "tiny", "--tokenizer", str(spiece_model), "--data", str(text),
+                     *run_text, "--block-size", "16", "--batch-size", "2", "--max-steps", "1", "--eval-every", "0",
+                     "--eval-batches", "1", "--no-progress", "--device", "cpu"]) == 0
+    text.write_bytes(corpus[0].read_bytes() + corpus[0].read_bytes())
+    assert cli_main(["pretrain", "--model-config", "tiny", "--tokenizer", str(spiece_model), "--data", str(text),
+                     *run_text, "--block-size", "16", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
+                     "--eval-batches", "1", "--no-progress", "--device", "cpu", "--resume"]) == 2
+    assert re.search(r"t\.jsonl has other content", capsys.readouterr().err)
+    assert cli_main(["pretrain", "--model-config", "tiny", "--tokenizer", str(spiece_model), "--data",
+                     str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m"), "--block-size", "16",
+                     "--no-progress"]) == 2
+    assert re.search(r"missing\.jsonl: no such file", capsys.readouterr().err)  # the reader's error, not the hash's
+
+
 def test_blend_draws_each_corpus_by_weight_and_every_block(tmp_path, corpus, spiece_model):
     tokenize_files(corpus[:1], spiece_model, tmp_path / "a", progress=False)
     tokenize_files(corpus[1:], spiece_model, tmp_path / "b", progress=False)
@@ -232,3 +306,71 @@ def test_a_saved_hugging_face_dataset_tokenizes_like_the_same_jsonl(tmp_path, co
     datasets.Dataset.from_dict({"text": ["ok", None]}).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"bad:2: field 'text' must be a string"):
         tokenize_files([tmp_path / "bad"], spiece_model, tmp_path / "x", progress=False)
+
+
+def test_a_streamed_dataset_tokenizes_like_the_same_jsonl_and_resumes(tmp_path, corpus, spiece_model, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    lines = corpus[0].read_text(encoding="utf-8").splitlines(keepends=True)
+    half = len(lines) // 2
+    parts = [tmp_path / "s1.jsonl", tmp_path / "s2.jsonl"]
+    parts[0].write_text("".join(lines[:half]), encoding="utf-8")
+    parts[1].write_text("".join(lines[half:]), encoding="utf-8")
+    stream = tokenize_module.HFStream("json", data_files=tuple(map(str, parts)))
+    assert isinstance(tokenize_module._open_stream(stream), datasets.IterableDataset)  # read as a stream
+    tokenize_files(corpus[:1], spiece_model, tmp_path / "jsonl", progress=False)
+    tokenize_files([], spiece_model, tmp_path / "streamed", chunk_bytes=300, progress=False, stream=stream)
+    assert bytes_of(tmp_path / "streamed") == bytes_of(tmp_path / "jsonl")
+    # files first, then the stream, in two workers: the text file's document, then the stream's rows
+    tokenize_files(corpus[1:] + corpus[:1], spiece_model, tmp_path / "both", progress=False)
+    tokenize_files(corpus[1:], spiece_model, tmp_path / "both_streamed", workers=2, chunk_bytes=300, progress=False,
+                   stream=stream)
+    assert bytes_of(tmp_path / "both_streamed") == bytes_of(tmp_path / "both")
+    # killed after three chunks, run again: the rows written are skipped and the bytes are the same
+    commit, calls = tokenize_module._commit, []
+
+    def dying_commit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        commit(*args, **kwargs)
+
+    monkeypatch.setattr(tokenize_module, "_commit", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_files([], spiece_model, tmp_path / "cut", chunk_bytes=300, progress=False, stream=stream)
+    monkeypatch.setattr(tokenize_module, "_commit", commit)
+    state = json.loads(Path(f"{tmp_path / 'cut'}.progress.json").read_text())
+    assert state["chunks"] == 3 and 0 < state["stream_rows"] < len(lines)
+    tokenize_files([], spiece_model, tmp_path / "cut", chunk_bytes=300, progress=False, stream=stream)
+    assert bytes_of(tmp_path / "cut") == bytes_of(tmp_path / "jsonl")
+    # a bad row names the dataset and the row; --skip-bad-lines counts it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "吾輩は猫である。"}\n' * 4 + '{"text": 5}\n' + '{"text": "名前はまだ無い。"}\n', encoding="utf-8")
+    bad_stream = tokenize_module.HFStream("json", data_files=(str(bad),))
+    with pytest.raises(DataError, match=r"^json\[train\]:5: field 'text' must be a string"):
+        tokenize_files([], spiece_model, tmp_path / "x", chunk_bytes=20, progress=False, stream=bad_stream)
+    result = tokenize_files([], spiece_model, tmp_path / "y", chunk_bytes=20, progress=False, stream=bad_stream,
+                            skip_bad_lines=True, overwrite=True)
+    assert result.documents == 5 and result.stats.skipped_lines == 1
+    with pytest.raises(DataError, match=r"json\[train\]: cannot be streamed"):
+        tokenize_files([], spiece_model, tmp_path / "z", progress=False,
+                       stream=tokenize_module.HFStream("json", data_files=(str(tmp_path / "missing.jsonl"),)))
+
+
+def test_cli_tokenize_streams_a_dataset(tmp_path, corpus, spiece_model, capsys):
+    pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    assert cli_main(["tokenize", "--hf-dataset", "json", "--hf-data-files", str(corpus[0]), "--tokenizer",
+                     str(spiece_model), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    tokenize_files(corpus[:1], spiece_model, tmp_path / "j", progress=False)
+    assert bytes_of(tmp_path / "s") == bytes_of(tmp_path / "j")
+    assert cli_main(["tokenize", "--tokenizer", str(spiece_model), "--out", str(tmp_path / "n"), "--no-progress"]) == 2
+    assert "nothing to tokenize" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("JNEOX_TEST_HUB"), reason="streams a dataset from the Hugging Face hub: needs "
+                    "the network (set JNEOX_TEST_HUB=1 to run it)")
+def test_a_hub_dataset_streams_without_downloading_it_whole(tmp_path, spiece_model):
+    pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    stream = tokenize_module.HFStream("wikimedia/wikipedia", "20231101.ja")
+    chunks = tokenize_module.stream_chunks(stream, 0, "text", 0, 1 << 16)
+    chunk, texts, problems = next(chunks)
+    assert texts and not problems and chunk.stop > chunk.start

@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..chat import SYSTEM
+from ..errors import UsageError
 from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOG_FILE, REPORT_FILE, STATE_FILE, TOKENIZER_FILE
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..train.data import DataStats, read_documents
@@ -17,7 +18,7 @@ from ..train.pretrain import pretrain
 from ..train.report import plot_log
 from ..train.reward import reward, score_file
 from ..train.sft import sft
-from ..train.tokenize import CHUNK_BYTES, tokenize_files
+from ..train.tokenize import CHUNK_BYTES, HFStream, tokenize_files
 from .args import OVERWRITE_HELP
 
 
@@ -239,9 +240,15 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
+    stream = None
+    if args.hf_dataset is not None:
+        stream = HFStream(args.hf_dataset, args.hf_config, args.hf_split,
+                          tuple(args.hf_data_files) if args.hf_data_files else None)
+    elif args.hf_config or args.hf_data_files:
+        raise UsageError("--hf-config and --hf-data-files go with --hf-dataset")
     result = tokenize_files(args.data, args.tokenizer, args.out, workers=args.workers, text_field=args.text_field,
                             skip_bad_lines=args.skip_bad_lines, chunk_bytes=int(args.chunk_mb * (1 << 20)),
-                            overwrite=args.overwrite, progress=not args.no_progress)
+                            overwrite=args.overwrite, progress=not args.no_progress, stream=stream)
     if result.stats.summary():
         print(f"jneox: {result.stats.summary()}", file=sys.stderr)
     seconds = max(result.seconds, 1e-9)
@@ -253,8 +260,14 @@ def cmd_tokenize(args) -> int:
 def add_tokenize_parser(sub) -> None:
     p = sub.add_parser("tokenize", help="tokenize a corpus once into an indexed dataset (.bin + .idx, the format of "
                                         "Megatron-LM and GPT-NeoX) for `jneox pretrain --data`")
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE",
                    help="UTF-8 text files (one document each), .jsonl (one per line) or saved Hugging Face datasets")
+    p.add_argument("--hf-dataset", metavar="NAME",
+                   help="also a dataset streamed by `datasets` (read after --data, never held whole): a hub name, "
+                        "a loading script, or json/text/parquet with --hf-data-files")
+    p.add_argument("--hf-config", help="the --hf-dataset's configuration (subset) name")
+    p.add_argument("--hf-split", default="train", help="the --hf-dataset's split (default: train)")
+    p.add_argument("--hf-data-files", nargs="+", metavar="FILE", help="the --hf-dataset's data files")
     p.add_argument("--tokenizer", required=True, help=f"folder with {TOKENIZER_FILE}, or the file")
     p.add_argument("--out", required=True, help="output prefix (PREFIX.bin, PREFIX.idx) or an existing folder "
                                                 "(FOLDER/data.bin, FOLDER/data.idx)")

@@ -15,6 +15,7 @@ with every block of every corpus at least once.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,27 +26,32 @@ import torch
 
 from ..errors import UsageError
 from .data import DataError, held_out_documents
-from .indexed import IDX, IndexedDataset, is_dataset, prefix_of
+from .indexed import BIN, IDX, IndexedDataset, is_dataset, prefix_of
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Tokens ``start:stop`` of shard ``shard``: a run of consecutive documents of one split."""
+class Segments:
+    """Runs of consecutive documents of one split: tokens ``start[k]:stop[k]`` of shard ``shard[k]``
+    (arrays, 24 bytes a run, as a split held out by documents has a run per held-out document)."""
 
-    shard: int
-    start: int
-    stop: int
+    shard: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+
+    @classmethod
+    def of(cls, runs: list[tuple[int, int, int]]) -> "Segments":
+        a = np.array(runs, dtype=np.int64).reshape(-1, 3)
+        return cls(a[:, 0].copy(), a[:, 1].copy(), a[:, 2].copy())
 
 
 class TokenBlocks(Sequence):
     """Rows of ``block_size + 1`` tokens (int64 tensors) cut from the concatenation of ``segments``;
     rows ``first .. first + count`` of that stream when given (a single document's split)."""
 
-    def __init__(self, shards: list[IndexedDataset], segments: list[Segment], block_size: int, vocab_size: int,
+    def __init__(self, shards: list[IndexedDataset], segments: Segments, block_size: int, vocab_size: int,
                  first: int = 0, count: int | None = None):
         self.shards, self.segments, self.row, self.vocab_size = shards, segments, block_size + 1, vocab_size
-        lengths = np.array([s.stop - s.start for s in segments], dtype=np.int64)
-        self.starts = np.concatenate(([0], np.cumsum(lengths)))  # stream offset of each segment
+        self.starts = np.concatenate(([0], np.cumsum(segments.stop - segments.start)))  # stream offset of each
         total_rows = int(self.starts[-1]) // self.row
         self.first = first
         self.count = total_rows - first if count is None else count
@@ -65,14 +71,15 @@ class TokenBlocks(Sequence):
         out = np.empty(self.row, dtype=np.int64)
         filled = 0
         k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        seg = self.segments
         while filled < self.row:
-            seg = self.segments[k]
-            offset = seg.start + pos + filled - int(self.starts[k])
-            take = min(self.row - filled, seg.stop - offset)
-            out[filled:filled + take] = self.shards[seg.shard].tokens[offset:offset + take]
+            shard, stop = int(seg.shard[k]), int(seg.stop[k])
+            offset = int(seg.start[k]) + pos + filled - int(self.starts[k])
+            take = min(self.row - filled, stop - offset)
+            out[filled:filled + take] = self.shards[shard].tokens[offset:offset + take]
             top = int(out[filled:filled + take].max()) if take else 0
             if top >= self.vocab_size:
-                raise DataError(self.shards[seg.shard].bin_path, None,
+                raise DataError(self.shards[shard].bin_path, None,
                                 f"token id {top} near token {offset} is not below the vocabulary size "
                                 f"{self.vocab_size}: tokenized with another tokenizer?")
             filled += take
@@ -182,7 +189,7 @@ def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fr
     n_docs = int(doc_offsets[-1])
     names = ", ".join(str(p) for p in prefixes)
 
-    def segments(runs) -> list[Segment]:
+    def segments(runs) -> Segments:
         out = []
         for a, b in runs:  # global documents [a, b), cut at shard boundaries
             while a < b:
@@ -191,9 +198,9 @@ def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fr
                 shard = shards[k]
                 start, stop = shard.document_start(a - int(doc_offsets[k])), shard.document_start(end - int(doc_offsets[k]))
                 if stop > start:
-                    out.append(Segment(k, start, stop))
+                    out.append((k, start, stop))
                 a = end
-        return out
+        return Segments.of(out)
 
     if n_docs < 2:  # one document cannot be held out by documents: its last blocks are
         blocks = TokenBlocks(shards, segments([(0, n_docs)]), block_size, vocab_size)
@@ -205,6 +212,8 @@ def corpus_blocks(prefixes: list[Path], block_size: int, vocab_size: int, val_fr
         held = held_out_documents(n_docs, val_fraction, seed)
         train = TokenBlocks(shards, segments(_runs(held, n_docs, keep=True)), block_size, vocab_size)
         val = TokenBlocks(shards, segments(_runs(held, n_docs, keep=False)), block_size, vocab_size)
+    for shard in shards:  # the boundaries are found; only the tokens are read from here on
+        shard.release_index()
     if len(train) == 0:
         raise DataError(names, None, f"the training split has fewer tokens than one block of {block_size + 1}; "
                                      f"add text, lower the block size or the val fraction")
@@ -224,3 +233,63 @@ def shard_data(items: list[str], block_size: int, vocab_size: int, val_fraction:
     train = Mixture([t for t, _ in splits], blend_counts([len(t) for t, _ in splits], [w for w, _ in pairs]))
     vals = [v for _, v in splits if len(v)]
     return train, Mixture(vals, [len(v) for v in vals])
+
+
+# ---- what a run was trained on ----------------------------------------------------------------------
+HASH_BLOCK = 1 << 20  # bytes hashed at a time, and from each end of a .bin
+
+
+def _sha256(path: Path, ends_only: bool = False) -> str:
+    """The SHA-256 of a file, or for ``ends_only`` of its size and first and last ``HASH_BLOCK`` bytes."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if ends_only:
+            h.update(str(size).encode())
+            h.update(f.read(HASH_BLOCK))
+            f.seek(max(0, size - HASH_BLOCK))
+            h.update(f.read(HASH_BLOCK))
+        else:
+            while block := f.read(HASH_BLOCK):
+                h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(items: list[str], block_size: int, val_fraction: float, seed: int,
+                     tokenizer_file: str | Path, text_field: str = "text") -> dict:
+    """What decides the blocks a pretraining run sees, kept in ``trainer_state.pt`` so that a resume
+    on other data is caught: each input's content (an indexed dataset by its whole ``.idx``, which
+    holds every document's length, and the ends of its ``.bin``; a text file by all of it), the blend
+    weights, the block size, the held-out fraction, the seed and the tokenizer. Paths are kept to
+    name what changed, not compared: data moved to another disk is the same data."""
+    inputs = []
+    for weight, path in parse_data(items):
+        prefixes = shard_prefixes(path)
+        if prefixes is None:  # a missing file is left to the reader's own error
+            content = _sha256(Path(path)) if Path(path).is_file() else None
+            inputs.append({"path": str(path), "weight": weight, "content": content})
+            continue
+        for prefix in prefixes:
+            content = _sha256(Path(f"{prefix}{IDX}")) + ":" + _sha256(Path(f"{prefix}{BIN}"), ends_only=True)
+            inputs.append({"path": str(prefix), "weight": weight, "content": content})
+    return {"block size": block_size, "val fraction": val_fraction, "seed": seed, "text field": text_field,
+            "tokenizer": _sha256(Path(tokenizer_file)), "inputs": inputs}
+
+
+def data_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two :func:`data_fingerprint` results, one phrase each (empty: the same data)."""
+    changes = [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("block size", "val fraction", "seed", "text field")
+               if old.get(k) != new.get(k)]
+    if old.get("tokenizer") != new.get("tokenizer"):
+        changes.append("the tokenizer's file differs")
+    a, b = old.get("inputs", []), new.get("inputs", [])
+    if len(a) != len(b):
+        changes.append(f"{len(b)} inputs where the checkpoint had {len(a)} ({', '.join(i['path'] for i in a)})")
+        return changes
+    for x, y in zip(a, b):
+        if x["weight"] != y["weight"]:
+            changes.append(f"the weight of {y['path']} {x['weight']} -> {y['weight']}")
+        if x["content"] != y["content"]:
+            moved = "" if x["path"] == y["path"] else f" (the checkpoint's was {x['path']})"
+            changes.append(f"{y['path']} has other content{moved}")
+    return changes

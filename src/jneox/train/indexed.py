@@ -23,6 +23,7 @@ checked against the file sizes before anything is mapped.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -136,13 +137,13 @@ class IndexedDataset:
                                       f"sequences and {n_doc} document index entries ({expected} bytes)")
         self.dtype = np.dtype(DTYPE_CODES[code]).newbyteorder("<")
         self.itemsize = self.dtype.itemsize
-        self.lengths = np.memmap(self.idx_path, dtype="<i4", mode="r", offset=HEADER.size, shape=(n_seq,)) \
-            if n_seq else np.zeros(0, np.int32)
-        self.pointers = np.memmap(self.idx_path, dtype="<i8", mode="r", offset=HEADER.size + 4 * n_seq,
-                                  shape=(n_seq,)) if n_seq else np.zeros(0, np.int64)
-        self.doc_index = np.memmap(self.idx_path, dtype="<i8", mode="r", offset=HEADER.size + 12 * n_seq, shape=(n_doc,))
         self.n_sequences, self.n_documents = int(n_seq), int(n_doc) - 1
-        self._check()
+        self._check()  # read from the file, not through the map: the pages stay out of this process
+        with open(self.idx_path, "rb") as f:  # the map outlives the file object
+            self._idx_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.lengths = np.frombuffer(self._idx_map, "<i4", n_seq, HEADER.size)
+        self.pointers = np.frombuffer(self._idx_map, "<i8", n_seq, HEADER.size + 4 * n_seq)
+        self.doc_index = np.frombuffer(self._idx_map, "<i8", n_doc, HEADER.size + 12 * n_seq)
         bin_size = self.bin_path.stat().st_size
         self.n_tokens = int(self.pointers[-1]) // self.itemsize + int(self.lengths[-1]) if n_seq else 0
         if bin_size < self.n_tokens * self.itemsize:
@@ -153,28 +154,42 @@ class IndexedDataset:
 
     def _check(self) -> None:
         """Lengths non-negative, sequences back to back from byte 0, a document index from 0 to the
-        sequence count that never goes back: checked in slices, in flat memory."""
-        where = self.idx_path
-        if self.doc_index[0] != 0 or self.doc_index[-1] != self.n_sequences:
-            raise IndexedDatasetError(f"{where}: the document index must run from 0 to {self.n_sequences}, "
-                                      f"got {int(self.doc_index[0])}..{int(self.doc_index[-1])}")
-        for s in range(0, self.n_documents, _CHECK_ROWS):
-            part = np.asarray(self.doc_index[s:s + _CHECK_ROWS + 1])
-            if np.any(part[1:] < part[:-1]):
-                raise IndexedDatasetError(f"{where}: the document index decreases near entry {s}")
-        expected = 0
-        for s in range(0, self.n_sequences, _CHECK_ROWS):
-            lengths = np.asarray(self.lengths[s:s + _CHECK_ROWS], dtype=np.int64)
-            pointers = np.asarray(self.pointers[s:s + _CHECK_ROWS])
-            if np.any(lengths < 0):
-                raise IndexedDatasetError(f"{where}: negative sequence length near sequence {s}")
-            starts = expected + np.concatenate(([0], np.cumsum(lengths[:-1]))) * self.itemsize
-            bad = np.flatnonzero(starts != pointers)
-            if len(bad):
-                i = s + int(bad[0])
-                raise IndexedDatasetError(f"{where}: sequence {i} starts at byte {int(self.pointers[i])}, expected "
-                                          f"{int(starts[bad[0]])} (jneox reads datasets whose sequences are back to back)")
-            expected = int(starts[-1]) + int(lengths[-1]) * self.itemsize
+        sequence count that never goes back: checked in slices read from the file, in flat memory."""
+        where, n_seq, n_doc = self.idx_path, self.n_sequences, self.n_documents + 1
+        with open(where, "rb") as f:
+            def read(dtype: str, offset: int, count: int) -> np.ndarray:
+                f.seek(offset)
+                return np.fromfile(f, dtype=dtype, count=count)
+
+            doc_at = HEADER.size + 12 * n_seq
+            first, last = int(read("<i8", doc_at, 1)[0]), int(read("<i8", doc_at + 8 * (n_doc - 1), 1)[0])
+            if first != 0 or last != n_seq:
+                raise IndexedDatasetError(f"{where}: the document index must run from 0 to {n_seq}, "
+                                          f"got {first}..{last}")
+            for s in range(0, n_doc - 1, _CHECK_ROWS):
+                part = read("<i8", doc_at + 8 * s, min(_CHECK_ROWS + 1, n_doc - s))
+                if np.any(part[1:] < part[:-1]):
+                    raise IndexedDatasetError(f"{where}: the document index decreases near entry {s}")
+            expected = 0
+            for s in range(0, n_seq, _CHECK_ROWS):
+                count = min(_CHECK_ROWS, n_seq - s)
+                lengths = read("<i4", HEADER.size + 4 * s, count).astype(np.int64)
+                pointers = read("<i8", HEADER.size + 4 * n_seq + 8 * s, count)
+                if np.any(lengths < 0):
+                    raise IndexedDatasetError(f"{where}: negative sequence length near sequence {s}")
+                starts = expected + np.concatenate(([0], np.cumsum(lengths[:-1]))) * self.itemsize
+                bad = np.flatnonzero(starts != pointers)
+                if len(bad):
+                    raise IndexedDatasetError(f"{where}: sequence {s + int(bad[0])} starts at byte {int(pointers[bad[0]])}, "
+                                              f"expected {int(starts[bad[0]])} (jneox reads datasets whose sequences "
+                                              f"are back to back)")
+                expected = int(starts[-1]) + int(lengths[-1]) * self.itemsize
+
+    def release_index(self) -> None:
+        """Give the pages of the ``.idx`` read so far back to the page cache: a trainer that has found
+        its document boundaries keeps only the ``.bin`` mapped in its resident memory."""
+        if hasattr(self._idx_map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._idx_map.madvise(mmap.MADV_DONTNEED)
 
     def document_start(self, d: int) -> int:
         """Token offset of document ``d`` in the ``.bin`` (``d == n_documents``: the end)."""

@@ -200,8 +200,10 @@ class SampleOrder:
             return i
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            # a tensor, not a list: 8 bytes a block, however many blocks a memory-mapped corpus has
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+            # a tensor, not a list, of 4 bytes a block where int32 holds every index (torch draws the
+            # same permutation in either dtype): a memory-mapped corpus may have many millions of blocks
+            dtype = torch.int32 if self.n < 2**31 else torch.int64
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen, dtype=dtype)
         return int(self._perm[i])
 
 
@@ -270,6 +272,7 @@ class Trainer:
             recover(self.out)  # a save killed half-way through its renames: --resume must find it
             check_replaceable(self.out, cfg.overwrite, unmarked_ok=cfg.resume)
         self.state: dict | None = None
+        self.data_id: dict | None = None  # what the data is, saved for a resume to compare (pretrain)
         if cfg.resume:
             path = self.out / STATE_FILE
             if not path.is_file():
@@ -493,6 +496,8 @@ class Trainer:
                          "config": {k: v if isinstance(v, (bool, int, float, type(None))) else str(v)
                                     for k, v in asdict(cfg).items()},
                          "objective": objective_state}
+                if self.data_id is not None:
+                    state["data"] = self.data_id
                 if scales:
                     state["lora"] = lora_state(model_state)  # the base comes from the original --model
                 elif cfg.save_dtype != "float32":

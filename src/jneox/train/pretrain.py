@@ -10,9 +10,10 @@ import torch
 from ..loading import load_model
 from ..config import ModelConfig
 from ..errors import UsageError
+from ..files import STATE_FILE
 from ..model import meta_model
 from ..tokenizer import Tokenizer
-from .corpus import is_shard_data, shard_data
+from .corpus import data_changes, data_fingerprint, is_shard_data, shard_data
 from .data import build_pretrain_data
 from .loop import Trainer, TrainConfig
 
@@ -47,6 +48,13 @@ def pretrain(model_config_name: str, tokenizer_path: str | os.PathLike, data: li
     :mod:`jneox.train.corpus`) or text/JSONL files, tokenized in memory. Returns the last eval metrics."""
     trainer = Trainer(cfg, "pretrain")
     tokenizer = resolve_tokenizer(tokenizer_path)
+    trainer.data_id = data_fingerprint(list(data), block_size, val_fraction, cfg.seed, tokenizer.path, text_field)
+    if trainer.state is not None and "data" in trainer.state:
+        changes = data_changes(trainer.state["data"], trainer.data_id)
+        if changes:  # the position saved counts blocks of that data: on other data it means nothing
+            raise UsageError(f"--resume: {trainer.out / STATE_FILE} was trained on other data: {'; '.join(changes)}; "
+                             f"resume with the --data and options it was trained on, or start a new --out "
+                             f"with --init {trainer.out}")
     if init is not None:
         model = load_model(init, dtype=torch.float32)
         if tokenizer.vocab_size > model.config.vocab_size:

@@ -2,7 +2,9 @@
 (:mod:`.indexed`, the ``.bin`` + ``.idx`` of Megatron-LM and GPT-NeoX), once, for any corpus size.
 
 The inputs are cut into chunks at line boundaries (a text file, one document, is one chunk; a saved
-dataset is cut by rows). Worker processes tokenize chunks with the same :meth:`Tokenizer.encode` as
+dataset is cut by rows; a dataset streamed with ``datasets.load_dataset(..., streaming=True)`` comes
+last, read row by row in this process and cut into chunks of about ``chunk_bytes`` of text, never
+materialised). Worker processes tokenize chunks with the same :meth:`Tokenizer.encode` as
 on-the-fly pretraining and append ``</s>`` to every document; the main process writes their results in
 chunk order, so the bytes do not depend on the number of workers. After each chunk the ``.bin`` and
 the lengths written so far are fsynced and a progress file records how far they are valid: a killed
@@ -18,7 +20,6 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,11 @@ HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 @dataclass(frozen=True)
 class Chunk:
-    """Bytes (or rows of a saved dataset) ``start:stop`` of input ``source``."""
+    """Bytes (or rows of a saved or streamed dataset) ``start:stop`` of input ``source``."""
 
     source: int
     path: str
-    kind: str  # "jsonl", "text" or "hf"
+    kind: str  # "jsonl", "text", "hf" or "stream"
     start: int
     stop: int
     size: int  # input bytes, for the progress bar
@@ -66,6 +67,28 @@ class TokenizeResult:
     input_bytes: int
     seconds: float
     stats: DataStats
+
+
+@dataclass(frozen=True)
+class HFStream:
+    """A dataset read with ``datasets.load_dataset(path, config, split=split, data_files=data_files,
+    streaming=True)``: a hub name, a loading script, or a builder (``json``, ``text``, ``parquet``)
+    over local ``data_files``. Its rows must come in the same order at every read (no shuffling), as
+    the resume of an unfinished run skips the rows already written."""
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+    data_files: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
+
+    def identity(self) -> dict:
+        files = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns]
+                 if Path(f).is_file() else [f] for f in self.data_files or ()]
+        return {"path": self.path, "config": self.config, "split": self.split, "data_files": files}
 
 
 def output_prefix(out: str | os.PathLike) -> Path:
@@ -92,6 +115,47 @@ def _load_hf(path: str):
             raise DataError(path, None, f"a dataset with splits {', '.join(ds)} and no 'train'; save the split to use")
         ds = ds["train"]
     return ds
+
+
+def _open_stream(stream: HFStream):
+    try:
+        import datasets  # optional dependency: only Hugging Face datasets need it
+    except ImportError:
+        raise DataError(stream.name, None, "a Hugging Face dataset; reading it needs the `datasets` package") from None
+    files = list(stream.data_files) if stream.data_files else None
+    try:
+        return datasets.load_dataset(stream.path, stream.config, split=stream.split, data_files=files, streaming=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(stream.name, None, f"cannot be streamed: {e}") from None
+
+
+def stream_chunks(stream: HFStream, source: int, text_field: str, skip: int, chunk_bytes: int):
+    """(chunk, texts, problems) of ``stream`` after its first ``skip`` rows: rows in order, a chunk
+    once its texts reach ``chunk_bytes`` of UTF-8. Rows are numbered from 1 in the whole stream."""
+    rows = iter(_open_stream(stream))
+    for _ in range(skip):  # read again, not tokenized again: a stream has no random access
+        if next(rows, None) is None:
+            raise DataError(stream.name, None, f"has fewer rows than the {skip} an unfinished run wrote; "
+                                               f"pass --overwrite to start over")
+    number = skip
+    while True:
+        texts, problems, size, start = [], [], 0, number
+        for row in rows:
+            number += 1
+            t = row.get(text_field) if isinstance(row, dict) else None
+            if isinstance(t, str):
+                texts.append(t)
+                size += len(t.encode("utf-8"))
+            elif not isinstance(row, dict) or text_field not in row:
+                keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                problems.append((number - start, f"no {text_field!r} field (keys: {keys or 'none'})"))
+            else:
+                problems.append((number - start, f"field {text_field!r} must be a string, got {type(t).__name__}"))
+            if size >= chunk_bytes:
+                break
+        if number == start:
+            return
+        yield Chunk(source, stream.name, "stream", start, number, size, False), texts, problems
 
 
 def plan_chunks(paths: list[str], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
@@ -179,18 +243,19 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
     return texts, len(lines), nonblank, problems
 
 
-def encode_chunk(chunk: Chunk, text_field: str, dtype: str) -> ChunkResult:
-    """Tokenize one chunk in this worker: every document's ids, then ``</s>``."""
-    texts, n_lines, nonblank, problems = _texts(chunk, text_field)
+def encode_chunk(chunk: Chunk, text_field: str, dtype: str, streamed: tuple | None = None) -> ChunkResult:
+    """Tokenize one chunk in this worker: every document's ids, then ``</s>``, packed by numpy. A
+    streamed chunk comes with its (texts, problems), read by the main process."""
+    if streamed is None:
+        texts, n_lines, nonblank, problems = _texts(chunk, text_field)
+    else:
+        (texts, problems), n_lines = streamed, chunk.stop - chunk.start
+        nonblank = n_lines
     docs = _tokenizer.encode_batch(texts)
     lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int32, count=len(docs))
-    tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype=np.dtype(dtype).newbyteorder("<"))
-    ends = np.cumsum(lengths, dtype=np.int64) - 1
-    body = np.ones(len(tokens), dtype=bool)
-    body[ends] = False
-    tokens[ends] = _tokenizer.eos_id
-    tokens[body] = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=len(tokens) - len(docs))
-    return ChunkResult(tokens, lengths, n_lines, nonblank, problems)
+    eos = np.array([_tokenizer.eos_id], dtype=np.int32)
+    ids = np.concatenate([a for d in docs for a in (d, eos)]) if docs else np.empty(0, np.int32)
+    return ChunkResult(ids.astype(np.dtype(dtype).newbyteorder("<")), lengths, n_lines, nonblank, problems)
 
 
 # ---- the writer -------------------------------------------------------------------------------------
@@ -203,14 +268,14 @@ def _fsync_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(paths: list[str], model_file: Path, text_field: str, chunk_bytes: int, dtype: np.dtype,
-                 skip_bad_lines: bool) -> dict:
+def _fingerprint(paths: list[str], stream: HFStream | None, model_file: Path, text_field: str, chunk_bytes: int,
+                 dtype: np.dtype, skip_bad_lines: bool) -> dict:
     inputs = []
     for p in paths:
         st = Path(p).stat()
         inputs.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
-    return {"inputs": inputs, "tokenizer": digest, "text_field": text_field, "chunk_bytes": chunk_bytes,
+    return {"inputs": inputs, "stream": stream.identity() if stream else None, "tokenizer": digest, "text_field": text_field, "chunk_bytes": chunk_bytes,
             "dtype": np.dtype(dtype).name, "skip_bad_lines": skip_bad_lines}
 
 
@@ -221,9 +286,11 @@ def _paths(prefix: Path) -> dict[str, Path]:
 
 def tokenize_files(paths: list[str], tokenizer_path: str | os.PathLike, out: str | os.PathLike, workers: int = 1,
                    text_field: str = "text", skip_bad_lines: bool = False, chunk_bytes: int = CHUNK_BYTES,
-                   overwrite: bool = False, progress: bool = True) -> TokenizeResult:
-    """Tokenize ``paths`` into the indexed dataset ``output_prefix(out)``; resumes an unfinished run
-    of the same inputs. Returns what was written."""
+                   overwrite: bool = False, progress: bool = True, stream: HFStream | None = None) -> TokenizeResult:
+    """Tokenize ``paths``, then ``stream``, into the indexed dataset ``output_prefix(out)``; resumes an
+    unfinished run of the same inputs. Returns what was written."""
+    if not paths and stream is None:
+        raise UsageError("nothing to tokenize: give --data files or a --hf-dataset")
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if chunk_bytes < 1:
@@ -237,7 +304,10 @@ def tokenize_files(paths: list[str], tokenizer_path: str | os.PathLike, out: str
     files = _paths(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks([str(p) for p in paths], chunk_bytes)
-    fingerprint = _fingerprint([str(p) for p in paths], model_file, text_field, chunk_bytes, dtype, skip_bad_lines)
+    if stream is not None:
+        _open_stream(stream)  # a name or files that cannot be read fail now, not after the files
+    fingerprint = _fingerprint([str(p) for p in paths], stream, model_file, text_field, chunk_bytes, dtype,
+                               skip_bad_lines)
 
     state = None
     if files["progress"].is_file() and not overwrite:
@@ -250,23 +320,41 @@ def tokenize_files(paths: list[str], tokenizer_path: str | os.PathLike, out: str
     if state is None:
         for p in files.values():
             p.unlink(missing_ok=True)
-        state = {"fingerprint": fingerprint, "chunks": 0, "bin_bytes": 0, "documents": 0, "lines": 0,
+        state = {"fingerprint": fingerprint, "chunks": 0, "stream_rows": 0, "bin_bytes": 0, "documents": 0, "lines": 0,
                  "nonblank": 0, "skipped": 0, "messages": [], "finished": False}
         _fsync_write_json(files["progress"], state)
     stats = DataStats(skipped_lines=state["skipped"], skipped=list(state["messages"]))
 
-    todo = chunks[state["chunks"]:]
     if not state["finished"]:
+        todo = _work(chunks[state["chunks"]:], stream, len(paths), text_field, state["stream_rows"], chunk_bytes)
+        total = None if stream else sum(c.size for c in chunks)
         _write_chunks(todo, state, files, model_file, dtype, text_field, skip_bad_lines, workers,
-                      stats, progress, sum(c.size for c in chunks), sum(c.size for c in chunks[:state["chunks"]]))
+                      stats, progress, total, sum(c.size for c in chunks[:state["chunks"]]) + state.get("stream_bytes", 0))
+        if stream is not None and state["stream_rows"] == 0:
+            error = DataError(stream.name, None, "the dataset has no rows")
+            if not skip_bad_lines:
+                raise error
+            stats.skip(error)
         if state["documents"] == 0:
-            raise DataError(", ".join(str(p) for p in paths), None, "no documents to tokenize")
+            names = [str(p) for p in paths] + ([stream.name] if stream else [])
+            raise DataError(", ".join(names), None, "no documents to tokenize")
         state["finished"] = True
         _fsync_write_json(files["progress"], state)
     _finish(files, state, dtype)
     n_tokens = state["bin_bytes"] // dtype.itemsize
-    return TokenizeResult(prefix, state["documents"], n_tokens, sum(c.size for c in chunks),
+    return TokenizeResult(prefix, state["documents"], n_tokens, sum(c.size for c in chunks) + state.get("stream_bytes", 0),
                           time.perf_counter() - t0, stats)
+
+
+def _work(file_chunks: list[Chunk], stream: HFStream | None, source: int, text_field: str, stream_rows: int,
+          chunk_bytes: int):
+    """(chunk, streamed) to tokenize: the files' chunks (the worker reads them), then the stream's
+    (read here: streamed is their (texts, problems))."""
+    for c in file_chunks:
+        yield c, None
+    if stream is not None:
+        for c, texts, problems in stream_chunks(stream, source, text_field, stream_rows, chunk_bytes):
+            yield c, (texts, problems)
 
 
 def _start_method() -> str:
@@ -275,9 +363,9 @@ def _start_method() -> str:
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _write_chunks(todo: list[Chunk], state: dict, files: dict, model_file: Path,
+def _write_chunks(todo, state: dict, files: dict, model_file: Path,
                   dtype: np.dtype, text_field: str, skip_bad_lines: bool, workers: int, stats: DataStats,
-                  progress: bool, total_bytes: int, done_bytes: int) -> None:
+                  progress: bool, total_bytes: int | None, done_bytes: int) -> None:
     pool = None
     if workers > 1:  # before the progress bar, whose monitor thread a fork must not copy
         pool = multiprocessing.get_context(_start_method()).Pool(workers, initializer=_init_worker,
@@ -295,10 +383,10 @@ def _write_chunks(todo: list[Chunk], state: dict, files: dict, model_file: Path,
             len_f.truncate(4 * state["documents"])
             if pool is None:
                 _init_worker(str(model_file))
-                results = (encode_chunk(c, text_field, dtype.name) for c in todo)
+                results = ((c, encode_chunk(c, text_field, dtype.name, streamed)) for c, streamed in todo)
             else:
                 results = _ordered(pool, todo, text_field, dtype.name, window=2 * workers)
-            for chunk, result in zip(todo, results):
+            for chunk, result in results:
                 _commit(chunk, result, state, bin_f, len_f, files, skip_bad_lines, stats)
                 tokens_written += len(result.tokens)
                 bar.update(chunk.size)
@@ -309,20 +397,21 @@ def _write_chunks(todo: list[Chunk], state: dict, files: dict, model_file: Path,
         bar.close()
 
 
-def _ordered(pool, todo: list[Chunk], text_field: str, dtype: str, window: int):
-    """The workers' results in chunk order, with at most ``window`` chunks in flight."""
+def _ordered(pool, todo, text_field: str, dtype: str, window: int):
+    """(chunk, the workers' result) in chunk order, with at most ``window`` chunks in flight."""
     pending: deque = deque()
     it = iter(todo)
-    for c in it:
-        pending.append(pool.apply_async(encode_chunk, (c, text_field, dtype)))
+    for c, streamed in it:
+        pending.append((c, pool.apply_async(encode_chunk, (c, text_field, dtype, streamed))))
         if len(pending) >= window:
             break
     while pending:
-        result = pending.popleft().get()
+        c, result = pending.popleft()
+        result = result.get()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append(pool.apply_async(encode_chunk, (nxt, text_field, dtype)))
-        yield result
+            pending.append((nxt[0], pool.apply_async(encode_chunk, (nxt[0], text_field, dtype, nxt[1]))))
+        yield c, result
 
 
 def _commit(chunk: Chunk, result: ChunkResult, state: dict, bin_f, len_f, files: dict, skip_bad_lines: bool,
@@ -335,6 +424,9 @@ def _commit(chunk: Chunk, result: ChunkResult, state: dict, bin_f, len_f, files:
         stats.skip(error)
     state["lines"] += result.lines
     state["nonblank"] += result.nonblank
+    if chunk.kind == "stream":
+        state["stream_rows"] = chunk.stop
+        state["stream_bytes"] = state.get("stream_bytes", 0) + chunk.size
     if chunk.last:
         if state["nonblank"] == 0 and chunk.kind != "text":
             error = DataError(chunk.path, 1, "the file is empty")
