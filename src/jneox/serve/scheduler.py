@@ -64,7 +64,6 @@ import torch
 from ..adapters import Adapter
 from ..errors import UsageError
 from ..generate import TextAssembler
-from .. import kernels
 from ..model import GPTNeoX, KVCache
 from ..quantize import (MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, kernel_prompt_rows, libc,
                         prompt_rows_independent)
@@ -241,7 +240,8 @@ class Engine:
         # prompts of several requests share each linear layer's calls (see _prefill_step) where the kernels
         # compute a row alone: the decode kernel's calls of <= MAX_KERNEL_ROWS rows on every path with
         # packed layers, and longer calls where prompt_rows_independent says so
-        packed = (self.device.type == "cpu" and kernels.library() is not None
+        # (the native kernels are there when prompts go in PREFILL_CHUNK tokens: see kernel_prompt_rows)
+        packed = (self.device.type == "cpu" and self.prefill_chunk == PREFILL_CHUNK
                   and all(not isinstance(m, torch.nn.Linear) for m in model.modules())
                   and any(isinstance(m, PackedLinear) for m in model.modules()))
         self.batch_short_prompts = packed
