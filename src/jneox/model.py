@@ -352,6 +352,8 @@ class GPTNeoX(nn.Module):
         for i, block in enumerate(self.blocks):
             segs = [(rows, (cos, sin, pos, cache[i], end, mask)) for rows, cos, sin, pos, cache, end, mask in per]
             x = block(x, None, None, linear=linear, segments=segs)
+        if not last:
+            return x.new_empty(0, self.config.vocab_size)
         x = self.norm_f(x[:, last])
         return torch.cat([self.lm_head(x[:, a : a + head_rows]) for a in range(0, len(last), head_rows)], 1)[0]
 

@@ -105,11 +105,17 @@ def test_prompts_together_give_each_request_its_lone_bits(checkpoint, fmt):
             engine.stop()
             pytest.skip("no native kernels on this machine: prompts go one pass each, as before")
         seen = _segments_seen(engine)
+        alone_passes = []
+        inner = engine._prefill_alone
+        engine._prefill_alone = lambda seq, a, b: (alone_passes.append((a, b)), inner(seq, a, b))[1]
         try:
             got = _run(engine, requests, together=True)
         finally:
             engine.stop()
         assert got == want, budget
+        # only the echo prompts' chunks took passes of their own, each once
+        assert sorted(alone_passes) == sorted((a, min(a + engine.prefill_chunk, n)) for n in ECHO
+                                              for a in range(0, n, engine.prefill_chunk))
         if budget == scheduler.DEFAULT_MAX_PREFILL_TOKENS:
             assert max(seen) > 4, seen  # several prompts really shared a pass
     # greedy tokens as generate gives them (prompts within one chunk: generate takes a prompt whole)

@@ -530,8 +530,9 @@ class Engine:
                 break
         together = [c for c in plan if self.batch_short_prompts and c[0].scored is None and c[0].adapter is None]
         done = self._prefill_together(together) if together else {}
+        joined = {seq for seq, _, _ in together}
         for seq, a, b in plan:
-            if seq in done:
+            if seq in joined:
                 continue
             logits = self._prefill_alone(seq, a, b)
             if b == len(seq.prompt_ids):
@@ -591,8 +592,6 @@ class Engine:
                 out.append(layer(xi)[:, : b - a])
             return out[0] if len(out) == 1 else torch.cat(out, 1)
 
-        if not last:
-            last = [0]  # nobody's prompt ends here: the head runs on one row, unread
         logits = self.model.forward_segments(torch.tensor([ids], dtype=torch.long, device=self.device), segments,
                                              linear, last, MAX_KERNEL_ROWS)
         return {seq: logits[i : i + 1] for i, seq in enumerate(ends)}
