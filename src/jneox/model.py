@@ -175,10 +175,9 @@ class Attention(nn.Module):
         qkv = add_low_rank(linear(self.qkv, x), x, lora.get("attn.qkv"))
         if segments is None:
             y = self.attend(qkv, cos, sin, pos, cache, end, mask)
-        else:
-            y = qkv.new_empty(*qkv.shape[:-1], self.config.hidden_size, dtype=torch.float32)
-            for rows, args in segments:
-                y[:, rows] = self.attend(qkv[:, rows], *args)
+        else:  # in the segments' order (a later run of a row reads an earlier one's keys), then by rows
+            parts = [(rows.start, self.attend(qkv[:, rows], *args)) for rows, args in segments]
+            y = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])], 1)
         return add_low_rank(linear(self.proj, y), y, lora.get("attn.proj"))
 
     def attend(self, qkv, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
@@ -336,7 +335,7 @@ class GPTNeoX(nn.Module):
                          linear, last: list[int], head_rows: int) -> torch.Tensor:
         """Runs of consecutive tokens of several cache rows in one pass (continuous batching's prompts).
 
-        ``idx`` (1, N) holds the runs side by side; a segment ``(rows, input_pos, cache)`` says that
+        ``idx`` (1, N) holds the runs side by side, every row in one; a segment ``(rows, input_pos, cache)`` says that
         ``idx[:, rows]`` go at positions ``input_pos`` (T,) of the one-row ``cache`` (``KVCache.rows``).
         Each segment's attention is the one ``forward(idx[:, rows], input_pos, cache=cache)`` computes,
         segment after segment in the given order (a later run of the same row sees an earlier one's keys);
