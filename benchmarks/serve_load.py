@@ -8,7 +8,10 @@ other processes on a shared machine), the share of the row's time the server spe
 prefilling prompts, p50/p95 time to first token (queueing and prefill included), p50/p95
 per-token latency (a request's time from first to last token ÷ its tokens after the first), and
 errors (any non-200 answer, broken stream or missing usage). Errors must be 0 while the clients
-fit in --max-batch + --max-queue.
+fit in --max-batch + --max-queue. With a 1-client row first, it then prints the CPU's AVX-512 and AMX
+flags and checks the server-load targets for every other row (see ``print_targets``): aggregate tok/s
+at least 5x one client's, TTFT p95 within 3 (P + (N - 1) d) from one client's TTFT p50 P and
+per-token p50 d, per-token p95 within 2x its p50. ``--max-prefill-tokens`` is passed to the server.
 
 The server is started here (``jneox serve`` in a subprocess on a free loopback port) over a model
 given with ``--model``, or over a random-weight checkpoint of the published 3.6B shape with
