@@ -8,7 +8,10 @@ other processes on a shared machine), the share of the row's time the server spe
 prefilling prompts, p50/p95 time to first token (queueing and prefill included), p50/p95
 per-token latency (a request's time from first to last token ÷ its tokens after the first), and
 errors (any non-200 answer, broken stream or missing usage). Errors must be 0 while the clients
-fit in --max-batch + --max-queue.
+fit in --max-batch + --max-queue. With a 1-client row first, it then prints the CPU's AVX-512 and AMX
+flags and checks the server-load targets for every other row (see ``print_targets``): aggregate tok/s
+at least 5x one client's, TTFT p95 within 3 (P + (N - 1) d) from one client's TTFT p50 P and
+per-token p50 d, per-token p95 within 2x its p50. ``--max-prefill-tokens`` is passed to the server.
 
 The server is started here (``jneox serve`` in a subprocess on a free loopback port) over a model
 given with ``--model``, or over a random-weight checkpoint of the published 3.6B shape with
@@ -229,6 +232,8 @@ def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
         opts += ["--device", args.device]
     if args.speculate:
         opts += ["--speculate", args.speculate, "--draft-tokens", str(args.draft_tokens)]
+    if args.max_prefill_tokens:
+        opts += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     for name, folder in make_adapters(model, args.lora, args.lora_rank, args.work.expanduser()).items():
         opts += ["--lora", f"{name}={folder}"]
     return launch_server([*opts, *extra])
@@ -297,6 +302,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens asked for per request")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, help="the server's --max-prefill-tokens (default: its own)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--task", default="chat", choices=("chat", "copy"),
                    help="chat: open questions (default); copy: questions on a passage in the prompt")
@@ -366,6 +372,8 @@ def main() -> None:
         print(f"| {clients} | {r['requests']} | {agg} | {dec} | {cpu} | {r['prefill_share']:.0%} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
               f"{'-' if r['accepted'] != r['accepted'] else format(r['accepted'], '.0%')} | {r['errors']} |")
+    if base and not args.lora:
+        print_targets(rows, base)
     if args.lora:
         print(f"\nLoRA (rank {args.lora_rank}): aggregate tok/s of the requests spread over {args.lora} adapters, as a "
               f"share of all on the base model")
@@ -377,6 +385,35 @@ def main() -> None:
             print(f"\n{r['clients']} clients, first error: {r['first_error']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+
+
+def cpu_flags() -> str:
+    """The CPU's AVX-512 and AMX flags (what the kernels' paths depend on), from /proc/cpuinfo."""
+    try:
+        words = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    return " ".join(sorted({w for w in words if w.startswith(("avx512", "amx"))})) or "none"
+
+
+def print_targets(rows: list[dict], base: dict) -> None:
+    """The server-load targets, judged from the one-client row: aggregate tok/s at least 5x one client's;
+    TTFT p95 at most 3 (P + (N - 1) d), where P is one client's TTFT p50 (a prompt alone), d its per-token
+    p50 (one decode step) and N - 1 the rows that can be ahead of a request in the queue; per-token p95 at
+    most 2x its p50."""
+    P, d = base["ttft_p50"], base["tpot_p50"]
+    print(f"\nCPU flags: {cpu_flags()}")
+    print(f"Targets (P = one client's TTFT p50 = {P:.2f} s, d = its per-token p50 = {d * 1e3:.0f} ms):")
+    for r in rows:
+        if r is base:
+            continue
+        n = r["clients"]
+        allow = 3 * (P + (n - 1) * d)
+        checks = [(f"aggregate {r['tok_s'] / base['tok_s']:.1f}x one client (>= 5x)", r["tok_s"] >= 5 * base["tok_s"]),
+                  (f"TTFT p95 {r['ttft_p95']:.2f} s <= 3 (P + {n - 1} d) = {allow:.2f} s", r["ttft_p95"] <= allow),
+                  (f"per-token p95 {r['tpot_p95'] * 1e3:.0f} ms <= 2 x p50 = {2 * r['tpot_p50'] * 1e3:.0f} ms",
+                   r["tpot_p95"] <= 2 * r["tpot_p50"])]
+        print(f"- {n} clients: " + "; ".join(f"{text}: {'met' if ok else 'MISSED'}" for text, ok in checks))
 
 
 async def one_request_warmup(url: str, headers: dict) -> None:

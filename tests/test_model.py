@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import make_hf_model, save_hf
+from jneox.config import ModelConfig
 from jneox.loading import load_model
+from jneox.model import GPTNeoX
 from jneox.generate import generate_tokens
 from jneox.sampling import SamplingParams
 
@@ -164,3 +166,33 @@ print(rebound, "torch._dynamo" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "False"]
+
+
+def test_segments_in_one_pass_give_each_row_its_own_pass():
+    """forward_segments: runs of several cache rows side by side in one input (a row's two chunks
+    among them), each linear layer called on the rows of one run at a time, give the logits and the
+    cache that one pass per run gives, bit for bit."""
+    config = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                         max_position_embeddings=64)
+    model = GPTNeoX(config).eval()
+    model.init_weights(seed=0)
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1))
+    runs = [(0, 0, 20), (1, 0, 3), (0, 20, 37), (2, 0, 1)]  # (cache row, first position, end)
+    with torch.inference_mode():
+        alone, want = model.new_cache(3, 64), []
+        for row, a, b in runs:
+            cache = [c.rows(row, row + 1) for c in alone]
+            want.append(model(ids[row : row + 1, a:b], input_pos=torch.arange(a, b), last_only=True, cache=cache)[0, -1])
+        together, segments, flat, r = model.new_cache(3, 64), [], [], 0
+        for row, a, b in runs:
+            segments.append((slice(r, r + b - a), torch.arange(a, b), [c.rows(row, row + 1) for c in together]))
+            flat += ids[row, a:b].tolist()
+            r += b - a
+
+        def per_run(layer, x):
+            return torch.cat([layer(x[:, rows]) for rows, _, _ in segments], 1)
+
+        got = model.forward_segments(torch.tensor([flat]), segments, per_run, [s.stop - 1 for s, _, _ in segments], 1)
+    assert torch.equal(got, torch.stack(want))
+    for c_alone, c_together in zip(alone, together):
+        assert torch.equal(c_alone.k, c_together.k) and torch.equal(c_alone.v, c_together.v)

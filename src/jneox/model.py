@@ -145,6 +145,11 @@ def _layer_rows(adapters: RowAdapters | None, layer: int, name: str) -> dict[int
     return rows or None
 
 
+def _one_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer over all of ``x`` in one call (what every pass but a segmented one does)."""
+    return layer(x)
+
+
 def _decode_attention(q, k, v, mask=None):
     """One query per row against the cache: two small matmuls and a softmax. For a single query,
     PyTorch's CPU SDPA kernels spend more time on set-up than on the arithmetic."""
@@ -161,21 +166,33 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias, device=device)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias, device=device)
 
-    def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None, lora=None):
-        B, T, C = x.shape
+    def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None, lora=None,
+                linear=None, segments=None):
+        """``segments`` (see :meth:`GPTNeoX.forward_segments`): x is one flat row of several runs of tokens,
+        each (rows, its attention arguments) attending as a pass of its own; ``linear(layer, x)`` applies
+        the linear layers (None: one call each)."""
+        lora, linear = lora or {}, linear or _one_call
+        qkv = add_low_rank(linear(self.qkv, x), x, lora.get("attn.qkv"))
+        if segments is None:
+            y = self.attend(qkv, cos, sin, pos, cache, end, mask)
+        else:  # in the segments' order (a later run of a row reads an earlier one's keys), then by rows
+            parts = [(rows.start, self.attend(qkv[:, rows], *args)) for rows, args in segments]
+            y = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])], 1)
+        return add_low_rank(linear(self.proj, y), y, lora.get("attn.proj"))
+
+    def attend(self, qkv, cos, sin, pos=None, cache: KVCache | None = None, end: int = 0, mask=None):
+        """Attention over the fused projections ``qkv`` (B, T, 3C), keys and values to ``cache``: (B, T, C)."""
+        B, T, _ = qkv.shape
         H, D = self.config.num_heads, self.config.head_dim
-        lora = lora or {}
-        qkv = add_low_rank(self.qkv(x), x, lora.get("attn.qkv"))
         # the fused kernel when nothing needs a gradient: with grad on, a frozen model (a packed one) takes
         # it too, so its answers do not depend on whether the caller disabled grad
         if cache is not None and T <= kernels.MAX_KERNEL_ROWS and not qkv.requires_grad:
-            lib = _fused_decode_library(x, cache)
+            lib = _fused_decode_library(qkv, cache)
             first = _consecutive_from(pos, B, T) if lib is not None else None
             if first is not None:
                 R = cos.shape[-1]
                 cs = (cos.reshape(B, T, R), sin.reshape(B, T, R)) if cos.dim() == 4 else (cos.reshape(T, R), sin.reshape(T, R))
-                y = kernels.decode_attention(lib, qkv.float().contiguous(), *cs, cache.k, cache.v, first, H, D)
-                return add_low_rank(self.proj(y), y, lora.get("attn.proj"))
+                return kernels.decode_attention(lib, qkv.float().contiguous(), *cs, cache.k, cache.v, first, H, D)
         qkv = qkv.view(B, T, H, 3, D)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -187,8 +204,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return add_low_rank(self.proj(y), y, lora.get("attn.proj"))
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -198,10 +214,10 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size, device=device)
         self.approximate = config.gelu_approximate
 
-    def forward(self, x, lora=None):
-        lora = lora or {}
-        h = F.gelu(add_low_rank(self.fc(x), x, lora.get("mlp.fc")), approximate=self.approximate)
-        return add_low_rank(self.proj(h), h, lora.get("mlp.proj"))
+    def forward(self, x, lora=None, linear=None):
+        lora, linear = lora or {}, linear or _one_call
+        h = F.gelu(add_low_rank(linear(self.fc, x), x, lora.get("mlp.fc")), approximate=self.approximate)
+        return add_low_rank(linear(self.proj, h), h, lora.get("mlp.proj"))
 
 
 class Block(nn.Module):
@@ -213,13 +229,14 @@ class Block(nn.Module):
         self.mlp = MLP(config, device)
         self.parallel = config.parallel_residual
 
-    def forward(self, x, cos, sin, pos=None, cache=None, end=0, mask=None, lora=None):
-        """``lora``: this layer's per-row adapter updates, {linear name: {row: LowRank}} (None: none)."""
-        a = self.attn(self.norm_1(x), cos, sin, pos, cache, end, mask, lora)
+    def forward(self, x, cos, sin, pos=None, cache=None, end=0, mask=None, lora=None, linear=None, segments=None):
+        """``lora``: this layer's per-row adapter updates, {linear name: {row: LowRank}} (None: none);
+        ``linear`` and ``segments``: see :meth:`Attention.forward`."""
+        a = self.attn(self.norm_1(x), cos, sin, pos, cache, end, mask, lora, linear, segments)
         if self.parallel:
-            return x + a + self.mlp(self.norm_2(x), lora)
+            return x + a + self.mlp(self.norm_2(x), lora, linear)
         x = x + a
-        return x + self.mlp(self.norm_2(x), lora)
+        return x + self.mlp(self.norm_2(x), lora, linear)
 
 
 def meta_model(config: ModelConfig) -> "GPTNeoX":
@@ -289,20 +306,8 @@ class GPTNeoX(nn.Module):
         if input_pos is None:
             positions = torch.arange(T, device=idx.device)
         else:
-            if cache is None:
-                raise ValueError("decoding with input_pos needs a KV cache: pass cache=model.new_cache(...)")
-            positions = input_pos
-            end = int(input_pos.max()) + 1 if span is None else span
-            if end > cache[0].max_len or B > cache[0].k.shape[0]:
-                raise ValueError(f"KV cache holds {cache[0].k.shape[0]} rows x {cache[0].max_len} "
-                                 f"positions; asked for {B} rows up to position {end - 1}")
-            caches = cache
-            uniform_from_zero = span is None and input_pos.dim() == 1 and int(input_pos[0]) == 0
-            if not (uniform_from_zero or (span is None and T == 1 and input_pos.dim() == 1)):
-                keys = torch.arange(end, device=idx.device)
-                mask = keys <= positions[..., None]  # (T, end) or (B, T, end)
-                if mask.dim() == 3:
-                    mask = mask[:, None]  # broadcast over heads
+            positions, caches = input_pos, cache
+            mask, end = self._cache_mask(input_pos, B, cache, span)
         cos, sin = rotary_cos_sin(positions, c.rotary_dims, c.rotary_base)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, dims) for per-row positions
@@ -314,6 +319,48 @@ class GPTNeoX(nn.Module):
             x = x[:, -1:]
         x = self.norm_f(x)
         return self.lm_head(x) if head else x
+
+    def _cache_mask(self, input_pos: torch.Tensor, B: int, cache: list[KVCache] | None,
+                    span: int | None = None) -> tuple[torch.Tensor | None, int]:
+        """A cached pass's attention mask (None: causal from 0, or one token per row at shared positions)
+        and the cache length it reads (``span`` when given, see :meth:`forward`); refuses positions or rows
+        past the cache."""
+        if cache is None:
+            raise ValueError("decoding with input_pos needs a KV cache: pass cache=model.new_cache(...)")
+        T = input_pos.shape[-1]
+        end = int(input_pos.max()) + 1 if span is None else span
+        if end > cache[0].max_len or B > cache[0].k.shape[0]:
+            raise ValueError(f"KV cache holds {cache[0].k.shape[0]} rows x {cache[0].max_len} "
+                             f"positions; asked for {B} rows up to position {end - 1}")
+        if span is None and input_pos.dim() == 1 and (T == 1 or int(input_pos[0]) == 0):
+            return None, end  # one token per row at shared positions, or causal from 0
+        mask = torch.arange(end, device=input_pos.device) <= input_pos[..., None]  # (T, end) or (B, T, end)
+        return (mask[:, None] if mask.dim() == 3 else mask), end  # broadcast over heads
+
+    def forward_segments(self, idx: torch.Tensor, segments: list[tuple[slice, torch.Tensor, list[KVCache]]],
+                         linear, last: list[int], head_rows: int) -> torch.Tensor:
+        """Runs of consecutive tokens of several cache rows in one pass (continuous batching's prompts).
+
+        ``idx`` (1, N) holds the runs side by side, every row in one; a segment ``(rows, input_pos, cache)`` says that
+        ``idx[:, rows]`` go at positions ``input_pos`` (T,) of the one-row ``cache`` (``KVCache.rows``).
+        Each segment's attention is the one ``forward(idx[:, rows], input_pos, cache=cache)`` computes,
+        segment after segment in the given order (a later run of the same row sees an earlier one's keys);
+        the other operations are per row, and ``linear(layer, x)`` applies each linear layer to the flat
+        rows in calls the caller chose (so the caller decides whether each row gets a lone pass's bits).
+        Returns the logits of flat rows ``last`` (len(last), V), the head applied ``head_rows`` rows a call."""
+        per = []
+        for rows, pos, cache in segments:
+            mask, end = self._cache_mask(pos, 1, cache)
+            cos, sin = rotary_cos_sin(pos, self.config.rotary_dims, self.config.rotary_base)
+            per.append((rows, cos, sin, pos, cache, end, mask))
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            segs = [(rows, (cos, sin, pos, cache[i], end, mask)) for rows, cos, sin, pos, cache, end, mask in per]
+            x = block(x, None, None, linear=linear, segments=segs)
+        if not last:
+            return x.new_empty(0, self.config.vocab_size)
+        x = self.norm_f(x[:, last])
+        return torch.cat([self.lm_head(x[:, a : a + head_rows]) for a in range(0, len(last), head_rows)], 1)[0]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:

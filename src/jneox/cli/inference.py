@@ -15,6 +15,7 @@ from ..loading import served_model_id
 from ..serve import serve
 from ..serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from ..serve.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S
+from ..serve.scheduler import DEFAULT_MAX_PREFILL_TOKENS, KV_MEMORY_SHARE
 from .args import (add_generation_config_arg, add_model_args, add_sampling_args, add_speculate_args, at_least,
                    draft_from_args, generation_defaults_from_args, load_from_args, sampling_params)
 
@@ -99,7 +100,8 @@ def cmd_serve(args) -> int:
           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
           default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
           max_connections=args.max_connections, adapters=adapters, prefix_cache_mb=args.prefix_cache_mb,
-          generation_defaults=generation_defaults_from_args(args))
+          generation_defaults=generation_defaults_from_args(args), kv_cache_gb=args.kv_cache_gb,
+          max_prefill_tokens=args.max_prefill_tokens)
     return 0
 
 
@@ -139,6 +141,13 @@ def add_serve_parser(sub) -> None:
                         "(default: $JNEOX_API_KEY, else no key). Prefer setting JNEOX_API_KEY: a key given "
                         "here is visible to every user of the machine in the process list (ps)")
     p.add_argument("--max-batch", type=at_least(1), default=8, help="requests decoded together (KV cache slots; default 8)")
+    p.add_argument("--kv-cache-gb", type=float, metavar="GB",
+                   help="KV cache that running requests may reserve together (each its prompt plus max_tokens); "
+                        f"a request past it waits for room (default: {KV_MEMORY_SHARE * 100:.0f}%% of the memory available "
+                        "once the model is loaded)")
+    p.add_argument("--max-prefill-tokens", type=at_least(1), default=DEFAULT_MAX_PREFILL_TOKENS, metavar="N",
+                   help="prompt tokens computed per engine step beside the running requests' tokens, in whole "
+                        f"chunks (default {DEFAULT_MAX_PREFILL_TOKENS})")
     p.add_argument("--max-queue", type=at_least(0), default=32,
                    help="requests that may wait for a slot; past that the server answers 429 (default 32)")
     p.add_argument("--model-name", help="the model id reported by /v1/models (default: --model)")

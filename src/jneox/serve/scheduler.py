@@ -1,18 +1,30 @@
 """Continuous batching: one model, one batched KV cache, many requests decoding together.
 
 The :class:`Engine` owns the model and a KV cache of ``max_batch`` rows (slots). It runs on its own
-thread. Each step it (1) drops requests whose client went away, (2) prefills waiting requests into
-free slots, one prompt at a time (on the CPU in chunks of ``kernel_prompt_rows()``: ``PREFILL_CHUNK``
-tokens with the native kernels, as a packed linear splits a whole prompt, so the bits are the same;
-else ``MAX_KERNEL_ROWS``), and (3) runs one decode step for every running request at once: each
-row at its own position, then each row sampled with its own parameters and random generator.
-A request joins at the next step and leaves the step it finishes; nobody waits for the batch.
+thread. Each step it (1) drops requests whose client went away, (2) admits waiting requests into free
+slots while the KV cache positions that running requests reserve (each its prompt and ``max_tokens``,
+at most the window) fit the budget (``kv_cache_gb``; the cache's memory is only taken where written,
+so the budget is what bounds it), (3) computes the next chunks of the prompts in slots, up to
+``max_prefill_tokens`` prompt tokens a step (at least one chunk), and (4) runs one decode step for
+every request whose prompt is in: each row at its own position, then each row sampled with its own
+parameters and random generator. A prompt goes in chunks of ``kernel_prompt_rows()`` from its start
+(``PREFILL_CHUNK`` tokens with the native kernels, as a packed linear splits a whole prompt, so the
+bits are the same; else ``MAX_KERNEL_ROWS``), or from where the prefix cache left off (a multiple of
+the chunk); a long prompt spreads over several steps while the running rows keep decoding, and a
+request joins the decode steps the step its last chunk is in. Nobody waits for the batch.
 
 Batching changes nothing but speed: every per-row operation on the CPU path (packed linear kernels
 for up to ``MAX_KERNEL_ROWS`` rows, layer norm, fused single-token attention up to the row's own
 position) computes a row the same way whatever the other rows hold, so a request gives the same
 tokens alone or among others. Larger batches are split into chunks of ``MAX_KERNEL_ROWS`` rows for
-that reason (past it, the packed linears may switch to one PyTorch matrix multiply).
+that reason (past it, the packed linears may switch to one PyTorch matrix multiply). The prompt
+chunks of one step share one pass (:meth:`jneox.model.GPTNeoX.forward_segments`) on the same terms:
+each chunk's attention is the one its lone pass computes (its own call, same shapes); a linear layer
+takes the chunks of at most ``MAX_KERNEL_ROWS`` tokens in decode kernel calls of at most that many
+rows (what such a chunk gets alone), and those of more in one call only where
+:func:`jneox.quantize.prompt_rows_independent` says the prompt paths compute each row of such a call
+on its own (the call padded so that no row falls to the decode kernel), else one call per chunk, as
+alone. Chunks that need every position's logits (echo) or add an adapter take a pass of their own.
 
 Speculative decoding (``draft``: a :class:`~jneox.speculative.PromptLookup` or
 :class:`~jneox.speculative.DraftModel`) turns a decode step into a verification step: each request
@@ -37,7 +49,9 @@ window (no longer consecutive) goes through PyTorch's attention, equal up to flo
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -51,13 +65,23 @@ from ..adapters import Adapter
 from ..errors import UsageError
 from ..generate import TextAssembler
 from ..model import GPTNeoX, KVCache
-from ..quantize import MAX_KERNEL_ROWS, kernel_prompt_rows
+from ..quantize import (MAX_KERNEL_ROWS, PREFILL_CHUNK, PackedLinear, kernel_prompt_rows, libc,
+                        prompt_rows_independent)
 from ..sampling import Sampler, SamplingParams, check_prompt_fits
 from ..speculative import Guesser, verify
 from ..tokenizer import Tokenizer
 from .constraints import ConstrainedSampler, Constraint
 from .metrics import Metrics
 from .prefix_cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
+
+
+# prompt tokens computed per engine step beside the decode rows (a prompt's chunks are taken whole, at least
+# one a step): larger lets a burst of prompts share one read of the weights, smaller keeps the running
+# rows' tokens coming while a long prompt goes in (docs/performance.md#serving-load)
+DEFAULT_MAX_PREFILL_TOKENS = 512
+# the share of the memory available once the model is loaded that the running requests' KV cache may
+# take by default (the rest: the server's own buffers, and whatever else the machine runs)
+KV_MEMORY_SHARE = 0.8
 
 
 class QueueFull(RuntimeError):
@@ -129,19 +153,50 @@ class Request:
     adapter: Adapter | None = None  # the LoRA adapter its rows add (None: the base model)
     constraint: Constraint | None = None  # structured output: the grammar its tokens follow
     cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (None: not looked up)
+    prefilling: bool = False  # in a slot, its prompt not all in the cache yet (seq.pos: the next prompt position)
+    scored: list[TokenLogprob] | None = None  # echo: the prompt's logprobs so far
+    keys: list[bytes] = field(default_factory=list)  # its prompt blocks' prefix cache keys
     arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
     last_token_at: float = 0.0
 
 
-def check_cache_fits(model: GPTNeoX, rows: int, window: int) -> None:
-    """Refuse a KV cache that could not fit in this machine's memory once its rows fill up (a config.json
-    with a huge max_position_embeddings would otherwise fail on its first mapping, or much later)."""
-    need = model.cache_bytes(rows, window)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    if ram and need > ram:
-        raise UsageError(f"the KV cache for {rows} rows of {window} positions would need {need / 2**30:.1f} GiB, "
-                         f"more than this machine's {ram / 2**30:.1f} GiB: lower --max-batch, or use a config.json "
-                         f"with a smaller max_position_embeddings")
+def available_memory() -> int | None:
+    """Bytes of memory the system could give now without swapping (Linux's MemAvailable; else the free
+    pages; None where neither can be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def kv_cache_budget(model: GPTNeoX, window: int, kv_cache_gb: float | None = None) -> int | None:
+    """The bytes of KV cache that running requests may reserve together: ``kv_cache_gb``, else
+    KV_MEMORY_SHARE of the memory available now (None: unknown, no limit). Refuses a budget that cannot
+    hold one request of a full window (a config.json with a huge max_position_embeddings would otherwise
+    fail on its first mapping, or much later)."""
+    row = model.cache_bytes(1, window)
+    if kv_cache_gb is not None:
+        if kv_cache_gb <= 0:
+            raise UsageError(f"--kv-cache-gb must be > 0, got {kv_cache_gb}")
+        budget, source = int(kv_cache_gb * 2**30), "--kv-cache-gb"
+    else:
+        avail = available_memory()
+        if avail is None:
+            return None
+        budget = int(avail * KV_MEMORY_SHARE)
+        source = f"{KV_MEMORY_SHARE:.0%} of the {avail / 2**30:.1f} GiB of memory available"
+    if row > budget:
+        raise UsageError(f"the KV cache of one request of {window} positions would need {row / 2**30:.1f} GiB, more "
+                         f"than the {budget / 2**30:.1f} GiB KV cache budget ({source}): raise --kv-cache-gb if the "
+                         f"memory is there, or use a config.json with a smaller max_position_embeddings")
+    return budget
 
 
 class Engine:
@@ -156,14 +211,18 @@ class Engine:
     row of a batch adds its own request's adapter (see :func:`jneox.model.add_low_rank`).
     ``prefix_cache_mb`` (0: off) keeps prefilled prompt blocks for later prompts that start the same
     way (:mod:`jneox.serve.prefix_cache`); ``metrics`` (:mod:`jneox.serve.metrics`) are labelled
-    ``model_name``.
+    ``model_name``. ``kv_cache_gb`` (None: KV_MEMORY_SHARE of the memory available) bounds the KV cache
+    that running requests reserve (each its prompt plus ``max_tokens``, at most the window): a request
+    that would pass it waits in the queue. ``max_prefill_tokens``: prompt tokens per engine step.
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32,
                  draft: Guesser | None = None, adapters: Sequence[Adapter] = (),
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, model_name: str = "jneox"):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, model_name: str = "jneox",
+                 kv_cache_gb: float | None = None, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
+            raise ValueError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{max_prefill_tokens} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.draft = draft
@@ -174,7 +233,19 @@ class Engine:
         # on the CPU, prompts go in chunks that the packed kernels take (a longer input makes every
         # linear layer widen its whole weight for one matrix multiply, for each new request)
         self.prefill_chunk = kernel_prompt_rows() if self.device.type == "cpu" else self.window
-        check_cache_fits(model, max_batch, self.window)
+        self.max_prefill_tokens = max_prefill_tokens
+        budget = kv_cache_budget(model, self.window, kv_cache_gb)
+        # admission counts positions: each running request reserves its prompt and max_tokens
+        self.kv_positions = max_batch * self.window if budget is None else budget // model.cache_bytes(1, 1)
+        # prompts of several requests share each linear layer's calls (see _prefill_step) where the kernels
+        # compute a row alone: the decode kernel's calls of <= MAX_KERNEL_ROWS rows on every path with
+        # packed layers, and longer calls where prompt_rows_independent says so
+        # (the native kernels are there when prompts go in PREFILL_CHUNK tokens: see kernel_prompt_rows)
+        packed = (self.device.type == "cpu" and self.prefill_chunk == PREFILL_CHUNK
+                  and all(not isinstance(m, torch.nn.Linear) for m in model.modules())
+                  and any(isinstance(m, PackedLinear) for m in model.modules()))
+        self.batch_short_prompts = packed
+        self.batch_long_prompts = packed and prompt_rows_independent(model)
         # zero-filled and touched only where written, so unused positions cost no memory
         self.caches: list[KVCache] = model.new_cache(max_batch, self.window)
         self.slots: list[Request | None] = [None] * max_batch
@@ -187,6 +258,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.ids = itertools.count(1)
         self.steps = 0  # decode steps run (for tests and stats)
+        self.prefill_steps = 0  # passes that computed prompt chunks
         self.max_rows_seen = 0  # the largest decode batch so far
         # work done so far, for /health and the load benchmark: tokens and seconds of each phase
         # (*_cpu_s: CPU time of the engine thread, which is all of it with one thread, and does not
@@ -337,17 +409,32 @@ class Engine:
                         self.cond.wait()
                     if self.stopping:
                         break
-                    admitted = []
-                    while self.waiting and None in self.slots:
-                        seq = self.waiting.popleft()
-                        seq.slot = self.slots.index(None)
-                        self.slots[seq.slot] = seq
-                        admitted.append(seq)
+                    admitted = self._admit()
                 for seq in admitted:
-                    self._guarded(lambda: self._prefill(seq), [seq])
-                running = [s for s in self.slots if s is not None and not s.cancelled]
+                    self._guarded(lambda: self._start(seq), [seq])
+                prompts = [s for s in self.slots if s is not None and s.prefilling and not s.cancelled]
+                if prompts:
+                    self._guarded(lambda: self._prefill_step(prompts), prompts)
+                running = [s for s in self.slots if s is not None and not s.cancelled and not s.prefilling]
                 if running:
                     self._guarded(lambda: self._decode_step(running), running)
+
+    def _reserved(self, seq: Request) -> int:
+        """The KV cache positions a request may come to hold: its prompt and max_tokens, at most the window."""
+        return min(len(seq.prompt_ids) + (seq.params.max_new_tokens if seq.generate else 0), self.window)
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests into free slots, first come first served, while the positions they reserve fit
+        the KV cache budget (with the lock held). A request that does not fit waits, and those behind it."""
+        admitted = []
+        reserved = sum(self._reserved(s) for s in self.slots if s is not None)
+        while self.waiting and None in self.slots and reserved + self._reserved(self.waiting[0]) <= self.kv_positions:
+            seq = self.waiting.popleft()
+            reserved += self._reserved(seq)
+            seq.slot = self.slots.index(None)
+            self.slots[seq.slot] = seq
+            admitted.append(seq)
+        return admitted
 
     def _guarded(self, fn, seqs: list[Request]) -> None:
         """Run one step; if it fails, fail only the requests it touched and keep serving the rest."""
@@ -369,9 +456,26 @@ class Engine:
     def _free(self, seq: Request) -> None:
         with self.cond:
             if 0 <= seq.slot < self.max_batch and self.slots[seq.slot] is seq:
+                self._release(seq.slot)
                 self.slots[seq.slot] = None
             seq.slot = -1
             self.cond.notify_all()  # drain() waits for the last slot to be freed
+
+    def _release(self, slot: int) -> None:
+        """Hand the memory of a freed slot's keys and values back to the OS (it reads as zeros again, and
+        takes pages only where the next request writes), so the cache holds what the running requests
+        reserve, not the most each slot ever held; a no-op off the CPU or without madvise."""
+        madvise = getattr(libc(), "madvise", None)
+        # the cache's anonymous mappings are shared ones (Python's mmap default), whose pages only
+        # MADV_REMOVE frees (MADV_DONTNEED would only unmap them, and they would read back unchanged)
+        if madvise is None or self.device.type != "cpu" or not hasattr(mmap, "MADV_REMOVE"):
+            return
+        for cache in self.caches:
+            for t in (cache.k[slot], cache.v[slot]):  # one contiguous block each
+                first = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # the whole pages inside it
+                last = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+                if last > first:
+                    madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_REMOVE)
 
     def _send(self, seq: Request, event: Event) -> None:
         if seq.cancelled:
@@ -390,8 +494,9 @@ class Engine:
         """Slots ``[a, b)`` of every layer's cache: the model writes input row i to cache row i."""
         return [c.rows(a, b) for c in self.caches]
 
-    def _prefill(self, seq: Request) -> None:
-        """The prompt into the request's slot (in chunks), and its first token, as generate_tokens does."""
+    def _start(self, seq: Request) -> None:
+        """A request that just got a slot: its sampler and text, and the start of its prompt from the prefix
+        cache; its prompt goes in from the next prefill step on."""
         if seq.cancelled:
             self._free(seq)
             self._observe_end(seq, "abort")
@@ -399,26 +504,105 @@ class Engine:
         seq.text = TextAssembler(self.tokenizer, seq.params.stop)
         # unseeded rows get a generator of their own: a row's tokens must not depend on its neighbours'
         seq.sampler = self._sampler(seq)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        seq.scored = [TokenLogprob(seq.prompt_ids[0], None)] if seq.prompt_logprobs else None
+        seq.keys = self._reuse_prefix(seq)
+        seq.pos = seq.cached_tokens or 0
+        seq.prefilling = True
+
+    def _prefill_step(self, prompts: list[Request]) -> None:
+        """The next chunks of the prompts in their slots, oldest request first, up to ``max_prefill_tokens``
+        (at least one chunk): each chunk is the piece of a lone prefill (``prefill_chunk`` tokens from the
+        prompt's start or where the prefix cache left off). Chunks of requests without echo or an adapter go
+        through the model together (:meth:`_prefill_together`), the others one pass each, as ``generate``
+        does; a request whose last chunk is in samples its first token."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        rows = self._rows(seq.slot, seq.slot + 1)
-        scored = [TokenLogprob(seq.prompt_ids[0], None)] if seq.prompt_logprobs else None
-        keys = self._reuse_prefix(seq)
-        for a in range(seq.cached_tokens or 0, ids.shape[1], self.prefill_chunk):
-            b = min(a + self.prefill_chunk, ids.shape[1])
-            # echo: every position's logits, from the same pass that fills the cache
-            logits = self.model(ids[:, a:b], input_pos=torch.arange(a, b, device=self.device),
-                                last_only=scored is None, cache=rows, adapters=self._adapters([seq], seq.slot, seq.slot + 1))
-            if scored is not None:
-                scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
-        seq.pos = ids.shape[1]
-        self._store_prefix(seq, keys)
-        self.metrics.prompt_tokens.inc(ids.shape[1])
-        self.counters["prefill_tokens"] += ids.shape[1] - (seq.cached_tokens or 0)
+        plan, budget = [], self.max_prefill_tokens
+        for seq in sorted(prompts, key=lambda s: s.id):
+            a, n = seq.pos, len(seq.prompt_ids)
+            while a < n:
+                b = min(a - a % self.prefill_chunk + self.prefill_chunk, n)
+                if plan and b - a > budget:
+                    break
+                plan.append((seq, a, b))
+                budget -= b - a
+                a = b
+            if a < n:
+                break
+        together = [c for c in plan if self.batch_short_prompts and c[0].scored is None and c[0].adapter is None]
+        done = self._prefill_together(together) if together else {}
+        joined = {seq for seq, _, _ in together}
+        for seq, a, b in plan:
+            if seq in joined:
+                continue
+            logits = self._prefill_alone(seq, a, b)
+            if b == len(seq.prompt_ids):
+                done[seq] = logits[:, -1]
+        self.prefill_steps += 1
+        self.counters["prefill_tokens"] += sum(b - a for _, a, b in plan)
         self.counters["prefill_s"] += time.perf_counter() - t0
         self.counters["prefill_cpu_s"] += time.thread_time() - c0
-        if scored is not None:
-            self._send(seq, Event(prompt_logprobs=scored))
+        for seq, logits in done.items():
+            self._prompt_done(seq, logits)
+
+    def _prefill_alone(self, seq: Request, a: int, b: int) -> torch.Tensor:
+        """Prompt positions ``[a, b)`` of one request in a pass of their own (echo: every position's logits,
+        from the same pass that fills the cache); the pass's logits."""
+        ids = torch.tensor([seq.prompt_ids[a:b]], dtype=torch.long, device=self.device)
+        logits = self.model(ids, input_pos=torch.arange(a, b, device=self.device), last_only=seq.scored is None,
+                            cache=self._rows(seq.slot, seq.slot + 1),
+                            adapters=self._adapters([seq], seq.slot, seq.slot + 1))
+        if seq.scored is not None:
+            seq.scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
+        seq.pos = b
+        return logits
+
+    def _prefill_together(self, chunks: list[tuple[Request, int, int]]) -> dict[Request, torch.Tensor]:
+        """Several requests' prompt chunks in one pass (:meth:`jneox.model.GPTNeoX.forward_segments`), each
+        row computed as in its lone pass: every chunk's attention is its own; a linear layer takes the chunks
+        of more than MAX_KERNEL_ROWS rows in one call where the kernels compute each row of such a call on
+        its own (else one call per chunk, as alone), and chunks of at most MAX_KERNEL_ROWS rows (the decode
+        kernel's, alone) in calls of at most MAX_KERNEL_ROWS rows. The (1, V) logits of each request whose
+        prompt is now all in."""
+        long = [c for c in chunks if c[2] - c[1] > MAX_KERNEL_ROWS]
+        short = [c for c in chunks if c[2] - c[1] <= MAX_KERNEL_ROWS]
+        ids, starts, calls, row = [], {}, [], 0
+        for seq, a, b in long + short:
+            starts[seq, a] = row
+            ids += seq.prompt_ids[a:b]
+            if not self.batch_long_prompts and b - a > MAX_KERNEL_ROWS:
+                calls.append((row, row + b - a, b - a))
+            row += b - a
+        n_long = sum(b - a for _, a, b in long)
+        if self.batch_long_prompts and n_long:
+            calls.append((0, n_long, _rows_called(n_long)))
+        calls += [(r, min(r + MAX_KERNEL_ROWS, row), min(MAX_KERNEL_ROWS, row - r)) for r in range(n_long, row, MAX_KERNEL_ROWS)]
+        segments, last, ends = [], [], []
+        for seq, a, b in chunks:  # the attention in the order of the prompts' own chunks
+            r = starts[seq, a]
+            segments.append((slice(r, r + b - a), torch.arange(a, b, device=self.device), self._rows(seq.slot, seq.slot + 1)))
+            if b == len(seq.prompt_ids):
+                last.append(r + b - a - 1)
+                ends.append(seq)
+            seq.pos = b
+
+        def linear(layer, x):
+            out = []
+            for a, b, n in calls:  # a call of n rows: the extra ones repeat the last row, their outputs dropped
+                xi = x[:, a:b] if n == b - a else torch.cat((x[:, a:b], x[:, b - 1 : b].expand(1, n - (b - a), -1)), 1)
+                out.append(layer(xi)[:, : b - a])
+            return out[0] if len(out) == 1 else torch.cat(out, 1)
+
+        logits = self.model.forward_segments(torch.tensor([ids], dtype=torch.long, device=self.device), segments,
+                                             linear, last, MAX_KERNEL_ROWS)
+        return {seq: logits[i : i + 1] for i, seq in enumerate(ends)}
+
+    def _prompt_done(self, seq: Request, logits: torch.Tensor) -> None:
+        """A request's whole prompt is in its slot; ``logits`` (1, V) its last position's: its first token."""
+        seq.prefilling = False
+        self._store_prefix(seq, seq.keys)
+        self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        if seq.scored is not None:
+            self._send(seq, Event(prompt_logprobs=seq.scored))
         if not seq.generate:
             self._free(seq)
             self._observe_end(seq, "length")
@@ -427,7 +611,7 @@ class Engine:
         if self.draft is not None and seq.speculate:
             seq.draft = self.draft.for_sequence()
             seq.draft.start(seq.sampler.total)
-        self._take(seq, logits[:, -1])
+        self._take(seq, logits)
 
     def _sampler(self, seq: Request) -> Sampler:
         """The request's Sampler; a constrained request's masks its logits with its grammar first."""
@@ -486,6 +670,9 @@ class Engine:
         # dummy rows and filler write at positions past their row's own (clamped to the window, which
         # a request's real positions never reach: its last token is never fed), read by nobody
         positions = torch.arange(width).clamp_max(self.window - 1).repeat(rows, 1)
+        for s in self.slots[:rows]:  # a slot whose prompt is going in: past what it holds, written again later
+            if s is not None and s.prefilling:
+                positions[s.slot] = torch.arange(s.pos, s.pos + width).clamp_max(self.window - 1)
         for s in running:
             g = guesses.get(s, ([], None))[0]
             tokens[s.slot] = torch.tensor([s.next_token, *g, *[s.next_token] * (width - 1 - len(g))])
@@ -588,3 +775,12 @@ class Engine:
                                   cached_tokens=seq.cached_tokens))
             return
         seq.next_token = t
+
+
+def _rows_called(rows: int) -> int:
+    """The rows to call a linear layer with for ``rows`` rows of prompt chunks longer than MAX_KERNEL_ROWS
+    (rows independent): a PackedLinear hands the last ``rows % PREFILL_CHUNK`` rows of a longer call, when
+    there are at most MAX_KERNEL_ROWS of them, to the decode kernel (what a lone prompt's short last chunk
+    gets), so such a call is padded past that; each chunk then takes its lone pass's path."""
+    tail = rows % PREFILL_CHUNK
+    return rows + MAX_KERNEL_ROWS + 1 - tail if rows > PREFILL_CHUNK and 0 < tail <= MAX_KERNEL_ROWS else rows

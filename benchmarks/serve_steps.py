@@ -1,0 +1,120 @@
+"""Where a server's time goes, step by step: the engine's prompt and decode steps timed in-process on the
+3.6B shape (random weights, ``--layers`` deep), without HTTP or clients.
+
+For ``--prompts`` prompts of ``--prompt-tokens`` tokens each: one prompt's prefill step alone, the
+prompts' prefill one request per step (as before prompts were batched) and all in one step (the
+engine's batched pass), then one decode step of 1 row and of ``--prompts`` rows. Each figure is CPU time
+of the process, all its threads (what a shared machine disturbs least) and
+wall time, the best of ``--repeat`` runs; prints a markdown table.
+
+    python benchmarks/serve_steps.py --layers 36 --dtype int8 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import jneox
+from jneox.sampling import SamplingParams
+from jneox.serve import Engine
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """Best CPU (all threads) and wall seconds of ``fn()`` (which sets up and runs one measured step) over ``repeat`` runs."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeat):
+        setup, run = fn()
+        setup()
+        c0, t0 = time.process_time(), time.perf_counter()
+        run()
+        best = min(best, (time.process_time() - c0, time.perf_counter() - t0))
+    return best
+
+
+def admitted(engine: Engine, prompts: list[list[int]]) -> list:
+    """The prompts queued, admitted and started, as the engine thread does before a prefill step."""
+    for ids in prompts:
+        engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=8), lambda event: None)
+    with engine.cond:
+        seqs = engine._admit()
+    for seq in seqs:
+        engine._start(seq)
+    return seqs
+
+
+def reset(engine: Engine) -> None:
+    for seq in [s for s in engine.slots if s is not None]:
+        engine._free(seq)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=33, help="tokens per prompt (the chat prompts of serve_load.py: 27-37)")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_speed import make_checkpoint
+
+    folder = make_checkpoint(args.work.expanduser() / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    model, tokenizer = jneox.load(folder, weights=args.dtype)
+    engine = Engine(model, tokenizer, max_batch=args.prompts, prefix_cache_mb=0,
+                    max_prefill_tokens=args.prompts * args.prompt_tokens)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 30000, (args.prompt_tokens,), generator=gen).tolist() for _ in range(args.prompts)]
+    rows = []
+    with torch.inference_mode():
+        def one():
+            state = {}
+            return (lambda: (reset(engine), state.update(seqs=admitted(engine, prompts[:1])))), \
+                   (lambda: engine._prefill_step(state["seqs"]))
+
+        def each():
+            state = {}
+            return (lambda: (reset(engine), state.update(seqs=admitted(engine, prompts)))), \
+                   (lambda: [engine._prefill_step([s]) for s in state["seqs"]])
+
+        def together():
+            state = {}
+            return (lambda: (reset(engine), state.update(seqs=admitted(engine, prompts)))), \
+                   (lambda: engine._prefill_step(state["seqs"]))
+
+        def decode(n):
+            def fn():
+                state = {}
+
+                def setup():
+                    reset(engine)
+                    seqs = admitted(engine, prompts[:n])
+                    engine._prefill_step(seqs)
+                    state["seqs"] = seqs
+                return setup, (lambda: engine._decode_step(state["seqs"]))
+            return fn
+
+        n, t = args.prompts, args.prompt_tokens
+        rows.append((f"prefill: 1 prompt of {t} tokens", *timed(one, args.repeat), t))
+        rows.append((f"prefill: {n} prompts, one step each", *timed(each, args.repeat), n * t))
+        rows.append((f"prefill: {n} prompts in one step", *timed(together, args.repeat), n * t))
+        rows.append(("decode step: 1 row", *timed(decode(1), args.repeat), 1))
+        rows.append((f"decode step: {n} rows", *timed(decode(n), args.repeat), n))
+    print(f"\nengine steps, random weights, 3.6B shape with {args.layers} layers, {args.dtype}, "
+          f"{torch.get_num_threads()} threads; best of {args.repeat}\n")
+    print("| step | CPU s | wall s | tokens | CPU ms per token |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cpu, wall, tokens in rows:
+        print(f"| {name} | {cpu:.2f} | {wall:.2f} | {tokens} | {cpu / tokens * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
