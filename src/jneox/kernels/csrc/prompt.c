@@ -100,10 +100,11 @@ static inline void fma_pack_chunk(enum jneox_format fmt, const void *W, int K, i
             a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
         }
         __m512 j03 = _mm512_permutex2var_ps(a, lo, b), j47 = _mm512_permutex2var_ps(a, hi, b);
-        for (int j = 0; j < 4; j++) {
-            _mm_store_ps(dst + j * FMA_NR + i * RT, _mm512_extractf32x4_ps(j03, j) );
-            _mm_store_ps(dst + (j + 4) * FMA_NR + i * RT, _mm512_extractf32x4_ps(j47, j));
-        }
+#define FMA_STORE_K(j) /* (an immediate: j must be a constant) */                                    \
+    _mm_store_ps(dst + (j) * FMA_NR + i * RT, _mm512_extractf32x4_ps(j03, j));                           \
+    _mm_store_ps(dst + ((j) + 4) * FMA_NR + i * RT, _mm512_extractf32x4_ps(j47, j))
+        FMA_STORE_K(0); FMA_STORE_K(1); FMA_STORE_K(2); FMA_STORE_K(3);
+#undef FMA_STORE_K
     }
 }
 
