@@ -591,3 +591,18 @@ def test_prompt_rows_independent_is_true_only_where_rows_are(fmt, group):
         for a, b in ((0, MAX_KERNEL_ROWS + 1), (5, 29), (40, 80), (100, 300), (17, 145)):
             assert torch.equal(model(x[a:b]), whole[a:b]), (a, b)
     assert not quantize.prompt_rows_independent(nn.Sequential(nn.Linear(4, 4), model))
+
+
+def test_huge_pages_move_no_value():
+    """collapse_to_huge_pages (run by quantize_model) only changes how the weights' memory is backed: a
+    model gives the same bits before and after, and it reports no more bytes than whole huge pages inside
+    the weights."""
+    torch.manual_seed(10)
+    layer = PackedLinear.from_linear(nn.Linear(2048, 2048), "float32")  # 16 MiB: whole huge pages inside
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 2048)
+    with torch.no_grad():
+        before = model(x)
+        took = quantize.collapse_to_huge_pages(model)
+        assert torch.equal(model(x), before)
+    assert 0 <= took <= layer.weight.numel() * 4 and took % quantize.HUGE_PAGE == 0

@@ -47,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -504,6 +505,32 @@ def return_freed_memory() -> None:
         trim(0)
 
 
+MADV_COLLAPSE = 25  # Linux 6.1+: back a range with transparent huge pages now
+HUGE_PAGE = 2 << 20
+
+
+def collapse_to_huge_pages(model: nn.Module) -> int:
+    """Ask Linux to back each packed weight with 2 MiB pages (``madvise(MADV_COLLAPSE)`` on the whole
+    huge pages inside its bytes); returns the bytes it took. Decode streams every weight once per
+    token: on 4 KiB pages that is a TLB miss every 4 KiB, and a page walk each (two-level in a virtual
+    machine) stalls the stream, which held decode well under the memory's bandwidth
+    (docs/performance.md). Only where pages are placed changes, never a value. Best effort: a kernel
+    before 6.1, transparent huge pages turned off, or no huge page free leave the pages as they were."""
+    advise = getattr(libc(), "madvise", None) if sys.platform == "linux" else None
+    if advise is None:
+        return 0
+    done = 0
+    for module in model.modules():
+        if not isinstance(module, PackedLinear) or module.weight.device.type != "cpu":
+            continue
+        start = module.weight.data_ptr()
+        first = -(-start // HUGE_PAGE) * HUGE_PAGE
+        last = (start + module.weight.numel() * module.weight.element_size()) // HUGE_PAGE * HUGE_PAGE
+        if last > first and advise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_COLLAPSE) == 0:
+            done += last - first
+    return done
+
+
 @torch.no_grad()
 def quantize_model(model: GPTNeoX, fmt: str, group_size: int = DEFAULT_GROUP, pack: bool = True,
                    release=None) -> GPTNeoX:
@@ -538,6 +565,8 @@ def quantize_model(model: GPTNeoX, fmt: str, group_size: int = DEFAULT_GROUP, pa
     model.embed = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim,
                                                                         _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
+    if pack:
+        collapse_to_huge_pages(model)
     # A packed model is for inference: its LayerNorm and bias parameters would otherwise make every
     # activation require grad, so a plain `model(ids, cache=...)` outside inference_mode would take the
     # autograd path (a widened fp32 weight per linear) and the KV cache it wrote would keep that whole
