@@ -60,7 +60,10 @@ def measure_bandwidth(gib: float = 4.0, repeats: int = 3) -> float:
     lib = kernels.library()
     if lib is None:
         raise SystemExit("the bandwidth bound needs jneox's native kernels (a C compiler)")
+    from jneox.quantize import huge_pages
+
     buf = torch.ones(int(gib * 2**30) + 64, dtype=torch.uint8)
+    huge_pages(buf)  # on 2 MiB pages, as jneox's packed weights: 4 KiB pages read slower (a TLB miss each)
     start = -buf.data_ptr() % 64  # 64-byte aligned, whole lines
     return kernels.read_bandwidth(lib, buf[start : start + int(gib * 2**30)], torch.get_num_threads(), repeats)
 

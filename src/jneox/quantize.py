@@ -516,19 +516,20 @@ def collapse_to_huge_pages(model: nn.Module) -> int:
     machine) stalls the stream, which held decode well under the memory's bandwidth
     (docs/performance.md). Only where pages are placed changes, never a value. Best effort: a kernel
     before 6.1, transparent huge pages turned off, or no huge page free leave the pages as they were."""
+    return sum(huge_pages(m.weight) for m in model.modules()
+               if isinstance(m, PackedLinear) and m.weight.device.type == "cpu")
+
+
+def huge_pages(t: torch.Tensor) -> int:
+    """``madvise(MADV_COLLAPSE)`` on the whole 2 MiB pages inside a CPU tensor's bytes (see
+    :func:`collapse_to_huge_pages`); returns the bytes now on huge pages (0 where Linux refused)."""
     advise = getattr(libc(), "madvise", None) if sys.platform == "linux" else None
-    if advise is None:
+    start = t.data_ptr()
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    last = (start + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if advise is None or last <= first:
         return 0
-    done = 0
-    for module in model.modules():
-        if not isinstance(module, PackedLinear) or module.weight.device.type != "cpu":
-            continue
-        start = module.weight.data_ptr()
-        first = -(-start // HUGE_PAGE) * HUGE_PAGE
-        last = (start + module.weight.numel() * module.weight.element_size()) // HUGE_PAGE * HUGE_PAGE
-        if last > first and advise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_COLLAPSE) == 0:
-            done += last - first
-    return done
+    return last - first if advise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_COLLAPSE) == 0 else 0
 
 
 @torch.no_grad()
