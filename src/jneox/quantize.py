@@ -514,7 +514,8 @@ def collapse_to_huge_pages(model: nn.Module) -> int:
     huge pages inside its bytes); returns the bytes it took. Decode streams every weight once per
     token: on 4 KiB pages that is a TLB miss every 4 KiB, and a page walk each (two-level in a virtual
     machine) stalls the stream, which held decode well under the memory's bandwidth
-    (docs/performance.md). Only where pages are placed changes, never a value. Best effort: a kernel
+    (docs/performance.md). Only where pages are placed changes, never a value. Collapsing copies the
+    pages (seconds per GiB), so ``quantize_model`` runs it only with ``JNEOX_HUGE_PAGES=1``. Best effort: a kernel
     before 6.1, transparent huge pages turned off, or no huge page free leave the pages as they were."""
     return sum(huge_pages(m.weight) for m in model.modules()
                if isinstance(m, PackedLinear) and m.weight.device.type == "cpu")
@@ -566,7 +567,7 @@ def quantize_model(model: GPTNeoX, fmt: str, group_size: int = DEFAULT_GROUP, pa
     model.embed = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim,
                                                                         _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
-    if pack:
+    if pack and os.environ.get("JNEOX_HUGE_PAGES") == "1":  # opt-in: collapsing costs seconds per GiB at load
         collapse_to_huge_pages(model)
     # A packed model is for inference: its LayerNorm and bias parameters would otherwise make every
     # activation require grad, so a plain `model(ids, cache=...)` outside inference_mode would take the
