@@ -17,7 +17,8 @@ the logits and the agreement of greedy tokens, both teacher-forced over the fp32
 
 A row's runtime may name an instruction-set level, ``RUNTIME@LEVEL:FORMAT``, to see an older CPU's
 paths on a newer one: ``jneox@avx2:int8`` builds jneox's kernels for AVX2 (``JNEOX_SIMD=avx2``) and
-caps PyTorch's MKL and oneDNN at AVX2 too; ``llama.cpp@avx2:q8_0`` runs the llama-cpp-python build
+caps PyTorch's MKL and oneDNN at AVX2 too (``@avx512``: at AVX-512 without BF16, so that prompts take the
+paths of an AVX-512 CPU without AVX512-BF16 and AMX); ``llama.cpp@avx2:q8_0`` runs the llama-cpp-python build
 given by ``--llama-cpp avx2=DIR`` (a folder it was installed into with ``pip install --target``, e.g.
 built with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF ..."``). The memory
 bandwidth is the machine's either way.
@@ -42,6 +43,8 @@ ROWS = ["jneox:float32", "jneox:bfloat16", "jneox:int8", "jneox:int4",
 # GGUF blocks of 32 weights carry their fp16 scale: 34 bytes (Q8_0), 18 bytes (Q4_0)
 # what an AVX2-only CPU has, for PyTorch's own libraries (jneox's kernels take JNEOX_SIMD)
 AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# an AVX-512 CPU without BF16 and AMX (jneox.quantize.native_bf16_matmul reads oneDNN's cap)
+AVX512_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "amx_bf16", "amx_int8", "asimd", "sve")
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, "int4": 0.5,
@@ -49,16 +52,20 @@ BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int8_bfloat16": 1, 
 
 
 # ---- the parent: set-up, one child per row, the table --------------------------------------
-def measure_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: best of a few sums over a large array, with this process's threads."""
-    a = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    a.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.numel() * 4 / best / 1e9
+def measure_bandwidth(gib: float = 4.0, repeats: int = 3) -> float:
+    """Read bandwidth in GB/s: the fastest of a few reads of a ``gib`` GiB buffer with vector loads from
+    this process's threads (jneox_read_bytes; a torch sum reads far slower than memory on some CPUs)."""
+    from jneox import kernels
+
+    lib = kernels.library()
+    if lib is None:
+        raise SystemExit("the bandwidth bound needs jneox's native kernels (a C compiler)")
+    from jneox.quantize import huge_pages
+
+    buf = torch.ones(int(gib * 2**30) + 64, dtype=torch.uint8)
+    huge_pages(buf)  # on 2 MiB pages, as jneox's packed weights: 4 KiB pages read slower (a TLB miss each)
+    start = -buf.data_ptr() % 64  # 64-byte aligned, whole lines
+    return kernels.read_bandwidth(lib, buf[start : start + int(gib * 2**30)], torch.get_num_threads(), repeats)
 
 
 def make_tokenizer(out: Path, vocab_size: int) -> Path:
@@ -171,6 +178,8 @@ def child_env(row: str, args) -> dict:
         env["JNEOX_SIMD"] = level
         if level in ("avx2", "portable"):
             env.update(AVX2_ENV)
+        elif level == "avx512":
+            env.update(AVX512_ENV)
     elif level and runtime == "llama.cpp":
         folder = dict(b.split("=", 1) for b in args.llama_cpp).get(level)
         if folder is None:
@@ -242,7 +251,7 @@ def main() -> None:
     work = args.work.expanduser()
     work.mkdir(parents=True, exist_ok=True)
     bandwidth = measure_bandwidth()
-    print(f"read bandwidth: {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (4 GiB, vector loads, {torch.get_num_threads()} threads)", flush=True)
     args.ckpt = make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers)
     config = load_config(args.ckpt)
     rows = [r for r in args.rows.split(",") if r]
@@ -293,8 +302,12 @@ def print_table(results, notes, args, bandwidth, config, cpu: str) -> None:
     print(f"\n{cpu}")
     print(f"{config.num_layers} layers, hidden {config.hidden_size} ({config.num_parameters / 1e9:.2f}B parameters), "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
-          f"{args.threads or torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s, "
-          f"prefill: fastest of {args.prefill_repeats}\n")
+          f"{args.threads or torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s (a 4 GiB buffer, "
+          f"vector loads), prefill: fastest of {args.prefill_repeats}")
+    bounds = {fmt: bandwidth * 1e9 / weight_bytes_per_token(f"jneox:{fmt}", config)
+              for fmt in ("float32", "bfloat16", "int8", "int4")}
+    print("decode bound (every weight read once per token at that bandwidth): "
+          + ", ".join(f"{fmt} {tps:.2f} tok/s" for fmt, tps in bounds.items()) + "\n")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     head = ["runtime", "weights", "load s", "prefill ms", "decode tok/s", "of bound", "peak RSS GB"]
     head += [f"batch {b} tok/s" for b in batch_sizes] + ["logits rel err", "greedy agree"]

@@ -154,6 +154,60 @@ def test_every_prompt_kernel_path_is_exact_and_chunk_invariant(level, fmt, group
             assert torch.equal(packed._kernel(lib, x[:rows]), whole[:rows]), rows
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n, k, bias", [(86, 200, True), (300, 520, False), (32, 264, True)])
+def test_fma_prompt_blocks_are_exact_and_rows_independent(fmt, n, k, bias):
+    """jneox_prompt_fma (AVX-512 prompts on fp32 and bf16 weights without bf16 dot products): the product
+    (one fp32 running sum per output: close to float64), for output rows that fill no whole panel nor tile
+    and K in one or several blocks, and each row the same bits in any split of the prompt."""
+    lib = _library("avx512")
+    torch.manual_seed(8)
+    packed = PackedLinear.from_linear(nn.Linear(k, n, bias=bias), fmt)
+    x = torch.randn(300, k)
+    x[3] = 0.0
+    n_pad = packed.weight.shape[0] * 4
+
+    def fma(rows):
+        y = torch.full((len(rows), n_pad), float("nan"))
+        kernels.prompt_fma(lib, fmt, rows, packed.weight, packed._padded_bias(), y, 2)
+        return y[:, :n]
+
+    want = x.double() @ packed.unpacked_weight(torch.float64).T + (packed.bias.double() if bias else 0)
+    whole = fma(x)
+    assert _rel(whole.double(), want) < 1e-6
+    for a, b in ((0, 1), (0, MAX_KERNEL_ROWS + 1), (5, 38), (100, 228), (233, 300)):
+        assert torch.equal(fma(x[a:b]), whole[a:b]), (a, b)
+
+
+def test_bf16_prompts_without_bf16_dot_products_take_the_fma_blocks(monkeypatch):
+    """On AVX-512 without AVX512-BF16 and AMX (emulated: the kernels capped, oneDNN held below bf16), bf16
+    prompts run as jneox_prompt_fma, not as PyTorch's GEMM: rows computed on their own."""
+    lib = _library("avx512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    native_bf16_matmul.cache_clear()
+    monkeypatch.setattr(kernels, "library", lambda level=None: lib)
+    try:
+        assert not native_bf16_matmul()
+        torch.manual_seed(9)
+        packed = PackedLinear.from_linear(nn.Linear(256, 84), "bfloat16")
+        assert not packed._gemm_takes(lib)
+        real, calls = kernels.prompt_fma, []
+
+        def spy(*args):
+            calls.append(tuple(args[2].shape))
+            real(*args)
+
+        monkeypatch.setattr(kernels, "prompt_fma", spy)
+        x = torch.randn(2 * PREFILL_CHUNK + 40, 256)
+        with torch.no_grad():
+            y = packed(x)
+        assert calls == [(PREFILL_CHUNK, 256), (PREFILL_CHUNK, 256), (40, 256)]
+        assert _rel(y, nn.functional.linear(x, packed.unpacked_weight(), packed.bias)) < 1e-5
+        assert quantize.prompt_rows_independent(nn.Sequential(packed))
+    finally:
+        native_bf16_matmul.cache_clear()
+
+
 AMX_CASES = [(fmt, group, shape) for fmt, group in [("bfloat16", 64), ("int8", 64), ("int4", 64), ("int4", 32)]
              for shape in [(86, 192, True), (40, 2048, False), (84, 96, True)]  # (40, 2048): K in two blocks
              if fmt != "int4" or shape[1] % group == 0]
@@ -537,3 +591,18 @@ def test_prompt_rows_independent_is_true_only_where_rows_are(fmt, group):
         for a, b in ((0, MAX_KERNEL_ROWS + 1), (5, 29), (40, 80), (100, 300), (17, 145)):
             assert torch.equal(model(x[a:b]), whole[a:b]), (a, b)
     assert not quantize.prompt_rows_independent(nn.Sequential(nn.Linear(4, 4), model))
+
+
+def test_huge_pages_move_no_value():
+    """collapse_to_huge_pages (run by quantize_model) only changes how the weights' memory is backed: a
+    model gives the same bits before and after, and it reports no more bytes than whole huge pages inside
+    the weights."""
+    torch.manual_seed(10)
+    layer = PackedLinear.from_linear(nn.Linear(2048, 2048), "float32")  # 16 MiB: whole huge pages inside
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 2048)
+    with torch.no_grad():
+        before = model(x)
+        took = quantize.collapse_to_huge_pages(model)
+        assert torch.equal(model(x), before)
+    assert 0 <= took <= layer.weight.numel() * 4 and took % quantize.HUGE_PAGE == 0

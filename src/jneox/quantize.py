@@ -25,8 +25,10 @@ whole or through the server. Three paths, chosen per CPU and format (:meth:`Pack
   per block of 64, as the decode kernel rounds them. Each row is computed on its own, so it takes a whole prompt at once (the weight read once) and any split gives the same bits. It
   replaced the GEMM blocks below on such CPUs, being faster there;
 - the kernels' AVX-512 batch path (8 rows per pass; bf16 and int8 with AVX-512 BF16 dot products,
-  activations rounded to bf16, where the CPU has them): fp32 prompts on AVX-512, and every format on
-  AVX-512 CPUs without AMX, where it beats PyTorch's matmul on a widened weight in every format;
+  activations rounded to bf16, where the CPU has them; bf16 without them as fp32 FMA blocks on the
+  weight widened per block, ``jneox_prompt_fma``, one running sum per output): fp32 prompts on AVX-512,
+  and every format on AVX-512 CPUs without AMX, where it beats PyTorch's matmul on a widened weight in
+  every format (bf16 without AVX-512 BF16: MKL's sgemm on fp32 blocks too, measured);
 - PyTorch's GEMM, one block of ``PROMPT_BLOCK_BYTES`` of output rows at a time, re-laid out (and
   dequantized) from the tiles by ``jneox_unpack_rows`` into a buffer reused per block: to bf16 for
   oneDNN's bf16 matmul where the CPU has AMX but the kernels are capped below it (JNEOX_SIMD), else to
@@ -44,6 +46,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +92,19 @@ class QuantizationError(JneoxError):
     pass
 
 
+# oneDNN's ONEDNN_MAX_CPU_ISA values that hold it below AVX-512 BF16: bf16 matmuls emulated in fp32
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 @functools.cache
 def native_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), where oneDNN's bf16
-    matmul beats fp32 several times; on AVX2-only CPUs bf16 is emulated and slower than fp32 (oneDNN
-    answers False there, also when capped with ONEDNN_MAX_CPU_ISA=AVX2)."""
+    matmul beats fp32 several times; on other CPUs bf16 is emulated and slower than fp32 (oneDNN answers
+    False on AVX2-only CPUs, also when capped with ONEDNN_MAX_CPU_ISA=AVX2). oneDNN capped below AVX-512
+    BF16 by ONEDNN_MAX_CPU_ISA counts as without it, as on a CPU that lacks it (an AVX-512 CPU without
+    BF16 emulated on a newer one: benchmarks/decode_speed.py's ``@avx512`` rows)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -351,8 +363,8 @@ class PackedLinear(nn.Module):
         kernels' prompt paths, as measured (docs/performance.md): wherever the kernels have no prompt path
         (AVX2, portable C), and on AMX CPUs where the AMX kernel does not take the prompt (kernels capped
         below it, fp32 weights excepted), as oneDNN's bf16 matmul is twice the kernels' bf16 dot products.
-        Elsewhere (AVX-512 without AMX) the kernels, measured faster than PyTorch's matmul there; the blocks
-        were not measured on such a CPU."""
+        Elsewhere (AVX-512 without AMX) the kernels, measured faster than PyTorch's matmul there, and for bf16
+        without AVX-512 BF16 faster than MKL's sgemm on these blocks (held to AVX-512, emulated on an AMX CPU)."""
         if self._amx_takes(lib):
             return False
         if not kernels.has_batch_path(lib):
@@ -397,6 +409,10 @@ class PackedLinear(nn.Module):
             # a prompt: bf16 activations for the bf16 dot products (decided per chunk, so a trailing chunk of
             # <= MAX_KERNEL_ROWS rows keeps fp32 activations, whether a prompt comes whole or in the server's chunks)
             kernels.prompt_bf16_dot(lib, self.fmt, x.to(torch.bfloat16), self.weight, scale, bias, y, threads)
+        elif self.fmt == "bfloat16" and m > MAX_KERNEL_ROWS and kernels.has_batch_path(lib):
+            # a prompt on AVX-512 without BF16: fp32 FMA blocks on the widened weight (jneox_prompt_fma), ahead
+            # of the decode tiles' 8 rows per pass and of MKL's sgemm on unpacked blocks (docs/performance.md)
+            kernels.prompt_fma(lib, self.fmt, x, self.weight, bias, y, threads)
         else:
             kernels.linear(lib, self.fmt, x, self.weight, scale, bias, y, self.group_size, threads)
         return y if n_pad == self.out_features else y[:, : self.out_features]
@@ -489,6 +505,34 @@ def return_freed_memory() -> None:
         trim(0)
 
 
+MADV_COLLAPSE = 25  # Linux 6.1+: back a range with transparent huge pages now
+HUGE_PAGE = 2 << 20
+
+
+def collapse_to_huge_pages(model: nn.Module) -> int:
+    """Ask Linux to back each packed weight with 2 MiB pages (``madvise(MADV_COLLAPSE)`` on the whole
+    huge pages inside its bytes); returns the bytes it took. Decode streams every weight once per
+    token: on 4 KiB pages that is a TLB miss every 4 KiB, and a page walk each (two-level in a virtual
+    machine) stalls the stream, which held decode well under the memory's bandwidth
+    (docs/performance.md). Only where pages are placed changes, never a value. Collapsing copies the
+    pages (seconds per GiB), so ``quantize_model`` runs it only with ``JNEOX_HUGE_PAGES=1``. Best effort: a kernel
+    before 6.1, transparent huge pages turned off, or no huge page free leave the pages as they were."""
+    return sum(huge_pages(m.weight) for m in model.modules()
+               if isinstance(m, PackedLinear) and m.weight.device.type == "cpu")
+
+
+def huge_pages(t: torch.Tensor) -> int:
+    """``madvise(MADV_COLLAPSE)`` on the whole 2 MiB pages inside a CPU tensor's bytes (see
+    :func:`collapse_to_huge_pages`); returns the bytes now on huge pages (0 where Linux refused)."""
+    advise = getattr(libc(), "madvise", None) if sys.platform == "linux" else None
+    start = t.data_ptr()
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    last = (start + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if advise is None or last <= first:
+        return 0
+    return last - first if advise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_COLLAPSE) == 0 else 0
+
+
 @torch.no_grad()
 def quantize_model(model: GPTNeoX, fmt: str, group_size: int = DEFAULT_GROUP, pack: bool = True,
                    release=None) -> GPTNeoX:
@@ -523,6 +567,8 @@ def quantize_model(model: GPTNeoX, fmt: str, group_size: int = DEFAULT_GROUP, pa
     model.embed = (nn.Embedding if fmt == "float32" else Bf16Embedding)(emb.num_embeddings, emb.embedding_dim,
                                                                         _weight=weight, _freeze=True)
     model.weight_format, model.group_size = fmt, group_size
+    if pack and os.environ.get("JNEOX_HUGE_PAGES") == "1":  # opt-in: collapsing costs seconds per GiB at load
+        collapse_to_huge_pages(model)
     # A packed model is for inference: its LayerNorm and bias parameters would otherwise make every
     # activation require grad, so a plain `model(ids, cache=...)` outside inference_mode would take the
     # autograd path (a widened fp32 weight per linear) and the KV cache it wrote would keep that whole

@@ -61,5 +61,5 @@ def test_every_c_function_has_a_signature():
     """Every function jneox.h declares is declared to ctypes too, with as many arguments, and nothing else."""
     header = (CSRC / "jneox.h").read_text()
     declared = {name: 0 if params.strip() == "void" else params.count(",") + 1
-                for name, params in re.findall(r"^(?:void|int|long)\s+(jneox_\w+)\(([^)]*)\);", header, re.M)}
+                for name, params in re.findall(r"^(?:void|int|long|uint64_t)\s+(jneox_\w+)\(([^)]*)\);", header, re.M)}
     assert declared == {name: len(args) for name, (args, _) in kernels.SIGNATURES.items()}

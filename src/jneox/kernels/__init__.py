@@ -20,6 +20,7 @@ import ctypes
 import os
 import shutil
 import threading
+import time
 import warnings
 from functools import lru_cache
 
@@ -45,6 +46,9 @@ SIGNATURES = {
     "jneox_kernels_int8_dot": ([], ctypes.c_int),
     "jneox_prompt_bf16": ([P, P, P, P, I, I, I, I], None),
     "jneox_prompt_int8": ([P, P, P, P, P, I, I, I, I], None),
+    "jneox_prompt_fma": ([I, P, P, P, P, I, I, I, P, I], None),
+    "jneox_prompt_fma_scratch": ([I, I, I], ctypes.c_long),
+    "jneox_read_bytes": ([P, ctypes.c_long, I], ctypes.c_uint64),
     "jneox_unpack_rows": ([I, P, P, I, I, I, I, P, I, I], None),
     "jneox_amx": ([], ctypes.c_int),
     "jneox_prompt_amx": ([I, P, P, P, P, P, I, I, I, I, P, I], None),
@@ -167,6 +171,15 @@ def prompt_bf16_dot(lib, fmt: str, xb: torch.Tensor, weight: torch.Tensor, scale
                               m, n, k, threads)
 
 
+def prompt_fma(lib, fmt: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+               threads: int) -> None:
+    """A prompt with fp32 FMA blocks (:func:`has_batch_path`; fp32 and bf16 weights): y (M, N) from x (M, K) fp32."""
+    m, k = x.shape
+    n = y.shape[1]
+    lib.jneox_prompt_fma(Format[fmt], x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k,
+                         scratch(lib.jneox_prompt_fma_scratch(m, k, threads)), threads)
+
+
 def prompt_amx(lib, fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                bias: torch.Tensor | None, y: torch.Tensor, group_size: int, threads: int) -> None:
     """A prompt as AMX tile multiplies (:func:`has_amx`): y (M, N) from x (M, K) fp32."""
@@ -182,6 +195,21 @@ def unpack_rows(lib, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None,
     int4 times ``scale``)."""
     lib.jneox_unpack_rows(Format[fmt], weight.data_ptr(), _ptr(scale), k, group_size, t0, t1, out.data_ptr(),
                           int(out.dtype == torch.bfloat16), threads)
+
+
+def read_bandwidth(lib, buf: torch.Tensor, threads: int, repeats: int = 3) -> float:
+    """The memory's read bandwidth in GB/s: the fastest of ``repeats`` reads of ``buf`` (64-byte aligned, whole
+    lines: a large buffer) by ``jneox_read_bytes``, vector loads from ``threads`` threads."""
+    nbytes = buf.numel() * buf.element_size() // 64 * 64
+    if buf.data_ptr() % 64:
+        raise ValueError("read_bandwidth: the buffer must be 64-byte aligned")
+    lib.jneox_read_bytes(buf.data_ptr(), nbytes, threads)  # pages in, threads started
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        lib.jneox_read_bytes(buf.data_ptr(), nbytes, threads)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
 
 
 def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head_dim: int):

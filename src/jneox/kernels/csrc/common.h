@@ -8,6 +8,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h> /* the thread number, where a kernel splits work itself */
+#endif
 
 #include "jneox.h"
 

@@ -40,6 +40,13 @@ void jneox_prompt_bf16(const uint16_t *xb, const uint16_t *W, const float *bias,
 void jneox_prompt_int8(const uint16_t *xb, const int8_t *W, const float *scale, const float *bias, float *y, int M,
                        int N, int K, int threads);
 
+/* prompts with fp32 FMAs on fp32 or bf16 weights (AVX-512; a no-op in other builds and for other formats):
+ * x [M][K] fp32, each output one running sum over k in order, then + bias; scratch: at least
+ * jneox_prompt_fma_scratch(M, K, threads) bytes (0 without AVX-512) */
+long jneox_prompt_fma_scratch(int M, int K, int threads);
+void jneox_prompt_fma(enum jneox_format fmt, const float *x, const void *W, const float *bias, float *y, int M, int N,
+                      int K, void *scratch, int threads);
+
 /* tiles t0..t1-1 of W back to plain rows [4*(t1-t0)][K], fp32 (out_bf16 0) or bf16 (out_bf16 1, to nearest
  * even); int8 unscaled (the caller scales the output columns), int4 times its group scales */
 void jneox_unpack_rows(enum jneox_format fmt, const void *W, const uint16_t *scale, int K, int G, int t0, int t1,
@@ -60,6 +67,10 @@ void jneox_prompt_amx(enum jneox_format fmt, const float *x, const void *W, cons
 void jneox_decode_attention(const float *qkv, const float *cos, const float *sin, int R, int cs_b, int cs_t,
                             float *kc, float *vc, const int64_t *pos, int B, int T, int H, int S, int D, float *out,
                             float *scratch, int threads);
+
+/* reads bytes (whole 64-byte lines; buf 64-byte aligned) with vector loads from threads and returns their
+ * sum: timed, the memory's read bandwidth, the bound of decode */
+uint64_t jneox_read_bytes(const void *buf, long bytes, int threads);
 
 /* what this build runs: jneox.kernels.paths lists the levels (jneox_kernels_simd) and the int8
  * arithmetic (jneox_kernels_int8_dot: 3 dpbusd, 2 AVX2 maddubs/madd, 1 NEON, 0 scalar C) */

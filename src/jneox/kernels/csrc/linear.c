@@ -19,11 +19,12 @@ void jneox_linear_bf16(const float *x, const uint16_t *W, const float *bias, flo
 }
 
 /* Rounds each row of x to int8 per group of G (one fp32 scale each: xs = max|x| / 127), into scratch:
- * xsum (the fp32 group sums), xs, xqsum (the int8 group sums) as [M][K/G], then xq [M][K]. */
+ * xsum (the fp32 group sums), xs, xqsum (the int8 group sums, exact in fp32: at most 127 * G) as [M][K/G],
+ * then xq [M][K]. */
 static int8_t *quantize_x(const float *x, int M, int K, int G, void *scratch, int threads) {
     const int groups = K / G;
     float *xsum = (float *)scratch, *xs = xsum + M * groups;
-    int32_t *xqsum = (int32_t *)(xs + M * groups);
+    float *xqsum = xs + M * groups;
     int8_t *xq = (int8_t *)(xqsum + M * groups);
 #pragma omp parallel for schedule(static) num_threads(threads) if (M >= 8)
     for (int mg = 0; mg < M * groups; mg++) {
@@ -43,7 +44,7 @@ static int8_t *quantize_x(const float *x, int M, int K, int G, void *scratch, in
             qsum += v;
         }
         xs[mg] = sc;
-        xqsum[mg] = qsum;
+        xqsum[mg] = (float)qsum;
     }
     return xq;
 }
@@ -71,7 +72,7 @@ void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, 
     const int groups = K / G;
     const int8_t *xq = quantize_x(x, M, K, G, scratch, threads);
     const float *xsum = (const float *)scratch, *xs = xsum + M * groups;
-    const int32_t *xqsum = (const int32_t *)(xs + M * groups);
+    const float *xqsum = xs + M * groups;
 #ifdef INT4_INT8_DOT
     if (G == 64) {
 #define CALL(NM) int4x8_tile(xq + (size_t)m * K, xs + m * groups, xqsum + m * groups, NM, W + (size_t)t * RT * K / 2, \
@@ -87,4 +88,57 @@ void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, 
                            scale + (size_t)t * RT * groups, K, G, dot)
     FOR_TILES_AND_ROW_PAIRS(CALL)
 #undef CALL
+}
+
+/* The bound of decode: a token reads every weight once, so decode cannot beat the memory's read
+ * bandwidth. Reads ``bytes`` of buf (whole 64-byte lines, buf 64-byte aligned) split over the threads
+ * in contiguous slices, with the widest vector loads of this build, four independent sums per thread so
+ * that the adds never wait; returns what it summed, so the reads cannot be left out. */
+uint64_t jneox_read_bytes(const void *buf, long bytes, int threads) {
+    const long lines = bytes / 64;
+    uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+#ifdef _OPENMP
+        const long tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const long tid = 0, nth = 1;
+#endif
+        const char *p = (const char *)buf + lines * tid / nth * 64, *end = (const char *)buf + lines * (tid + 1) / nth * 64;
+#if defined(__AVX512F__)
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+        for (; p + 256 <= end; p += 256) {
+            s0 = _mm512_add_epi64(s0, _mm512_load_si512(p));
+            s1 = _mm512_add_epi64(s1, _mm512_load_si512(p + 64));
+            s2 = _mm512_add_epi64(s2, _mm512_load_si512(p + 128));
+            s3 = _mm512_add_epi64(s3, _mm512_load_si512(p + 192));
+        }
+        for (; p < end; p += 64) s0 = _mm512_add_epi64(s0, _mm512_load_si512(p));
+        total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+#elif defined(__AVX2__)
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        for (; p < end; p += 64) {
+            s0 = _mm256_add_epi64(s0, _mm256_load_si256((const __m256i *)p));
+            s1 = _mm256_add_epi64(s1, _mm256_load_si256((const __m256i *)(p + 32)));
+            if (p + 128 <= end) {
+                p += 64;
+                s2 = _mm256_add_epi64(s2, _mm256_load_si256((const __m256i *)p));
+                s3 = _mm256_add_epi64(s3, _mm256_load_si256((const __m256i *)(p + 32)));
+            }
+        }
+        uint64_t v[4];
+        _mm256_storeu_si256((__m256i *)v, _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+        total += v[0] + v[1] + v[2] + v[3];
+#else
+        uint64_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (; p < end; p += 64)
+            for (int i = 0; i < 8; i++) {
+                uint64_t w;
+                memcpy(&w, p + 8 * i, 8);
+                s[i] += w;
+            }
+        for (int i = 0; i < 8; i++) total += s[i];
+#endif
+    }
+    return total;
 }

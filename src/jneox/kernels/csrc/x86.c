@@ -148,7 +148,7 @@ ALWAYS_INLINE void int4_tile_avx2(const float *x, const float *xsum, int NM, con
  * int8 activations into 16-bit pairs (at most 2*15*127 each: no overflow). Integer products instead of
  * widening every nibble to fp32: three times fewer instructions per weight, which keeps int4 decode bound
  * by memory. 1-2 rows of x. */
-ALWAYS_INLINE void int4x8_tile_avx2(const int8_t *xq, const float *xs, const int32_t *xqsum, int NM, const uint8_t *w,
+ALWAYS_INLINE void int4x8_tile_avx2(const int8_t *xq, const float *xs, const float *xqsum, int NM, const uint8_t *w,
                                     const uint16_t *s, const char *next, int K, float *dot) {
     const int G = 64, groups = K / G;
     const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
@@ -173,12 +173,12 @@ ALWAYS_INLINE void int4x8_tile_avx2(const int8_t *xq, const float *xs, const int
             __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa0), _mm256_maddubs_epi16(hi, xa1)), ones);
             float sa = ws * xs[g];
             tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sa), tot[r]);
-            corr[r] += sa * (float)xqsum[g];
+            corr[r] += sa * xqsum[g];
             if (NM == 2) {
                 __m256i pb = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xb0), _mm256_maddubs_epi16(hi, xb1)), ones);
                 float sb = ws * xs[groups + g];
                 tot[4 + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_set1_ps(sb), tot[4 + r]);
-                corr[4 + r] += sb * (float)xqsum[groups + g];
+                corr[4 + r] += sb * xqsum[groups + g];
             }
         }
     }
@@ -269,7 +269,7 @@ ALWAYS_INLINE void bf16_tile_avx512(const float *x, int NM, const uint16_t *w, c
  * one vector. Lane for lane the same integer sums, the same fp32 multiplies, FMAs and corrections in the
  * same order, and the same final sums: a row gets the AVX2 tile's bits (tested), with fewer instructions
  * per weight, which int4 decode is bound by. */
-ALWAYS_INLINE void int4x8_tile_avx512(const int8_t *xq, const float *xs, const int32_t *xqsum, int NM,
+ALWAYS_INLINE void int4x8_tile_avx512(const int8_t *xq, const float *xs, const float *xqsum, int NM,
                                       const uint8_t *w, const uint16_t *s, const char *next, int K, float *dot) {
     const int G = 64, groups = K / G;
     const __m512i nib = _mm512_set1_epi8(15), ones = _mm512_set1_epi16(1);
@@ -292,11 +292,17 @@ ALWAYS_INLINE void int4x8_tile_avx512(const int8_t *xq, const float *xs, const i
             __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xg + 32)));
             __m128 sa = _mm_mul_ps(ws, _mm_set1_ps(xs[m * groups + g])); /* ws * xs[g], row by row */
             __m512 sa4 = _mm512_castps128_ps512(sa);
+#ifdef __AVX512VNNI__ /* the same int32 sums (4 + 4 products each, all exact) in two instructions */
+            __m512i p01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo01, x0), hi01, x1);
+            __m512i p23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo23, x0), hi23, x1);
+            (void)ones;
+#else
             __m512i p01 = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo01, x0), _mm512_maddubs_epi16(hi01, x1)), ones);
             __m512i p23 = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo23, x0), _mm512_maddubs_epi16(hi23, x1)), ones);
+#endif
             tot[2 * m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_permutexvar_ps(rows01, sa4), tot[2 * m]);
             tot[2 * m + 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_permutexvar_ps(rows23, sa4), tot[2 * m + 1]);
-            corr[m] = _mm_add_ps(corr[m], _mm_mul_ps(sa, _mm_set1_ps((float)xqsum[m * groups + g])));
+            corr[m] = _mm_add_ps(corr[m], _mm_mul_ps(sa, _mm_set1_ps(xqsum[m * groups + g])));
         }
     }
     for (int m = 0; m < NM; m++) {
