@@ -32,7 +32,8 @@ rows and the adapter rows' aggregate tok/s as a share of the base rows'.
 ``--turns N`` measures prefix caching instead: one client holds an N-turn chat (each user turn a
 passage of about ``--turn-tokens`` tokens, each answer ``--max-tokens`` greedy tokens), once against a
 server with the prefix cache (``--prefix-cache-mb``) and once against one without; the table has each
-turn's prompt tokens, the tokens taken from the cache and the time to first token both ways:
+turn's prompt tokens, the tokens taken from the cache, the time to first token both ways, and the
+server's CPU time in the turn's prefill both ways (from /health; what a shared machine disturbs less):
 
     python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 200
     python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 80 --preamble-tokens 600  # 5th: ~1,000, ~900 seen
@@ -149,7 +150,7 @@ async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, he
                      preamble_tokens: int = 0) -> list[dict]:
     """One client's chat of ``turns`` turns, one after another (the first with a passage of about
     ``preamble_tokens`` tokens before it): each turn's prompt tokens, cached prompt tokens
-    (usage.prompt_tokens_details) and time to first token."""
+    (usage.prompt_tokens_details), time to first token and the server's CPU time in its prefill."""
     history, rows = [], []
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=10)) as client:
         for t in range(turns):
@@ -159,6 +160,7 @@ async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, he
             history.append({"role": "user", "content": text + "要約してください。"})
             body = {"model": "bench", "messages": history, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
+            before = server_counters(url)
             t0, first, usage, answer = time.perf_counter(), None, None, []
             async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
                 if r.status_code != 200:
@@ -174,9 +176,12 @@ async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, he
                         first = first or time.perf_counter()
                         answer.append(msg["choices"][0]["delta"]["content"])
             history.append({"role": "assistant", "content": "".join(answer)})
+            after = server_counters(url)
             rows.append({"turn": t + 1, "prompt_tokens": usage["prompt_tokens"],
                          "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
-                         "ttft": (first or time.perf_counter()) - t0})
+                         "ttft": (first or time.perf_counter()) - t0,
+                         # the engine thread's CPU time in this turn's prefill (one client: nothing else ran)
+                         "prefill_cpu": after["prefill_cpu_s"] - before["prefill_cpu_s"] if before and after else float("nan")})
     return rows
 
 
@@ -196,11 +201,13 @@ def prefix_cache_rows(args, headers: dict) -> None:
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --threads {args.threads or 'default'}); one client, "
           f"{args.turns} turns of ~{args.turn_tokens} tokens (the first after ~{args.preamble_tokens}), "
           f"{args.max_tokens}-token greedy answers\n")
-    print("| turn | prompt tokens | cached tokens | TTFT, cache on (s) | TTFT, cache off (s) | speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| turn | prompt tokens | cached tokens | TTFT, cache on (s) | TTFT, cache off (s) | speed-up | "
+          "prefill CPU-s, on / off | speed-up in CPU time |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for on, off in zip(runs[args.prefix_cache_mb], runs[0]):
         print(f"| {on['turn']} | {on['prompt_tokens']} | {on['cached']} | {on['ttft']:.2f} | {off['ttft']:.2f} | "
-              f"{off['ttft'] / on['ttft']:.1f}x |")
+              f"{off['ttft'] / on['ttft']:.1f}x | {on['prefill_cpu']:.2f} / {off['prefill_cpu']:.2f} | "
+              f"{off['prefill_cpu'] / on['prefill_cpu']:.1f}x |")
 
 
 def pct(xs: list[float], p: float) -> float:

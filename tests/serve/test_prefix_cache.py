@@ -36,12 +36,26 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(4, 600, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _prompts(block: int) -> list[list[int]]:
-    """Prompts that share prefixes of several lengths: across block boundaries, inside a block, a prompt
-    that is exactly another's prefix, and one whose whole length is a multiple of the block."""
-    base = _ids(3 * block + 40, 1)
-    return [base, base[: 2 * block + 7] + _ids(30, 2), base[: block - 5] + _ids(block + 20, 3), base[: 2 * block],
-            base + _ids(11, 4), _ids(block + 3, 5), base[: 3 * block]]
+def _prompts(chunk: int) -> list[list[int]]:
+    """Prompts that share prefixes of several lengths with the first (``chunk``: the prefill chunk): across
+    chunk boundaries, inside a chunk (the first one too), a prompt that is exactly another's prefix, one
+    whose whole length is a multiple of the chunk, and one that shares all but a few rows of its last chunk."""
+    base = _ids(3 * chunk + 40, 1)
+    return [base, base[: 2 * chunk + 7] + _ids(30, 2), base[: chunk - 5] + _ids(chunk + 20, 3), base[: 2 * chunk],
+            base + _ids(11, 4), _ids(chunk + 3, 5), base[: 3 * chunk],
+            base[: 2 * chunk + 34] + _ids(10, 6), base[:40] + _ids(100, 7)]
+
+
+def _expected_cached(chunk: int, block: int) -> tuple[list[int], list[int]]:
+    """What each of ``_prompts(chunk)`` takes from the cache, submitted one after another, then again (every
+    prefix cached): with whole-chunk blocks, whole chunks; with blocks of 32 tokens (a chunk of 128), any
+    multiple of 32 that leaves more than 16 rows of its chunk to compute, or ends at a chunk boundary."""
+    if block == chunk:
+        return ([0, 2 * chunk, 0, chunk, 3 * chunk, 0, 2 * chunk, 2 * chunk, 0],
+                [3 * chunk, 2 * chunk, 2 * chunk, chunk, 3 * chunk, chunk, 2 * chunk, 2 * chunk, chunk])
+    assert (chunk, block) == (128, 32), (chunk, block)
+    # e.g. the 4th prompt (256 tokens) resumes at 224, not 256: its last token is always computed
+    return ([0, 256, 96, 224, 416, 0, 352, 256, 32], [384, 256, 256, 224, 416, 128, 352, 256, 128])
 
 
 def _run(engine: Engine, prompts: list[list[int]], together: bool) -> list[tuple]:
@@ -72,46 +86,97 @@ def test_the_same_bits_with_the_cache_on_and_off(checkpoint, fmt):
     off = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=0).start()
     on = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=64).start()
     try:
-        block = on.prefill_chunk
+        chunk = on.prefill_chunk
         if on.prefix_cache is None:
-            pytest.skip(f"no prefix cache on this device (prefill chunk {block} = window)")
-        prompts = _prompts(block)
+            pytest.skip(f"no prefix cache on this device (prefill chunk {chunk} = window)")
+        prompts = _prompts(chunk)
+        first, second = _expected_cached(chunk, on.prefix_cache.block_tokens)
         want = _run(off, prompts, together=False)
         assert all(cached is None for _, cached in want)  # the cache off: nothing looked up
         got = _run(on, prompts, together=False)
         assert [p for p, _ in got] == [p for p, _ in want]
-        # what each prompt shares, in whole blocks, with an earlier one (its last token never: it gives logits)
+        # what each prompt shares with an earlier one (its last token never: it gives logits)
         cached = [c for _, c in got]
-        assert cached == [0, 2 * block, 0, block, 3 * block, 0, 2 * block]
+        assert cached == first
         again = _run(on, prompts, together=True)  # batched, every prefix now cached
         assert [p for p, _ in again] == [p for p, _ in want]
-        assert [c for _, c in again] == [3 * block, 2 * block, 2 * block, block, 3 * block, block, 2 * block]
+        assert [c for _, c in again] == second
         assert on.stats()["prefix_hit_tokens"] == sum(cached) + sum(c for _, c in again)
     finally:
         off.stop()
         on.stop()
 
 
-def test_echo_scoring_takes_nothing_from_the_cache(checkpoint):
-    """A prompt scored in full needs every position's logits: it is prefilled whole, cached or not."""
-    model, tokenizer = jneox.load(checkpoint, weights="float32")
-    engine = Engine(model, tokenizer, prefix_cache_mb=64).start()
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_chat_resumes_inside_the_chunk_its_last_turn_ended_in(checkpoint, fmt):
+    """Each turn's prompt extends the last one. The last one's final chunk was partial (it ended inside it):
+    its blocks there are reused, with the same bits, by the next turn, whose pass runs on from inside that
+    chunk (with blocks of 32 tokens; whole-chunk blocks resume at the chunk's start). The first turn is
+    shorter than a chunk."""
+    model, tokenizer = jneox.load(checkpoint, weights=fmt)
+    off = Engine(model, tokenizer, prefix_cache_mb=0).start()
+    on = Engine(model, tokenizer, prefix_cache_mb=64).start()
     try:
-        if engine.prefix_cache is None:
+        if on.prefix_cache is None:
             pytest.skip("no prefix cache on this device")
-        ids = _ids(2 * engine.prefill_chunk + 9, 7)
-        boxes = [queue.Queue(), queue.Queue()]
-        for box in boxes:
-            engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=1), box.put, logprobs=1,
-                          prompt_logprobs=True, generate=False)
-        scored = []
-        for box in boxes:
-            first = box.get(timeout=300)
-            scored.append([(t.id, t.logprob) for t in first.prompt_logprobs])
-            assert box.get(timeout=300).cached_tokens is None
-        assert scored[0] == scored[1] and len(scored[0]) == len(ids)
+        chunk = on.prefill_chunk
+        chat = _ids(3 * chunk + 36, 15)
+        turns = [chat[:70], chat[:180], chat[: 2 * chunk + 44], chat]
+        want, got = _run(off, turns, together=False), _run(on, turns, together=False)
+        assert [p for p, _ in got] == [p for p, _ in want]
+        fine = on.prefix_cache.block_tokens < chunk
+        assert [c for _, c in got] == ([0, 64, 160, 288] if fine else [0, 0, chunk, 2 * chunk])
     finally:
-        engine.stop()
+        off.stop()
+        on.stop()
+
+
+def _score(engine: Engine, prompts: list[list[int]], generate: int = 0) -> list[tuple]:
+    """Each prompt scored in full (echo, as lm-eval's loglikelihood requests ask), one after another: its
+    tokens' logprobs and top-3 alternatives, the generated tokens' (``generate`` of them), cached_tokens."""
+    out = []
+    for ids in prompts:
+        box = queue.Queue()
+        engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=max(generate, 1)), box.put, logprobs=3,
+                      prompt_logprobs=True, generate=generate > 0)
+        events = [box.get(timeout=300)]
+        while not events[-1].final:
+            events.append(box.get(timeout=300))
+        assert events[-1].error is None, events[-1].error
+        scored = [(t.id, t.logprob, tuple(t.top)) for t in events[0].prompt_logprobs]
+        assert len(scored) == len(ids)
+        out.append((scored, [(t.id, t.logprob, tuple(t.top)) for e in events for t in e.logprobs],
+                    events[-1].cached_tokens))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_echo_scoring_takes_cached_blocks_with_the_same_bits(checkpoint, fmt):
+    """Multiple-choice scoring: each choice's prompt (a shared few-shot context, then the choice) scored in
+    full. Cached blocks give their positions' logits from their stored hidden states, by the head calls of
+    a full prefill: the same logprobs to the bit, cached or not, from blocks stored by other echo prompts
+    and by plain prompts, with tokens generated after the prompt too."""
+    model, tokenizer = jneox.load(checkpoint, weights=fmt)
+    off = Engine(model, tokenizer, prefix_cache_mb=0).start()
+    on = Engine(model, tokenizer, prefix_cache_mb=64).start()
+    try:
+        if on.prefix_cache is None:
+            pytest.skip("no prefix cache on this device")
+        chunk = on.prefill_chunk
+        context = _ids(2 * chunk + 50, 13)
+        choices = [context + _ids(n, 20 + n) for n in (3, 9, 1, 40)]
+        plain = _ids(chunk + 60, 14)  # first prompted for an answer, then scored
+        want = _score(off, choices) + _score(off, [plain + [7]], generate=3)
+        assert all(c is None for *_, c in want)
+        _run(on, [plain], together=False)
+        got = _score(on, choices) + _score(on, [plain + [7]], generate=3)
+        assert [w[:2] for w in want] == [g[:2] for g in got]
+        cached = [c for *_, c in got]
+        assert cached[0] == 0 and all(c > 0 for c in cached[1:])
+        assert cached[1] == (2 * chunk if on.prefix_cache.block_tokens == chunk else 2 * chunk + 32)
+    finally:
+        off.stop()
+        on.stop()
 
 
 def test_cached_tokens_in_usage(checkpoint):
@@ -146,27 +211,29 @@ def test_lru_eviction_within_the_budget(checkpoint):
     model, _ = jneox.load(checkpoint, weights="float32")
     caches = model.new_cache(1, WINDOW)
     block = 16
-    per_block = PrefixCache(caches, block, 1 << 30).block_bytes
-    pc = PrefixCache(caches, block, 2 * per_block)
+    per_block = PrefixCache(caches, block, 1 << 30, 128).block_bytes
+    pc = PrefixCache(caches, block, 2 * per_block, 128)
+    hidden = torch.arange(WINDOW * 128, dtype=torch.float32).view(WINDOW, 128)
     assert pc.capacity == 2
     for c in caches:  # distinct contents per position, to see what is restored
         c.k.copy_(torch.arange(WINDOW, dtype=c.k.dtype)[None, None, :, None].expand_as(c.k))
         c.v.copy_(-c.k)
     a, b = block_keys(_ids(2 * block, 9), block), block_keys(_ids(block, 10), block)
     assert block_keys(_ids(2 * block, 9)[:block], block) == a[:1]  # a key depends on the prefix only
-    pc.store(a, caches, 0)
+    pc.store(a, caches, 0, hidden)
     assert list(pc.blocks) == [a[1], a[0]]  # the first block is the most recent
     assert len(pc.lookup(a, 2, 2 * block)) == 2 and pc.hits == 2 * block
-    pc.store(b, caches, 0)  # evicts a's second block, the least recently used
+    pc.store(b, caches, 0, hidden)  # evicts a's second block, the least recently used
     assert set(pc.blocks) == {a[0], b[0]} and pc.usage == 1.0
     assert len(pc.lookup(a, 2, 2 * block)) == 1  # a's first block only: a run stops at the first miss
     fresh = model.new_cache(1, WINDOW)
     assert pc.restore(pc.lookup(a, 1, block), fresh, 0) == block
+    assert torch.equal(pc.hidden(pc.lookup(a, 1, block))[0], hidden[:block])
     assert all(torch.equal(f.k[0, :, :block], c.k[0, :, :block]) and not f.k[0, :, block:].any()
                for f, c in zip(fresh, caches))
-    pc.store(block_keys(_ids(block, 11), block), caches, 0)  # b was used least recently now
+    pc.store(block_keys(_ids(block, 11), block), caches, 0, hidden)  # b was used least recently now
     assert a[0] in pc.blocks and b[0] not in pc.blocks
-    assert pc.queries == 5 * block
+    assert pc.queries == 6 * block
 
 
 def test_a_salt_separates_prefixes():

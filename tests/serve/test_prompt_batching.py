@@ -82,9 +82,9 @@ def _segments_seen(engine: Engine) -> list[int]:
     seen = []
     inner = engine.model.forward_segments
 
-    def spy(idx, segments, *args):
+    def spy(idx, segments, *args, **kwargs):
         seen.append(len(segments))
-        return inner(idx, segments, *args)
+        return inner(idx, segments, *args, **kwargs)
 
     engine.model.forward_segments = spy
     return seen

@@ -72,7 +72,7 @@ from ..speculative import Guesser, verify
 from ..tokenizer import Tokenizer
 from .constraints import ConstrainedSampler, Constraint
 from .metrics import Metrics
-from .prefix_cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
+from .prefix_cache import DEFAULT_PREFIX_CACHE_MB, FINE_BLOCK_TOKENS, PrefixCache, block_keys
 
 
 # prompt tokens computed per engine step beside the decode rows (a prompt's chunks are taken whole, at least
@@ -156,6 +156,9 @@ class Request:
     prefilling: bool = False  # in a slot, its prompt not all in the cache yet (seq.pos: the next prompt position)
     scored: list[TokenLogprob] | None = None  # echo: the prompt's logprobs so far
     keys: list[bytes] = field(default_factory=list)  # its prompt blocks' prefix cache keys
+    # the final hidden states of its prompt positions so far, (1, n, hidden) pieces: the cached ones, then
+    # each prefill pass's (for the prefix cache's blocks, and the logits of a prompt scored in full)
+    hidden: list[torch.Tensor] = field(default_factory=list)
     arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
     last_token_at: float = 0.0
 
@@ -271,9 +274,12 @@ class Engine:
                          "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
         if prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
-        # blocks are prefill chunks (the bits argument of jneox.serve.prefix_cache); a chunk as long as the
-        # window (no chunking, off the CPU) leaves no prefix to reuse
-        self.prefix_cache = (PrefixCache(self.caches, self.prefill_chunk, int(prefix_cache_mb * 2**20))
+        # blocks are prefill chunks, or finer where every linear computes a prompt's rows on its own (the bits
+        # argument of jneox.serve.prefix_cache); a chunk as long as the window (no chunking, off the CPU)
+        # leaves no prefix to reuse
+        fine = prompt_rows_independent(model) and self.prefill_chunk % FINE_BLOCK_TOKENS == 0
+        self.prefix_cache = (PrefixCache(self.caches, FINE_BLOCK_TOKENS if fine else self.prefill_chunk,
+                                         int(prefix_cache_mb * 2**20), model.config.hidden_size)
                              if prefix_cache_mb > 0 and self.prefill_chunk < self.window else None)
         self.metrics = Metrics(model_name)
         self.metrics.gauges(running=self.running_count, waiting=lambda: len(self.waiting), kv_usage=self._kv_usage,
@@ -536,7 +542,7 @@ class Engine:
                 continue
             logits = self._prefill_alone(seq, a, b)
             if b == len(seq.prompt_ids):
-                done[seq] = logits[:, -1]
+                done[seq] = None if logits is None else logits[:, -1]
         self.prefill_steps += 1
         self.counters["prefill_tokens"] += sum(b - a for _, a, b in plan)
         self.counters["prefill_s"] += time.perf_counter() - t0
@@ -544,17 +550,24 @@ class Engine:
         for seq, logits in done.items():
             self._prompt_done(seq, logits)
 
-    def _prefill_alone(self, seq: Request, a: int, b: int) -> torch.Tensor:
-        """Prompt positions ``[a, b)`` of one request in a pass of their own (echo: every position's logits,
-        from the same pass that fills the cache); the pass's logits."""
+    def _span(self, a: int) -> int | None:
+        """The cache span of a prefill pass from prompt position ``a``: up to its chunk's end, so that a
+        position's bits do not depend on where its prompt ends (the bits argument of
+        :mod:`jneox.serve.prefix_cache`); None where a chunk is the whole window."""
+        chunk = self.prefill_chunk
+        return min(a - a % chunk + chunk, self.window) if chunk < self.window else None
+
+    def _prefill_alone(self, seq: Request, a: int, b: int) -> torch.Tensor | None:
+        """Prompt positions ``[a, b)`` of one request in a pass of their own; the last position's logits
+        when the prompt is now all in and not scored in full (None otherwise: echo logits come from the
+        hidden states, see :meth:`_prompt_done`)."""
         ids = torch.tensor([seq.prompt_ids[a:b]], dtype=torch.long, device=self.device)
-        logits = self.model(ids, input_pos=torch.arange(a, b, device=self.device), last_only=seq.scored is None,
-                            cache=self._rows(seq.slot, seq.slot + 1),
-                            adapters=self._adapters([seq], seq.slot, seq.slot + 1))
-        if seq.scored is not None:
-            seq.scored += self._logprobs(logits[0], seq.prompt_ids[a + 1 : b + 1], seq.logprobs)
+        h = self.model(ids, input_pos=torch.arange(a, b, device=self.device), head=False,
+                       cache=self._rows(seq.slot, seq.slot + 1), adapters=self._adapters([seq], seq.slot, seq.slot + 1),
+                       span=self._span(a))
+        seq.hidden.append(h)
         seq.pos = b
-        return logits
+        return self.model.lm_head(h[:, -1:]) if seq.scored is None and b == len(seq.prompt_ids) else None
 
     def _prefill_together(self, chunks: list[tuple[Request, int, int]]) -> dict[Request, torch.Tensor]:
         """Several requests' prompt chunks in one pass (:meth:`jneox.model.GPTNeoX.forward_segments`), each
@@ -592,21 +605,34 @@ class Engine:
                 out.append(layer(xi)[:, : b - a])
             return out[0] if len(out) == 1 else torch.cat(out, 1)
 
+        hidden: list[torch.Tensor] = []
         logits = self.model.forward_segments(torch.tensor([ids], dtype=torch.long, device=self.device), segments,
-                                             linear, last, MAX_KERNEL_ROWS)
+                                             linear, last, MAX_KERNEL_ROWS,
+                                             spans=[self._span(a) for _, a, _ in chunks], hidden_out=hidden)
+        for seq, a, b in chunks:  # each request's chunks in order
+            seq.hidden.append(hidden[0][:, starts[seq, a] : starts[seq, a] + b - a])
         return {seq: logits[i : i + 1] for i, seq in enumerate(ends)}
 
-    def _prompt_done(self, seq: Request, logits: torch.Tensor) -> None:
-        """A request's whole prompt is in its slot; ``logits`` (1, V) its last position's: its first token."""
+    def _prompt_done(self, seq: Request, logits: torch.Tensor | None) -> None:
+        """A request's whole prompt is in its slot; ``logits`` (1, V) its last position's: its first token
+        (None for a prompt scored in full, whose logits come from its hidden states here)."""
         seq.prefilling = False
-        self._store_prefix(seq, seq.keys)
+        hidden, seq.hidden = torch.cat(seq.hidden, dim=1), []
+        if seq.scored is not None:  # echo: every position's logits, by one head call per chunk of a full prefill
+            n, chunk = len(seq.prompt_ids), self.prefill_chunk
+            for a in range(0, n, chunk):
+                chunk_logits = self.model.lm_head(hidden[:, a : a + chunk])
+                seq.scored += self._logprobs(chunk_logits[0], seq.prompt_ids[a + 1 : a + chunk + 1], seq.logprobs)
+            logits = chunk_logits[:, -1]
+        self._store_prefix(seq, seq.keys, hidden)
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         if seq.scored is not None:
             self._send(seq, Event(prompt_logprobs=seq.scored))
         if not seq.generate:
             self._free(seq)
             self._observe_end(seq, "length")
-            self._send(seq, Event(finish_reason="length", prompt_tokens=len(seq.prompt_ids)))
+            self._send(seq, Event(finish_reason="length", prompt_tokens=len(seq.prompt_ids),
+                                  cached_tokens=seq.cached_tokens))
             return
         if self.draft is not None and seq.speculate:
             seq.draft = self.draft.for_sequence()
@@ -621,30 +647,43 @@ class Engine:
         return Sampler(seq.params, seq.prompt_ids, self.window, self.device, self.vocab_size, own_generator=True)
 
     def _reuse_prefix(self, seq: Request) -> list[bytes]:
-        """Fill the start of the request's slot from the prefix cache (``seq.cached_tokens`` positions);
-        the keys of the prompt's whole blocks, for :meth:`_store_prefix`. A prompt scored in full (echo)
-        needs every position's logits, so it takes nothing; the last prompt token is always computed
-        (its logits give the first token)."""
+        """Fill the start of the request's slot from the prefix cache (``seq.cached_tokens`` positions, their
+        final hidden states the first piece of ``seq.hidden``, from which a prompt scored in full gets their
+        logits); the keys of the prompt's whole blocks, for :meth:`_store_prefix`. The last prompt token is
+        always computed (its logits give the first token)."""
         pc = self.prefix_cache
         if pc is None:
             return []
         # an adapter changes every layer's keys and values: its blocks are its own
         salt = b"" if seq.adapter is None else b"adapter:" + seq.adapter.name.encode()
         keys = block_keys(seq.prompt_ids, pc.block_tokens, salt)
-        if seq.prompt_logprobs:
-            return keys
-        blocks = pc.lookup(keys, (len(seq.prompt_ids) - 1) // pc.block_tokens, len(seq.prompt_ids))
+        n = len(seq.prompt_ids)
+        blocks = pc.lookup(keys, (n - 1) // pc.block_tokens, n, lambda found: self._resumable(found, n, seq.adapter))
         seq.cached_tokens = pc.restore(blocks, self._rows(seq.slot, seq.slot + 1), 0)
-        self.counters["prefix_query_tokens"] += len(seq.prompt_ids)
+        seq.hidden = [pc.hidden(blocks)] if blocks else []
+        self.counters["prefix_query_tokens"] += n
         self.counters["prefix_hit_tokens"] += seq.cached_tokens
-        self.metrics.prefix_queries.inc(len(seq.prompt_ids))
+        self.metrics.prefix_queries.inc(n)
         self.metrics.prefix_hits.inc(seq.cached_tokens)
         return keys
 
-    def _store_prefix(self, seq: Request, keys: list[bytes]) -> None:
-        """Keep the request's prefilled whole blocks in the prefix cache."""
+    def _resumable(self, found: int, n: int, adapter: Adapter | None) -> int:
+        """How many of the ``found`` leading cached blocks a prompt of ``n`` tokens resumes after (the bits
+        argument of :mod:`jneox.serve.prefix_cache`): the most that end at a chunk boundary, or inside a
+        chunk with more than ``MAX_KERNEL_ROWS`` of its rows left to compute. An adapter's rows add low-rank
+        products through PyTorch's matrix multiply, not known to compute rows on their own: whole chunks."""
+        bt, chunk = self.prefix_cache.block_tokens, self.prefill_chunk
+        for k in range(found, 0, -1):
+            r = k * bt
+            if r % chunk == 0 or (adapter is None and min(r - r % chunk + chunk, n) - r > MAX_KERNEL_ROWS):
+                return k
+        return 0
+
+    def _store_prefix(self, seq: Request, keys: list[bytes], hidden: torch.Tensor) -> None:
+        """Keep the request's prefilled whole blocks in the prefix cache, with their positions' final hidden
+        states (``hidden``, (1, prompt tokens, hidden_size))."""
         if self.prefix_cache is not None and keys:
-            self.prefix_cache.store(keys, self._rows(seq.slot, seq.slot + 1), 0)
+            self.prefix_cache.store(keys, self._rows(seq.slot, seq.slot + 1), 0, hidden[0])
 
     def _observe_token(self, seq: Request) -> None:
         """Token and latency metrics for the request's newest token."""
