@@ -192,7 +192,9 @@ def test_segments_in_one_pass_give_each_row_its_own_pass():
         def per_run(layer, x):
             return torch.cat([layer(x[:, rows]) for rows, _, _ in segments], 1)
 
-        got = model.forward_segments(torch.tensor([flat]), segments, per_run, [s.stop - 1 for s, _, _ in segments], 1)
-    assert torch.equal(got, torch.stack(want))
+        hidden = model.forward_segments(torch.tensor([flat]), segments, per_run)
+        got = [model.lm_head(hidden[0, s.stop - 1 : s.stop])[0] for s, _, _ in segments]  # each run's last row
+    assert hidden.shape == (1, len(flat), config.hidden_size)
+    assert torch.equal(torch.stack(got), torch.stack(want))
     for c_alone, c_together in zip(alone, together):
         assert torch.equal(c_alone.k, c_together.k) and torch.equal(c_alone.v, c_together.v)

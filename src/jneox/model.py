@@ -338,19 +338,18 @@ class GPTNeoX(nn.Module):
         return (mask[:, None] if mask.dim() == 3 else mask), end  # broadcast over heads
 
     def forward_segments(self, idx: torch.Tensor, segments: list[tuple[slice, torch.Tensor, list[KVCache]]],
-                         linear, last: list[int], head_rows: int, spans: list[int | None] | None = None,
-                         hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+                         linear, spans: list[int | None] | None = None) -> torch.Tensor:
         """Runs of consecutive tokens of several cache rows in one pass (continuous batching's prompts).
 
         ``idx`` (1, N) holds the runs side by side, every row in one; a segment ``(rows, input_pos, cache)`` says that
         ``idx[:, rows]`` go at positions ``input_pos`` (T,) of the one-row ``cache`` (``KVCache.rows``).
         Each segment's attention is the one ``forward(idx[:, rows], input_pos, cache=cache)`` computes,
         segment after segment in the given order (a later run of the same row sees an earlier one's keys);
-        the other operations are per row, and ``linear(layer, x)`` applies each linear layer to the flat
-        rows in calls the caller chose (so the caller decides whether each row gets a lone pass's bits).
-        Returns the logits of flat rows ``last`` (len(last), V), the head applied ``head_rows`` rows a call.
         ``spans`` gives each segment's cache span (as :meth:`forward`'s ``span``; None: up to its last
-        position); ``hidden_out`` (a list) receives the final-norm hidden states of every flat row (1, N, C)."""
+        position). The other operations are per row, and ``linear(layer, x)`` applies each linear layer to
+        the flat rows in calls the caller chose (so the caller decides whether each row gets a lone pass's
+        bits). Returns the final-norm hidden states of every flat row (1, N, C), as ``forward(head=False)``:
+        the caller applies ``lm_head`` to the rows it needs, in calls of its choosing."""
         per = []
         for j, (rows, pos, cache) in enumerate(segments):
             mask, end = self._cache_mask(pos, 1, cache, None if spans is None else spans[j])
@@ -360,13 +359,7 @@ class GPTNeoX(nn.Module):
         for i, block in enumerate(self.blocks):
             segs = [(rows, (cos, sin, pos, cache[i], end, mask)) for rows, cos, sin, pos, cache, end, mask in per]
             x = block(x, None, None, linear=linear, segments=segs)
-        if hidden_out is not None:  # the norm computes each row on its own: the same bits as the rows alone
-            hidden_out.append(self.norm_f(x))
-            x = hidden_out[-1][:, last]
-        if not last:
-            return x.new_empty(0, self.config.vocab_size)
-        x = x if hidden_out is not None else self.norm_f(x[:, last])
-        return torch.cat([self.lm_head(x[:, a : a + head_rows]) for a in range(0, len(last), head_rows)], 1)[0]
+        return self.norm_f(x)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:

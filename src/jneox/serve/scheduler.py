@@ -605,12 +605,16 @@ class Engine:
                 out.append(layer(xi)[:, : b - a])
             return out[0] if len(out) == 1 else torch.cat(out, 1)
 
-        hidden: list[torch.Tensor] = []
-        logits = self.model.forward_segments(torch.tensor([ids], dtype=torch.long, device=self.device), segments,
-                                             linear, last, MAX_KERNEL_ROWS,
-                                             spans=[self._span(a) for _, a, _ in chunks], hidden_out=hidden)
+        hidden = self.model.forward_segments(torch.tensor([ids], dtype=torch.long, device=self.device), segments,
+                                             linear, spans=[self._span(a) for _, a, _ in chunks])
         for seq, a, b in chunks:  # each request's chunks in order
-            seq.hidden.append(hidden[0][:, starts[seq, a] : starts[seq, a] + b - a])
+            seq.hidden.append(hidden[:, starts[seq, a] : starts[seq, a] + b - a])
+        if not ends:
+            return {}
+        # the head on the rows that end a prompt, in calls of at most MAX_KERNEL_ROWS rows: the decode kernel's,
+        # which computes each row alone, as the one-row call of a lone prompt's last position does
+        h = hidden[0, last]
+        logits = torch.cat([self.model.lm_head(h[i : i + MAX_KERNEL_ROWS]) for i in range(0, len(last), MAX_KERNEL_ROWS)])
         return {seq: logits[i : i + 1] for i, seq in enumerate(ends)}
 
     def _prompt_done(self, seq: Request, logits: torch.Tensor | None) -> None:
