@@ -99,7 +99,8 @@ def test_prompts_together_give_each_request_its_lone_bits(checkpoint, fmt):
         want = _run(alone, requests, together=False)
     finally:
         alone.stop()
-    for budget in (scheduler.DEFAULT_MAX_PREFILL_TOKENS, MAX_KERNEL_ROWS + 1, 1):
+    wide = 4 * scheduler.PREFILL_CHUNK  # room for many of these prompts in one step
+    for budget in (wide, scheduler.DEFAULT_MAX_PREFILL_TOKENS, MAX_KERNEL_ROWS + 1, 1):
         engine = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0, max_prefill_tokens=budget).start()
         if not engine.batch_short_prompts:
             engine.stop()
@@ -116,7 +117,7 @@ def test_prompts_together_give_each_request_its_lone_bits(checkpoint, fmt):
         # only the echo prompts' chunks took passes of their own, each once
         assert sorted(alone_passes) == sorted((a, min(a + engine.prefill_chunk, n)) for n in ECHO
                                               for a in range(0, n, engine.prefill_chunk))
-        if budget == scheduler.DEFAULT_MAX_PREFILL_TOKENS:
+        if budget == wide:
             assert max(seen) > 4, seen  # several prompts really shared a pass
     # greedy tokens as generate gives them (prompts within one chunk: generate takes a prompt whole)
     for r, (_, gen, _, _) in zip(requests, want):

@@ -76,9 +76,10 @@ from .prefix_cache import DEFAULT_PREFIX_CACHE_MB, FINE_BLOCK_TOKENS, PrefixCach
 
 
 # prompt tokens computed per engine step beside the decode rows (a prompt's chunks are taken whole, at least
-# one a step): larger lets a burst of prompts share one read of the weights, smaller keeps the running
-# rows' tokens coming while a long prompt goes in (docs/performance.md#serving-load)
-DEFAULT_MAX_PREFILL_TOKENS = 512
+# one a step): larger lets a burst of prompts share one read of the weights, smaller gives a burst its first
+# tokens progressively and keeps the running rows' tokens coming; the prompt paths are compute-bound past a
+# few short prompts, so one chunk's worth gave the same throughput with lower latency (docs/performance.md#serving-load)
+DEFAULT_MAX_PREFILL_TOKENS = PREFILL_CHUNK
 # the share of the memory available once the model is loaded that the running requests' KV cache may
 # take by default (the rest: the server's own buffers, and whatever else the machine runs)
 KV_MEMORY_SHARE = 0.8
