@@ -32,6 +32,28 @@ def serve_checkpoint(tmp_path_factory, spiece_model):
     return jneox.save(model, tmp_path_factory.mktemp("serve") / "tiny", tokenizer_file=spiece_model)
 
 
+@pytest.fixture(scope="module")
+def packed_checkpoint(tmp_path_factory, spiece_model):
+    """A tiny checkpoint whose widths every packed format takes (int4's groups included): for the engine's
+    bit-for-bit tests in every weight format."""
+    import jneox
+    from jneox.config import ModelConfig
+    from jneox.model import GPTNeoX
+
+    config = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384,
+                         max_position_embeddings=WINDOW)
+    model = GPTNeoX(config)
+    model.init_weights(std=0.05, seed=0)
+    return jneox.save(model, tmp_path_factory.mktemp("packed") / "tiny", tokenizer_file=spiece_model)
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    """``n`` token ids drawn from the tiny vocabulary's ordinary pieces, reproducibly."""
+    import torch
+
+    return torch.randint(4, 600, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 @dataclass
 class Live:
     url: str

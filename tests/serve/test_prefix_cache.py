@@ -11,39 +11,20 @@ import pytest
 import torch
 
 import jneox
-from jneox.config import ModelConfig
-from jneox.model import GPTNeoX
 from jneox.quantize import FORMATS
 from jneox.sampling import SamplingParams
 from jneox.serve import Engine
 from jneox.serve.prefix_cache import PrefixCache, block_keys
-from serve_fixtures import API_KEY, start_server
-
-WINDOW = 512
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, spiece_model):
-    """A tiny checkpoint whose widths every packed format takes (int4's groups included)."""
-    config = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384,
-                         max_position_embeddings=WINDOW)
-    model = GPTNeoX(config)
-    model.init_weights(std=0.05, seed=0)
-    return jneox.save(model, tmp_path_factory.mktemp("prefix") / "tiny", tokenizer_file=spiece_model)
-
-
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(4, 600, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
+from serve_fixtures import API_KEY, WINDOW, packed_checkpoint, random_ids, start_server  # noqa: F401  (fixture)
 
 def _prompts(chunk: int) -> list[list[int]]:
     """Prompts that share prefixes of several lengths with the first (``chunk``: the prefill chunk): across
     chunk boundaries, inside a chunk (the first one too), a prompt that is exactly another's prefix, one
     whose whole length is a multiple of the chunk, and one that shares all but a few rows of its last chunk."""
-    base = _ids(3 * chunk + 40, 1)
-    return [base, base[: 2 * chunk + 7] + _ids(30, 2), base[: chunk - 5] + _ids(chunk + 20, 3), base[: 2 * chunk],
-            base + _ids(11, 4), _ids(chunk + 3, 5), base[: 3 * chunk],
-            base[: 2 * chunk + 34] + _ids(10, 6), base[:40] + _ids(100, 7)]
+    base = random_ids(3 * chunk + 40, 1)
+    return [base, base[: 2 * chunk + 7] + random_ids(30, 2), base[: chunk - 5] + random_ids(chunk + 20, 3), base[: 2 * chunk],
+            base + random_ids(11, 4), random_ids(chunk + 3, 5), base[: 3 * chunk],
+            base[: 2 * chunk + 34] + random_ids(10, 6), base[:40] + random_ids(100, 7)]
 
 
 def _expected_cached(chunk: int, block: int) -> tuple[list[int], list[int]]:
@@ -81,8 +62,8 @@ def _run(engine: Engine, prompts: list[list[int]], together: bool) -> list[tuple
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_the_same_bits_with_the_cache_on_and_off(checkpoint, fmt):
-    model, tokenizer = jneox.load(checkpoint, weights=fmt)
+def test_the_same_bits_with_the_cache_on_and_off(packed_checkpoint, fmt):
+    model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
     off = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=0).start()
     on = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=64).start()
     try:
@@ -108,19 +89,19 @@ def test_the_same_bits_with_the_cache_on_and_off(checkpoint, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_chat_resumes_inside_the_chunk_its_last_turn_ended_in(checkpoint, fmt):
+def test_a_chat_resumes_inside_the_chunk_its_last_turn_ended_in(packed_checkpoint, fmt):
     """Each turn's prompt extends the last one. The last one's final chunk was partial (it ended inside it):
     its blocks there are reused, with the same bits, by the next turn, whose pass runs on from inside that
     chunk (with blocks of 32 tokens; whole-chunk blocks resume at the chunk's start). The first turn is
     shorter than a chunk."""
-    model, tokenizer = jneox.load(checkpoint, weights=fmt)
+    model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
     off = Engine(model, tokenizer, prefix_cache_mb=0).start()
     on = Engine(model, tokenizer, prefix_cache_mb=64).start()
     try:
         if on.prefix_cache is None:
             pytest.skip("no prefix cache on this device")
         chunk = on.prefill_chunk
-        chat = _ids(3 * chunk + 36, 15)
+        chat = random_ids(3 * chunk + 36, 15)
         turns = [chat[:70], chat[:180], chat[: 2 * chunk + 44], chat]
         want, got = _run(off, turns, together=False), _run(on, turns, together=False)
         assert [p for p, _ in got] == [p for p, _ in want]
@@ -151,21 +132,21 @@ def _score(engine: Engine, prompts: list[list[int]], generate: int = 0) -> list[
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_echo_scoring_takes_cached_blocks_with_the_same_bits(checkpoint, fmt):
+def test_echo_scoring_takes_cached_blocks_with_the_same_bits(packed_checkpoint, fmt):
     """Multiple-choice scoring: each choice's prompt (a shared few-shot context, then the choice) scored in
     full. Cached blocks give their positions' logits from their stored hidden states, by the head calls of
     a full prefill: the same logprobs to the bit, cached or not, from blocks stored by other echo prompts
     and by plain prompts, with tokens generated after the prompt too."""
-    model, tokenizer = jneox.load(checkpoint, weights=fmt)
+    model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
     off = Engine(model, tokenizer, prefix_cache_mb=0).start()
     on = Engine(model, tokenizer, prefix_cache_mb=64).start()
     try:
         if on.prefix_cache is None:
             pytest.skip("no prefix cache on this device")
         chunk = on.prefill_chunk
-        context = _ids(2 * chunk + 50, 13)
-        choices = [context + _ids(n, 20 + n) for n in (3, 9, 1, 40)]
-        plain = _ids(chunk + 60, 14)  # first prompted for an answer, then scored
+        context = random_ids(2 * chunk + 50, 13)
+        choices = [context + random_ids(n, 20 + n) for n in (3, 9, 1, 40)]
+        plain = random_ids(chunk + 60, 14)  # first prompted for an answer, then scored
         want = _score(off, choices) + _score(off, [plain + [7]], generate=3)
         assert all(c is None for *_, c in want)
         _run(on, [plain], together=False)
@@ -179,13 +160,13 @@ def test_echo_scoring_takes_cached_blocks_with_the_same_bits(checkpoint, fmt):
         on.stop()
 
 
-def test_cached_tokens_in_usage(checkpoint):
-    live = start_server(checkpoint)
+def test_cached_tokens_in_usage(packed_checkpoint):
+    live = start_server(packed_checkpoint)
     try:
         block = live.engine.prefill_chunk
         if live.engine.prefix_cache is None:
             pytest.skip("no prefix cache on this device")
-        ids = _ids(2 * block + 20, 8)
+        ids = random_ids(2 * block + 20, 8)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         body = {"model": "tiny", "prompt": ids, "max_tokens": 3, "temperature": 0}
         answers = [httpx.post(f"{live.url}/v1/completions", json=body, headers=headers, timeout=120).json()
@@ -205,10 +186,10 @@ def test_cached_tokens_in_usage(checkpoint):
         live.stop()
 
 
-def test_lru_eviction_within_the_budget(checkpoint):
+def test_lru_eviction_within_the_budget(packed_checkpoint):
     """A budget of two blocks: a third block evicts the least recently used one, and a lookup counts as a
     use; a prefix's first block outlives its later ones."""
-    model, _ = jneox.load(checkpoint, weights="float32")
+    model, _ = jneox.load(packed_checkpoint, weights="float32")
     caches = model.new_cache(1, WINDOW)
     block = 16
     per_block = PrefixCache(caches, block, 1 << 30, 128).block_bytes
@@ -218,8 +199,8 @@ def test_lru_eviction_within_the_budget(checkpoint):
     for c in caches:  # distinct contents per position, to see what is restored
         c.k.copy_(torch.arange(WINDOW, dtype=c.k.dtype)[None, None, :, None].expand_as(c.k))
         c.v.copy_(-c.k)
-    a, b = block_keys(_ids(2 * block, 9), block), block_keys(_ids(block, 10), block)
-    assert block_keys(_ids(2 * block, 9)[:block], block) == a[:1]  # a key depends on the prefix only
+    a, b = block_keys(random_ids(2 * block, 9), block), block_keys(random_ids(block, 10), block)
+    assert block_keys(random_ids(2 * block, 9)[:block], block) == a[:1]  # a key depends on the prefix only
     pc.store(a, caches, 0, hidden)
     assert list(pc.blocks) == [a[1], a[0]]  # the first block is the most recent
     assert len(pc.lookup(a, 2, 2 * block)) == 2 and pc.hits == 2 * block
@@ -231,12 +212,12 @@ def test_lru_eviction_within_the_budget(checkpoint):
     assert torch.equal(pc.hidden(pc.lookup(a, 1, block))[0], hidden[:block])
     assert all(torch.equal(f.k[0, :, :block], c.k[0, :, :block]) and not f.k[0, :, block:].any()
                for f, c in zip(fresh, caches))
-    pc.store(block_keys(_ids(block, 11), block), caches, 0, hidden)  # b was used least recently now
+    pc.store(block_keys(random_ids(block, 11), block), caches, 0, hidden)  # b was used least recently now
     assert a[0] in pc.blocks and b[0] not in pc.blocks
     assert pc.queries == 6 * block
 
 
 def test_a_salt_separates_prefixes():
-    ids = _ids(64, 12)
+    ids = random_ids(64, 12)
     assert block_keys(ids, 32) != block_keys(ids, 32, salt=b"adapter-a")
     assert block_keys(ids, 32, salt=b"adapter-a") == block_keys(ids, 32, salt=b"adapter-a")

@@ -9,34 +9,15 @@ import mmap
 import queue
 
 import pytest
-import torch
 
 import jneox
-from jneox.config import ModelConfig
 from jneox.errors import UsageError
 from jneox.generate import generate_tokens
-from jneox.model import GPTNeoX
 from jneox.quantize import FORMATS, MAX_KERNEL_ROWS
 from jneox.sampling import SamplingParams
 from jneox.serve import Engine
 from jneox.serve import scheduler
-
-WINDOW = 512
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, spiece_model):
-    """A tiny checkpoint whose widths every packed format takes (int4's groups included)."""
-    config = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384,
-                         max_position_embeddings=WINDOW)
-    model = GPTNeoX(config)
-    model.init_weights(std=0.05, seed=0)
-    return jneox.save(model, tmp_path_factory.mktemp("batching") / "tiny", tokenizer_file=spiece_model)
-
-
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(4, 600, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
+from serve_fixtures import WINDOW, packed_checkpoint, random_ids  # noqa: F401  (fixture)
 
 # prompt lengths around every boundary of the paths a chunk takes: the decode kernel (<= 16 rows), one
 # prompt-sized call (17..128), several chunks with a short or a long last one
@@ -49,7 +30,7 @@ def _requests() -> list[dict]:
     for i, n in enumerate(LENGTHS):
         sampled = i % 3 == 2  # some rows sample with their own seed
         params = SamplingParams(temperature=0.8 if sampled else 0, seed=i if sampled else None, max_new_tokens=5)
-        out.append({"ids": _ids(n, i), "params": params, "logprobs": 2 if i % 2 == 0 or n in ECHO else None,
+        out.append({"ids": random_ids(n, i), "params": params, "logprobs": 2 if i % 2 == 0 or n in ECHO else None,
                     "prompt_logprobs": n in ECHO})
     return out
 
@@ -91,8 +72,8 @@ def _segments_seen(engine: Engine) -> list[int]:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_prompts_together_give_each_request_its_lone_bits(checkpoint, fmt):
-    model, tokenizer = jneox.load(checkpoint, weights=fmt)
+def test_prompts_together_give_each_request_its_lone_bits(packed_checkpoint, fmt):
+    model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
     requests = _requests()
     alone = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0).start()
     try:
@@ -126,10 +107,10 @@ def test_prompts_together_give_each_request_its_lone_bits(checkpoint, fmt):
             assert [t for t, _, _ in gen] == ref
 
 
-def test_chunk_by_chunk_where_rows_are_not_independent(checkpoint, monkeypatch):
+def test_chunk_by_chunk_where_rows_are_not_independent(packed_checkpoint, monkeypatch):
     """Where a prompt-sized call may compute a row differently beside others, each long chunk keeps a
     call of its own (short ones still share the decode kernel's calls): the same bits."""
-    model, tokenizer = jneox.load(checkpoint, weights="int8")
+    model, tokenizer = jneox.load(packed_checkpoint, weights="int8")
     requests = _requests()
     alone = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0).start()
     try:
@@ -145,13 +126,13 @@ def test_chunk_by_chunk_where_rows_are_not_independent(checkpoint, monkeypatch):
         engine.stop()
 
 
-def test_a_long_prompt_does_not_stop_the_running_rows(checkpoint):
+def test_a_long_prompt_does_not_stop_the_running_rows(packed_checkpoint):
     """With a budget of one chunk a step, the running request gets a decode step between every two chunks
     of a long prompt that arrives while it decodes."""
-    model, tokenizer = jneox.load(checkpoint, weights="float32")
+    model, tokenizer = jneox.load(packed_checkpoint, weights="float32")
     engine = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=0, max_prefill_tokens=1).start()
     chunk = engine.prefill_chunk
-    long_ids = _ids(min(4 * chunk, WINDOW - 8), 9)
+    long_ids = random_ids(min(4 * chunk, WINDOW - 8), 9)
     chunks = -(-len(long_ids) // chunk)
     steps_at_chunk = []
     inner = engine._prefill_step
@@ -164,7 +145,7 @@ def test_a_long_prompt_does_not_stop_the_running_rows(checkpoint):
     engine._prefill_step = spy
     try:
         runner, first = queue.Queue(), queue.Queue()
-        engine.submit(_ids(5, 1), SamplingParams(temperature=0, max_new_tokens=WINDOW - 10), runner.put)
+        engine.submit(random_ids(5, 1), SamplingParams(temperature=0, max_new_tokens=WINDOW - 10), runner.put)
         runner.get(timeout=300)  # decoding now
         engine.submit(long_ids, SamplingParams(temperature=0, max_new_tokens=2), first.put)
         assert _result(first)[3] == 2
@@ -175,8 +156,8 @@ def test_a_long_prompt_does_not_stop_the_running_rows(checkpoint):
     assert all(b - a == 1 for a, b in zip(steps_at_chunk, steps_at_chunk[1:])), steps_at_chunk
 
 
-def test_requests_past_the_kv_budget_wait_and_complete(checkpoint):
-    model, tokenizer = jneox.load(checkpoint, weights="float32")
+def test_requests_past_the_kv_budget_wait_and_complete(packed_checkpoint):
+    model, tokenizer = jneox.load(packed_checkpoint, weights="float32")
     row = model.cache_bytes(1, WINDOW)
     # room for exactly one full window: two requests of 150 + 50 positions, not three
     engine = Engine(model, tokenizer, max_batch=8, prefix_cache_mb=0, kv_cache_gb=row / 2**30).start()
@@ -184,7 +165,7 @@ def test_requests_past_the_kv_budget_wait_and_complete(checkpoint):
     inner = engine._decode_step
     engine._decode_step = lambda running: (seen.append(len(running)), inner(running))
     params = SamplingParams(temperature=0, max_new_tokens=50)
-    requests = [{"ids": _ids(150, i), "params": params, "logprobs": 0, "prompt_logprobs": False} for i in range(5)]
+    requests = [{"ids": random_ids(150, i), "params": params, "logprobs": 0, "prompt_logprobs": False} for i in range(5)]
     try:
         got = _run(engine, requests, together=True)
         assert max(seen) == 2
@@ -199,7 +180,7 @@ def test_requests_past_the_kv_budget_wait_and_complete(checkpoint):
         engine.stop()
 
 
-def test_a_budget_without_room_for_one_window_is_refused(checkpoint):
-    model, tokenizer = jneox.load(checkpoint, weights="float32")
+def test_a_budget_without_room_for_one_window_is_refused(packed_checkpoint):
+    model, tokenizer = jneox.load(packed_checkpoint, weights="float32")
     with pytest.raises(UsageError, match=r"KV cache of one request of 512 positions would need .* --kv-cache-gb"):
         Engine(model, tokenizer, kv_cache_gb=model.cache_bytes(1, WINDOW) / 2**30 * 0.99)
