@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .model import GPTNeoX, KVCache
-from .sampling import Sampler
+from .sampling import Sampler, sampled_tokens
 
 
 def decode_step(model: GPTNeoX, tokens: torch.Tensor, positions: torch.Tensor, cache: list[KVCache],
@@ -114,11 +114,5 @@ class StaticDecoder:
 def static_tokens(decoder: StaticDecoder, sampler: Sampler, eos_id: int | None) -> Iterator[int]:
     """:func:`jneox.generate.generate_tokens`' loop on row 0 of ``decoder``: the prompt is ``sampler.tokens``,
     the sampler decides each token as in the plain loop; EOS is yielded, then the loop stops."""
-    logits = decoder.prefill(sampler.tokens)
-    while True:
-        t = sampler.sample(logits[:, -1])
-        sampler.accept(t)
-        yield t
-        if t == eos_id or sampler.full:
-            return
-        logits = decoder.step([t] * decoder.batch, [len(sampler.tokens) - 1] * decoder.batch)
+    yield from sampled_tokens(sampler, decoder.prefill(sampler.tokens),
+                              lambda t, pos: decoder.step([t] * decoder.batch, [pos] * decoder.batch), eos_id)

@@ -9,7 +9,7 @@ import torch
 
 from .cuda_graphs import StaticDecoder, can_capture, static_tokens
 from .model import GPTNeoX
-from .sampling import Sampler, SamplingParams, check_prompt_fits
+from .sampling import Sampler, SamplingParams, check_prompt_fits, sampled_tokens
 from .speculative import Guesser, speculative_tokens
 from .tokenizer import Tokenizer
 
@@ -43,14 +43,11 @@ def generate_tokens(model: GPTNeoX, prompt_ids: Sequence[int], params: SamplingP
     cache = model.new_cache(1, sampler.total)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     logits = model(ids, input_pos=torch.arange(ids.shape[1], device=device), last_only=True, cache=cache)
-    while True:
-        t = sampler.sample(logits[:, -1])
-        sampler.accept(t)
-        yield t
-        if t == eos_id or sampler.full:
-            return
-        pos = len(sampler.tokens) - 1  # where the token just sampled goes
-        logits = model(torch.tensor([[t]], device=device), input_pos=torch.tensor([pos], device=device), cache=cache)
+
+    def step(t: int, pos: int) -> torch.Tensor:
+        return model(torch.tensor([[t]], device=device), input_pos=torch.tensor([pos], device=device), cache=cache)
+
+    yield from sampled_tokens(sampler, logits, step, eos_id)
 
 
 class StopMatcher:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -173,3 +173,17 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from the (1, V) logits of the position after ``tokens``; not yet accepted."""
         return int(sample_next(logits[:, : self.vocab_size], self.params, self.generator, self.seen))
+
+
+def sampled_tokens(sampler: Sampler, logits: torch.Tensor, step: Callable[[int, int], torch.Tensor],
+                   eos_id: int | None) -> Iterator[int]:
+    """The decode loop of one sequence: ``logits`` (1, T, V) of its prompt, then ``step(token, position)``
+    feeding each sampled token at its position and giving the next logits; the sampler decides every
+    token. EOS is yielded, then the loop stops, as does a full sampler."""
+    while True:
+        t = sampler.sample(logits[:, -1])
+        sampler.accept(t)
+        yield t
+        if t == eos_id or sampler.full:
+            return
+        logits = step(t, len(sampler.tokens) - 1)  # the token just sampled goes after the others
