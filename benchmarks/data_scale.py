@@ -165,6 +165,16 @@ def train_tok_s(out: Path, median: bool = False) -> float:
     return float(np.median(speeds[1:])) if median else speeds[-1]
 
 
+def pretrain_row(what: str, gb: float, data: str, out: Path, step: int, args, resume: bool = False) -> dict:
+    """Pretrain on ``data`` into ``out`` up to ``step`` (``resume``: from the checkpoint there) as its own
+    process; the table row (wall time, time to the step, tokens/s, peak memory), printed as it comes."""
+    r = run(pretrain_cmd(data, out, step, args, resume=resume))
+    row = {"what": what, "GB": gb, "wall_s": r["wall_s"], "to_step_s": to_step_s(out, step, r["started"]),
+           "tokens/s": train_tok_s(out), "peak_rss_mb": r["peak_rss_mb"], "peak_pss_mb": r["peak_pss_mb"]}
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=float, nargs="*", default=[0.1, 1.0, 10.0],
@@ -209,23 +219,11 @@ def main() -> None:
                          "peak_rss_mb": r["peak_rss_mb"], "peak_pss_mb": r["peak_pss_mb"], "sp MB/s": sp_speed, "vs_sentencepiece": inner / w / sp_speed})
             print(rows[-1], flush=True)
         out = args.dir / f"run_{gb:g}GB"
-        first = run(pretrain_cmd(str(prefix), out, 1, args))
-        rows.append({"what": "pretrain from shards, to step 1", "GB": gb, "wall_s": first["wall_s"],
-                     "to_step_s": to_step_s(out, 1, first["started"]),
-                     "tokens/s": train_tok_s(out), "peak_rss_mb": first["peak_rss_mb"], "peak_pss_mb": first["peak_pss_mb"]})
-        print(rows[-1], flush=True)
-        again = run(pretrain_cmd(str(prefix), out, 2, args, resume=True))
-        rows.append({"what": "pretrain --resume, to step 2", "GB": gb, "wall_s": again["wall_s"],
-                     "to_step_s": to_step_s(out, 2, again["started"]),
-                     "tokens/s": train_tok_s(out), "peak_rss_mb": again["peak_rss_mb"], "peak_pss_mb": again["peak_pss_mb"]})
-        print(rows[-1], flush=True)
+        rows.append(pretrain_row("pretrain from shards, to step 1", gb, str(prefix), out, 1, args))
+        rows.append(pretrain_row("pretrain --resume, to step 2", gb, str(prefix), out, 2, args, resume=True))
         if i == 0:
-            raw_out = args.dir / f"run_{gb:g}GB_raw"
-            raw = run(pretrain_cmd(str(corpus), raw_out, 1, args))
-            rows.append({"what": "pretrain from the JSONL (in memory), to step 1", "GB": gb, "wall_s": raw["wall_s"],
-                         "to_step_s": to_step_s(raw_out, 1, raw["started"]),
-                         "tokens/s": train_tok_s(raw_out), "peak_rss_mb": raw["peak_rss_mb"], "peak_pss_mb": raw["peak_pss_mb"]})
-            print(rows[-1], flush=True)
+            rows.append(pretrain_row("pretrain from the JSONL (in memory), to step 1", gb, str(corpus),
+                                     args.dir / f"run_{gb:g}GB_raw", 1, args))
             for what, data in (("from the shards", str(prefix)), ("from the JSONL (in memory)", str(corpus))):
                 speed_out = args.dir / "run_speed"
                 sp_run = run(pretrain_cmd(data, speed_out, args.speed_steps, args) + ["--save-every", "0"])
