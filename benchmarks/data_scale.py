@@ -5,7 +5,8 @@ dataset, then times pretrain's first step on the shards and a resume. Every row 
 process; its peak RSS is that of the whole process tree (the main process and its tokenizing
 workers together), sampled every 50 ms. The smallest corpus is also trained from the JSONL itself
 (the in-memory path) for comparison, and sentencepiece's own single-process encode of the same
-documents gives the per-worker speed to compare with.
+documents (its batch encode of UTF-8 bytes, CPU time, taken right before and after each row) gives
+the per-worker speed to compare with; benchmarks/tokenize_speed.py measures that ratio more closely.
 
     python benchmarks/data_scale.py --sizes 0.1 1 --workers 2          # the table in docs/performance.md
     python benchmarks/data_scale.py --sizes 0.1 10 --dir /big/disk     # 10 GB needs ~15 GB free
@@ -27,54 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import sentencepiece as spm
 
-from jneox.train import tokenize as tk
+from jneox.tokenizer import Tokenizer
+from tokenize_speed import cpu_flags, per_worker, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 JNEOX = [sys.executable, "-m", "jneox"]
-
-
-def japanese_pieces(model_file: Path) -> list[str]:
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    out = []
-    for i in range(sp.GetPieceSize()):
-        piece = sp.IdToPiece(i).replace("\u2581", "")
-        if piece and not sp.IsControl(i) and not sp.IsByte(i) and not sp.IsUnknown(i) and \
-                all("\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" for c in piece):
-            out.append(piece)
-    return out
-
-
-def write_corpus(path: Path, gigabytes: float, model_file: Path, seed: int = 0) -> int:
-    """A JSONL corpus of ``gigabytes`` (1e9 bytes); returns the documents written. Cached by size."""
-    target = int(gigabytes * 1e9)
-    if path.exists() and path.stat().st_size >= target:
-        return sum(1 for _ in open(path, "rb"))
-    rng = np.random.default_rng(seed)
-    pieces = np.array(japanese_pieces(model_file))
-    weights = 1.0 / np.arange(1, len(pieces) + 1)
-    weights /= weights.sum()
-    sentences = []
-    for _ in range(20000):
-        n = rng.integers(5, 26)
-        sentences.append("".join(pieces[rng.choice(len(pieces), n, p=weights)]) + rng.choice(["。", "、", "!", "?"]))
-    pool = []
-    for _ in range(20000):
-        k = rng.integers(3, 41)
-        parts = [sentences[j] for j in rng.integers(0, len(sentences), k)]
-        text = "".join(p + ("\n" if rng.random() < 0.1 else "") for p in parts)
-        pool.append((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
-    written, docs = 0, 0
-    with open(path, "wb") as f:
-        while written < target:
-            for j in rng.integers(0, len(pool), 10000):
-                f.write(pool[j])
-                written += len(pool[j])
-                docs += 1
-                if written >= target:
-                    break
-    return docs
 
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
@@ -102,46 +61,19 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def sentencepiece_speed(corpus: Path, model_file: Path, megabytes: float = 10.0) -> float:
-    """MB/s of sentencepiece's own encode, one process, over the corpus's first documents."""
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    """MB/s of sentencepiece's fastest single-process encode (its batch encode of UTF-8 bytes on one
+    thread, see tokenize_speed.py), over the corpus's first documents, in CPU time."""
+    tok = Tokenizer(model_file)
     texts, size = [], 0
     with open(corpus, "rb") as f:
         for line in f:
-            texts.append(json.loads(line)["text"])
+            texts.append(tok._with_nl(json.loads(line)["text"]).encode("utf-8"))
             size += len(line)
             if size >= megabytes * 1e6:
                 break
-    t0 = time.perf_counter()
-    for t in texts:
-        sp.EncodeAsIds(t)
-    return size / 1e6 / (time.perf_counter() - t0)
-
-
-def per_worker_encode(corpus: Path, model_file: Path, rounds: int, megabytes: int = 8) -> dict:
-    """One worker's work on one chunk (read, parse the JSON, encode, pack with </s>) against
-    sentencepiece's own encode of the same already-parsed texts in the same process: EncodeAsIds one
-    text at a time, and its batch call into arrays on one thread (its fastest single-process
-    encode). Alternating, best round of each, in CPU time of this process (all of it runs on one
-    thread), which other jobs on a shared machine disturb less than wall time."""
-    chunk = tk.plan_chunks([str(corpus)], megabytes << 20)[0]
-    tk._init_worker(str(model_file))
-    texts = tk._texts(chunk, "text")[0]
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    best = {"jneox": float("inf"), "ids": float("inf"), "batch": float("inf")}
-    for _ in range(rounds):
-        t0 = time.process_time()
-        tk.encode_chunk(chunk, "text", "uint16")
-        t1 = time.process_time()
-        for t in texts:
-            sp.EncodeAsIds(t)
-        t2 = time.process_time()
-        sp.encode(texts, out_type="numpy", num_threads=1)
-        t3 = time.process_time()
-        for k, v in (("jneox", t1 - t0), ("ids", t2 - t1), ("batch", t3 - t2)):
-            best[k] = min(best[k], v)
-    mb = chunk.size / 1e6
-    return {"jneox MB/s": mb / best["jneox"], "sentencepiece MB/s": mb / best["ids"], "ratio": best["ids"] / best["jneox"],
-            "batch MB/s": mb / best["batch"], "batch ratio": best["batch"] / best["jneox"]}
+    t0 = time.process_time()
+    tok.sp.encode(texts, out_type="numpy", num_threads=1)
+    return size / 1e6 / (time.process_time() - t0)
 
 
 def pretrain_cmd(data: str, out: Path, steps: int, args, resume: bool = False) -> list[str]:
@@ -179,7 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=float, nargs="*", default=[0.1, 1.0, 10.0],
                    help="corpus sizes in GB (none: only the per-worker comparison)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds of the per-worker comparison (default: 5)")
+    p.add_argument("--rounds", type=int, default=9, help="rounds of the per-worker comparison (default: 9)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tokenizer", type=Path, default=REPO / "models" / "demo" / "spiece.model")
     p.add_argument("--model-config", default="tiny")
@@ -192,11 +124,11 @@ def main() -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     sample = args.dir / "corpus_0.01GB.jsonl"
     write_corpus(sample, 0.01, args.tokenizer)
-    enc = per_worker_encode(sample, args.tokenizer, args.rounds)
-    print(f"per worker, CPU time, best of {args.rounds} alternating rounds on one 8 MB chunk: jneox {enc['jneox MB/s']:.1f} MB/s "
-          f"(read, JSON, encode, pack), sentencepiece EncodeAsIds {enc['sentencepiece MB/s']:.1f} MB/s "
-          f"(encode only): {enc['ratio']:.0%}; sentencepiece's batch encode into arrays {enc['batch MB/s']:.1f} MB/s: "
-          f"{enc['batch ratio']:.0%}", flush=True)
+    enc = per_worker(sample, args.tokenizer, args.rounds)
+    print(f"CPU flags: {cpu_flags()}; per worker, CPU time, {args.rounds} shuffled rounds on one 8 MB chunk: jneox "
+          f"(read, JSON, encode, </s>, convert, write) / sentencepiece's fastest encode of the same documents in "
+          f"memory: {enc['best ratio']:.1%} (best rounds), {enc['median ratio']:.1%} (median of the per-round "
+          f"ratios); benchmarks/tokenize_speed.py has the details", flush=True)
     rows = []
     for i, gb in enumerate(sorted(args.sizes)):
         corpus = args.dir / f"corpus_{gb:g}GB.jsonl"

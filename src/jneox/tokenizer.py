@@ -71,19 +71,23 @@ class Tokenizer:
         """
         return self.sp.EncodeAsIds(self._with_nl(text))
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """:meth:`encode` of each text as an int32 array, in one call into sentencepiece on one thread
-        (callers that want more run more processes). The arrays come from sentencepiece's buffer
-        encode where it has one: no Python int per token."""
+    def encode_batch(self, texts: list[str], eos: bool = False) -> list[np.ndarray]:
+        """:meth:`encode` of each text as an int32 array, then ``</s>`` when ``eos``, in one call into
+        sentencepiece on one thread (callers that want more run more processes). The arrays come from
+        sentencepiece's buffer encode where it has one: no Python int per token."""
         texts = [self._with_nl(t) for t in texts]
         try:
-            return self.sp.encode(texts, out_type="numpy", num_threads=1)
+            return self.sp.encode(texts, out_type="numpy", num_threads=1, add_eos=eos)
         except ValueError:  # a sentencepiece without out_type="numpy"
-            return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts, out_type=int, num_threads=1)]
+            return [np.asarray(ids, dtype=np.int32)
+                    for ids in self.sp.encode(texts, out_type=int, num_threads=1, add_eos=eos)]
 
     def _with_nl(self, text: str) -> str:
-        if self.nl_id is not None:
-            text = text.replace("\r\n", "\n").replace("\n", NL)
+        # the membership tests are one fast scan; most texts of a corpus need no rewrite or no \r one
+        if self.nl_id is not None and "\n" in text:
+            if "\r" in text:
+                text = text.replace("\r\n", "\n")
+            text = text.replace("\n", NL)
         return text
 
     def tokenize(self, text: str) -> list[str]:

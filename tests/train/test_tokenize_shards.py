@@ -18,6 +18,7 @@ from jneox.cli import main as cli_main
 from jneox.errors import UsageError
 from jneox.loading import load_model
 from jneox.tokenizer import Tokenizer
+from jneox.train import data as data_module
 from jneox.train import tokenize as tokenize_module
 from jneox.train.corpus import blend_counts, shard_data
 from jneox.train.data import DataError, build_pretrain_data
@@ -67,6 +68,13 @@ def test_workers_and_chunking_do_not_change_the_bytes(tmp_path, corpus, spiece_m
     tokenize_files(corpus, spiece_model, tmp_path / "one", chunk_bytes=1 << 20, progress=False)
     tokenize_files(corpus, spiece_model, tmp_path / "two", workers=2, chunk_bytes=300, progress=False)
     assert bytes_of(tmp_path / "one") == bytes_of(tmp_path / "two")
+
+
+def test_the_bytes_do_not_depend_on_orjson(tmp_path, corpus, spiece_model, monkeypatch):
+    tokenize_files(corpus, spiece_model, tmp_path / "fast", chunk_bytes=700, progress=False)
+    monkeypatch.setattr(data_module, "orjson", None)  # every line through json, one at a time
+    tokenize_files(corpus, spiece_model, tmp_path / "json", chunk_bytes=700, progress=False)
+    assert bytes_of(tmp_path / "fast") == bytes_of(tmp_path / "json")
 
 
 def test_a_killed_tokenize_resumes_to_the_same_bytes(tmp_path, corpus, spiece_model, monkeypatch):

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from jneox.chat import SYSTEM, USER, Utterance, format_prompt
+from jneox.train import data as data_module
 from jneox.train.data import (IGNORE_INDEX, DataError, DataStats, Example, build_pretrain_data, build_sft_data,
-                              collate, encode_conversation, pack_documents, read_conversations, read_documents)
+                              collate, encode_conversation, jsonl_texts, pack_documents, parse_jsonl_line,
+                              read_conversations, read_documents)
 
 THREE_TURNS = [
     {"speaker": USER, "text": "日本で一番高い山は?"},
@@ -333,3 +335,24 @@ def test_train_tokenizer_cli_keeps_an_existing_tokenizer_unless_told(tmp_path, c
     from jneox.tokenizer import Tokenizer
     tok = Tokenizer(out / "spiece.model")  # replaced by the trained one
     assert [tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+JSONL_LINES = ['{"text": "吾輩は猫である。\\n名前はまだ無い。"}', '{"id": 3, "text": "a\\r\\nb\\t\\"c\\" \\\\n \\u00e9 \\ud83d\\ude00"}',
+               '  {"text": "", "meta": {"x": [1, 2.5e3, null, true]}}\r', '{"text": "first", "text": "last"}']
+
+
+@pytest.mark.skipif(data_module.orjson is None, reason="orjson is not installed: jsonl_texts always defers to json")
+def test_jsonl_texts_reads_what_the_line_by_line_reading_does():
+    raw = [line.encode("utf-8") for line in JSONL_LINES]
+    want = [parse_jsonl_line("x.jsonl", i, line, "text") for i, line in enumerate(raw, start=1)]
+    assert jsonl_texts(b"\n".join(raw) + b"\n", "text") == want
+    assert jsonl_texts(b"\n".join(raw), "text") == want  # no newline after the last line
+    assert jsonl_texts(b'{"body": "x"}\n', "body") == ["x"]
+
+
+@pytest.mark.parametrize("line", [b"", b"   ", b'{"text": 5}', b'{"txt": "a"}', b'["text"]', b'"text"', b"{not json",
+                                  b'{"text": "a", "x": NaN}', b'\xef\xbb\xbf{"text": "a"}', b'{"text": "\\ud800"}',
+                                  b'{"text": "\xff"}', b'{"text": "a"} {"text": "b"}'])
+def test_jsonl_texts_defers_every_line_json_might_read_otherwise(line):
+    good = '{"text": "吾輩は猫である。"}'.encode("utf-8")
+    assert jsonl_texts(b"\n".join([good, line, good]) + b"\n", "text") is None

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..tokenizer import Tokenizer
-from .data import DataError, DataStats, is_jsonl, parse_jsonl_line, text_document
+from .data import DataError, DataStats, is_jsonl, jsonl_texts, parse_jsonl_line, text_document
 from .indexed import BIN, IDX, token_dtype, write_index
 
 CHUNK_BYTES = 8 << 20  # of input text per chunk: the unit of parallel work and of resuming
@@ -227,6 +227,9 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
         except DataError as e:
             problems.append((e.line or 1, e.problem))
         return texts, 1, 1, problems
+    fast = jsonl_texts(data, text_field)
+    if fast is not None:
+        return fast, len(fast), len(fast), problems
     path = Path(chunk.path)
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
@@ -251,11 +254,12 @@ def encode_chunk(chunk: Chunk, text_field: str, dtype: str, streamed: tuple | No
     else:
         (texts, problems), n_lines = streamed, chunk.stop - chunk.start
         nonblank = n_lines
-    docs = _tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int32, count=len(docs))
-    eos = np.array([_tokenizer.eos_id], dtype=np.int32)
-    ids = np.concatenate([a for d in docs for a in (d, eos)]) if docs else np.empty(0, np.int32)
-    return ChunkResult(ids.astype(np.dtype(dtype).newbyteorder("<")), lengths, n_lines, nonblank, problems)
+    docs = _tokenizer.encode_batch(texts, eos=True)
+    lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
+    # straight into the little-endian token dtype: the ids are below the vocabulary size it was chosen for
+    out = np.dtype(dtype).newbyteorder("<")
+    ids = np.concatenate(docs, dtype=out, casting="unsafe") if docs else np.empty(0, out)
+    return ChunkResult(ids, lengths, n_lines, nonblank, problems)
 
 
 # ---- the writer -------------------------------------------------------------------------------------
@@ -434,8 +438,8 @@ def _commit(chunk: Chunk, result: ChunkResult, state: dict, bin_f, len_f, files:
                 raise error
             stats.skip(error)
         state["lines"] = state["nonblank"] = 0
-    bin_f.write(result.tokens.tobytes())
-    len_f.write(result.lengths.astype("<i4").tobytes())
+    bin_f.write(result.tokens)  # little-endian already; written from the array's own buffer
+    len_f.write(result.lengths.astype("<i4"))
     bin_f.flush()
     len_f.flush()
     os.fsync(bin_f.fileno())
