@@ -115,8 +115,19 @@ def test_random_schema_instances_are_accepted(reference, data):
     # codec: text that UTF-8 can encode, so no lone surrogate (which json.dumps would write as is)
     value = _in_schema_order(data.draw(hypothesis_jsonschema.from_schema(schema, codec="utf-8")), schema)
     jsonschema.validate(value, schema)
-    text = json.dumps(value, ensure_ascii=False)
+    # llguidance's JSON strings take DEL (U+007F) only escaped (JSON allows it either way; json.dumps
+    # writes it raw): the same value, written the way the grammar allows
+    text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     assert _accepts(tok, json_schema_grammar(schema), text), (schema, text)
+
+
+def test_del_is_written_escaped(reference):
+    """A string holding DEL: the grammar takes its escape, not the raw character (llguidance's rule)."""
+    _, tok = reference
+    g = json_schema_grammar({"type": "object", "properties": {"メモ": {"type": "string", "maxLength": 2}},
+                             "required": ["メモ"], "additionalProperties": False})
+    assert _accepts(tok, g, '{"メモ": "あ\\u007f"}')
+    assert not _accepts(tok, g, '{"メモ": "あ\x7f"}')
 
 
 def test_invalid_instances_are_refused(reference):
