@@ -7,9 +7,11 @@ without a constraint keep the tokens they get alone.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +23,7 @@ from jneox.speculative import PromptLookup
 
 jsonschema = pytest.importorskip("jsonschema")
 hypothesis = pytest.importorskip("hypothesis")
+hypothesis_jsonschema = pytest.importorskip("hypothesis_jsonschema")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -75,61 +78,56 @@ def _accepts(tok, grammar: str, text: str) -> bool:
     return True
 
 
-JA = st.text(alphabet=st.sampled_from("あいうえおかきくけこ日本語東京漢字カタカナー「」、。 abcXYZ019\\\"\n\t"),
-             max_size=8)
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (the random schemas' subset is defined there, beside the run
+    that measures answers to them)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _schemas():
-    """Random JSON schemas with Japanese property names and string fields."""
-    leaf = st.one_of(st.just({"type": "string"}), st.just({"type": "integer"}), st.just({"type": "boolean"}),
-                     st.just({"type": "number"}), st.lists(JA, min_size=1, max_size=3, unique=True).map(lambda v: {"enum": v}),
-                     st.integers(1, 6).map(lambda n: {"type": "string", "maxLength": n}))
-    names = st.text(alphabet=st.sampled_from("名前年齢住所趣味色値メモabc"), min_size=1, max_size=4)
-
-    def extend(inner):
-        obj = st.dictionaries(names, inner, min_size=1, max_size=4).flatmap(
-            lambda props: st.sets(st.sampled_from(sorted(props))).map(
-                lambda req: {"type": "object", "properties": props, "required": sorted(req)}))
-        arr = inner.map(lambda s: {"type": "array", "items": s, "maxItems": 3})
-        return st.one_of(obj, arr)
-
-    return st.recursive(leaf, extend, max_leaves=6).filter(lambda s: s.get("type") in ("object", "array"))
+# with strings of any length and numbers of any size: the grammar, not a model, writes nothing here
+SCHEMAS = _benchmark("structured_schemas").schema_strategy(bounded=False)
 
 
-def _instances(schema):
-    """Values of one of :func:`_schemas`' schemas. (hypothesis-jsonschema would draw them, but its object
-    strategy fails with the hypothesis release installed here.)"""
-    if "enum" in schema:
-        return st.sampled_from(schema["enum"])
-    kind = schema["type"]
-    if kind == "string":
-        return JA.map(lambda s: s[: schema.get("maxLength", len(s))])
-    if kind == "integer":
-        return st.integers(-10**6, 10**6)
-    if kind == "number":
-        return st.floats(-1e6, 1e6, allow_nan=False) | st.integers(-100, 100)
-    if kind == "boolean":
-        return st.booleans()
-    if kind == "array":
-        return st.lists(_instances(schema["items"]), max_size=schema["maxItems"])
-    props = schema["properties"]
-    # the answer lists an object's properties in the schema's order (llguidance's rule)
-    return st.fixed_dictionaries({k: _instances(props[k]) for k in schema["required"]},
-                                 optional={k: _instances(v) for k, v in props.items() if k not in schema["required"]}
-                                 ).map(lambda d: {k: d[k] for k in props if k in d})
+def _in_schema_order(value, schema):
+    """``value`` with each object's properties in its schema's order, then any others (the order llguidance
+    writes)."""
+    if isinstance(value, dict):
+        props = schema["properties"]
+        return {**{k: _in_schema_order(value[k], props[k]) for k in props if k in value},
+                **{k: v for k, v in value.items() if k not in props}}
+    if isinstance(value, list):
+        return [_in_schema_order(v, schema["items"]) for v in value]
+    return value
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_random_schema_instances_are_accepted(reference, data):
-    """Every instance of a random schema (Japanese keys and strings, newlines and quotes in them, written as
-    json.dumps writes it) is accepted token by token, in jneox's own tokenization."""
+    """Every instance of a random schema (Japanese keys, strings of any UTF-8 text, newlines, quotes and
+    control characters in them, further properties of any JSON where the schema allows them, written as
+    json.dumps writes it) is accepted token by token, in jneox's own tokenization. hypothesis-jsonschema
+    draws both the schema and the instance."""
     _, tok = reference
-    schema = data.draw(_schemas())
-    value = data.draw(_instances(schema))
+    schema = data.draw(SCHEMAS)
+    # codec: text that UTF-8 can encode, so no lone surrogate (which json.dumps would write as is)
+    value = _in_schema_order(data.draw(hypothesis_jsonschema.from_schema(schema, codec="utf-8")), schema)
     jsonschema.validate(value, schema)
-    text = json.dumps(value, ensure_ascii=False)
+    # llguidance's JSON strings take DEL (U+007F) only escaped (JSON allows it either way; json.dumps
+    # writes it raw): the same value, written the way the grammar allows
+    text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     assert _accepts(tok, json_schema_grammar(schema), text), (schema, text)
+
+
+def test_del_is_written_escaped(reference):
+    """A string holding DEL: the grammar takes its escape, not the raw character (llguidance's rule)."""
+    _, tok = reference
+    g = json_schema_grammar({"type": "object", "properties": {"メモ": {"type": "string", "maxLength": 2}},
+                             "required": ["メモ"], "additionalProperties": False})
+    assert _accepts(tok, g, '{"メモ": "あ\\u007f"}')
+    assert not _accepts(tok, g, '{"メモ": "あ\x7f"}')
 
 
 def test_invalid_instances_are_refused(reference):
