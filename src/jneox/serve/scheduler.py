@@ -428,7 +428,8 @@ class Engine:
         with self.cond:
             return {"running": self.running_count(), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "decode_steps": self.steps,
-                    "idle_prefill_queued": len(self.idle_jobs), **self.counters}
+                    # idle prefill jobs not done yet (queued or running)
+                    "idle_prefill_pending": len(self.idle_jobs) + (self.idle_job is not None), **self.counters}
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -792,6 +793,8 @@ class Engine:
         job (logged); requests are not touched."""
         try:
             if self.idle_seq is None:
+                # marked as the running job before it leaves the queue: stats() never misses it
+                self.idle_job = self.idle_jobs[-1]
                 self._start_idle(self.idle_jobs.pop())
                 return
             seq = self.idle_seq
@@ -812,10 +815,11 @@ class Engine:
             job.ids = list(job.make())[: self.window]
         keys = self._block_keys(job.ids, job.adapter)
         if self.prefix_cache.cached_run(keys) == len(keys) or len(job.ids) > self.kv_positions:
+            self.idle_job = None
             return
         seq = Request(job.ids, SamplingParams(), lambda event: None, adapter=job.adapter, idle=True,
                       slot=IDLE_SLOT, keys=keys)
-        self.idle_seq, self.idle_job = seq, job
+        self.idle_seq = seq
         self._restore_prefix(seq, keys)
         seq.pos, seq.prefilling = seq.cached_tokens, True
         self.counters["idle_prefill_jobs"] += 1
@@ -823,9 +827,8 @@ class Engine:
     def _pause_idle(self) -> None:
         """A request came: the running job's blocks so far are stored already; it goes back to the queue
         (newest), to go on from the cache when the engine is idle again."""
-        job = self.idle_job
+        self.idle_jobs.append(self.idle_job)
         self._end_idle()
-        self.idle_jobs.append(job)
 
     def _end_idle(self) -> None:
         if self.idle_seq is not None:
