@@ -30,13 +30,16 @@ rows and the adapter rows' aggregate tok/s as a share of the base rows'.
     python benchmarks/serve_load.py --layers 36 --dtype int8 --clients 16 --lora 4
 
 ``--turns N`` measures prefix caching instead: one client holds an N-turn chat (each user turn a
-passage of about ``--turn-tokens`` tokens, each answer ``--max-tokens`` greedy tokens), once against a
-server with the prefix cache (``--prefix-cache-mb``) and once against one without; the table has each
-turn's prompt tokens, the tokens taken from the cache, the time to first token both ways, and the
-server's CPU time in the turn's prefill both ways (from /health; what a shared machine disturbs less):
+passage of about ``--turn-tokens`` tokens, each answer ``--max-tokens`` greedy tokens, the user reading
+each answer for ``--think-time`` seconds before sending the next turn), against each of ``--servers``:
+``on`` (the prefix cache, ``--prefix-cache-mb``, with its idle prefill of finished answers), ``noidle``
+(the cache, ``--idle-prefill 0``) and ``off`` (no cache); the table has each turn's prompt tokens, the
+tokens taken from the cache, the time to first token, the server's CPU time in the turn's prefill
+(from /health; what a shared machine disturbs less) and in idle prefill since the turn before:
 
     python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 200
-    python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 80 --preamble-tokens 600  # 5th: ~1,000, ~900 seen
+    python benchmarks/serve_load.py --layers 4 --turns 5 --turn-tokens 80 --preamble-tokens 250 --think-time 10
+    # (5th turn: ~1,000 prompt tokens, ~900 of them the turns and answers before)
 
 ``--speculate``/``--draft-tokens`` are passed to the server (speculative decoding; the table then has
 the share of guesses accepted); ``--task copy`` asks questions about a passage given in the prompt,
@@ -147,13 +150,17 @@ PASSAGE = ("吾輩は猫である。名前はまだ無い。どこで生れた�
 
 
 async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, headers: dict,
-                     preamble_tokens: int = 0) -> list[dict]:
+                     preamble_tokens: int = 0, think_time: float = 0) -> list[dict]:
     """One client's chat of ``turns`` turns, one after another (the first with a passage of about
-    ``preamble_tokens`` tokens before it): each turn's prompt tokens, cached prompt tokens
-    (usage.prompt_tokens_details), time to first token and the server's CPU time in its prefill."""
+    ``preamble_tokens`` tokens before it, each after ``think_time`` seconds of reading the answer before):
+    each turn's prompt tokens, cached prompt tokens (usage.prompt_tokens_details), time to first token,
+    the server's CPU time in its prefill, and in idle prefill since the turn before."""
     history, rows = [], []
+    last = server_counters(url)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=10)) as client:
         for t in range(turns):
+            if t:
+                await asyncio.sleep(think_time)
             # a passage of about turn_tokens tokens (rinna's tokenizer: about 4 tokens per 3 characters of it)
             chars = int((turn_tokens + (preamble_tokens if t == 0 else 0)) * 0.75)
             text = f"第{t + 1}問。" + (PASSAGE * (1 + chars // len(PASSAGE)))[:chars]
@@ -181,33 +188,67 @@ async def chat_turns(url: str, turns: int, turn_tokens: int, max_tokens: int, he
                          "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
                          "ttft": (first or time.perf_counter()) - t0,
                          # the engine thread's CPU time in this turn's prefill (one client: nothing else ran)
-                         "prefill_cpu": after["prefill_cpu_s"] - before["prefill_cpu_s"] if before and after else float("nan")})
+                         "prefill_cpu": after["prefill_cpu_s"] - before["prefill_cpu_s"] if before and after else float("nan"),
+                         # and in idle prefill from the end of the turn before to the end of this one
+                         "idle_cpu": after.get("idle_prefill_cpu_s", 0) - last.get("idle_prefill_cpu_s", 0)
+                         if last and after else float("nan")})
+            last = after
     return rows
 
 
+async def wait_idle(url: str, timeout: float = 600) -> None:
+    """Until the server has no idle prefill left to do (the warm-up request's), so that it stays out of the rows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = server_counters(url)
+        if not h or not h.get("idle_prefill_pending"):
+            return
+        await asyncio.sleep(0.2)
+
+
+# --turns: the servers a chat runs against, by name: their options
+TURN_SERVERS = {"on": [], "noidle": ["--idle-prefill", "0"], "off": ["--prefix-cache-mb", "0"]}
+
+
 def prefix_cache_rows(args, headers: dict) -> None:
-    """--turns: the same chat against a server with the prefix cache and one without; one table."""
+    """--turns: the same chat against each of --servers; one table, a column group per server."""
     runs = {}
-    for mb in (args.prefix_cache_mb, 0):
-        proc, url = start_server(args, ["--prefix-cache-mb", str(mb)])
+    for name in args.servers:
+        extra = ["--prefix-cache-mb", str(args.prefix_cache_mb)] + TURN_SERVERS[name]
+        proc, url = start_server(args, extra)
         try:
             asyncio.run(one_request_warmup(url, headers))
-            runs[mb] = asyncio.run(chat_turns(url, args.turns, args.turn_tokens, args.max_tokens, headers,
-                                              args.preamble_tokens))
+            asyncio.run(wait_idle(url))
+            runs[name] = asyncio.run(chat_turns(url, args.turns, args.turn_tokens, args.max_tokens, headers,
+                                                args.preamble_tokens, args.think_time))
         finally:
             proc.terminate()
             proc.wait(30)
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"
     print(f"\njneox serve ({what}, --dtype {args.dtype}, --threads {args.threads or 'default'}); one client, "
           f"{args.turns} turns of ~{args.turn_tokens} tokens (the first after ~{args.preamble_tokens}), "
-          f"{args.max_tokens}-token greedy answers\n")
-    print("| turn | prompt tokens | cached tokens | TTFT, cache on (s) | TTFT, cache off (s) | speed-up | "
-          "prefill CPU-s, on / off | speed-up in CPU time |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for on, off in zip(runs[args.prefix_cache_mb], runs[0]):
-        print(f"| {on['turn']} | {on['prompt_tokens']} | {on['cached']} | {on['ttft']:.2f} | {off['ttft']:.2f} | "
-              f"{off['ttft'] / on['ttft']:.1f}x | {on['prefill_cpu']:.2f} / {off['prefill_cpu']:.2f} | "
-              f"{off['prefill_cpu'] / on['prefill_cpu']:.1f}x |")
+          f"{args.max_tokens}-token greedy answers, {args.think_time:g} s think time; servers: "
+          + ", ".join(f"{n} ({' '.join(TURN_SERVERS[n]) or 'the defaults'})" for n in args.servers) + "\n")
+    names = list(runs)
+    cached = [n for n in names if n != "off"]
+    head = (["turn", "prompt tokens"] + [f"cached, {n}" for n in cached] + [f"TTFT {n} (s)" for n in names]
+            + [f"prefill CPU-s {n}" for n in names] + [f"idle prefill CPU-s before, {n}" for n in cached])
+    if "off" in runs:
+        head += [f"speed-up {n} (TTFT / CPU)" for n in cached]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---:|" * len(head))
+    for i, first in enumerate(runs[names[0]]):
+        r = {n: runs[n][i] for n in names}
+        cells = [first["turn"], first["prompt_tokens"]] + [r[n]["cached"] for n in cached]
+        cells += [f"{r[n]['ttft']:.2f}" for n in names] + [f"{r[n]['prefill_cpu']:.2f}" for n in names]
+        cells += [f"{r[n]['idle_cpu']:.2f}" for n in cached]
+        if "off" in runs:
+            off = r["off"]
+            cells += [f"{off['ttft'] / r[n]['ttft']:.1f}x / {off['prefill_cpu'] / max(r[n]['prefill_cpu'], 1e-9):.1f}x"
+                      for n in cached]
+        print("| " + " | ".join(map(str, cells)) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -325,8 +366,16 @@ def main() -> None:
     p.add_argument("--turn-tokens", type=int, default=200, help="with --turns: about this many tokens per user turn")
     p.add_argument("--preamble-tokens", type=int, default=0,
                    help="with --turns: about this many more tokens in the first turn (a long shared context)")
-    p.add_argument("--prefix-cache-mb", type=float, default=2048, help="with --turns: the cached run's budget")
+    p.add_argument("--prefix-cache-mb", type=float, default=2048, help="with --turns: the cached runs' budget")
+    p.add_argument("--think-time", type=float, default=0, metavar="SECONDS",
+                   help="with --turns: seconds the user reads each answer before sending the next turn (default 0)")
+    p.add_argument("--servers", type=lambda v: v.split(","), default=["on", "off"],
+                   help="with --turns: the servers to run the chat against, of " + ", ".join(TURN_SERVERS)
+                        + " (default on,off)")
     args = p.parse_args()
+    unknown = [n for n in args.servers if n not in TURN_SERVERS]
+    if unknown:
+        p.error(f"--servers {','.join(unknown)}: expected names of {', '.join(TURN_SERVERS)}")
     if args.turns:
         prefix_cache_rows(args, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
         return

@@ -81,6 +81,12 @@ def format_prompt(turns: Iterable, add_generation_prompt: bool = True) -> str:
     return NL.join(parts)
 
 
+def follow_up(prompt: str, answer: str) -> str:
+    """How the next prompt of a conversation starts, after ``prompt`` (from :func:`format_prompt`) got
+    ``answer``: the answer as the next prompt renders it, then the next user turn's speaker."""
+    return prompt + escape(answer) + NL + USER + ":"
+
+
 def parse_answer(text: str) -> str:
     """The answer as a user reads it: ``<NL>`` to newlines, cut at ``</s>`` and at a new user turn."""
     text = text.replace(NL, "\n")

@@ -15,7 +15,7 @@ from ..loading import served_model_id
 from ..serve import serve
 from ..serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from ..serve.protocol import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S
-from ..serve.scheduler import DEFAULT_MAX_PREFILL_TOKENS, KV_MEMORY_SHARE
+from ..serve.scheduler import DEFAULT_IDLE_PREFILL, DEFAULT_MAX_PREFILL_TOKENS, KV_MEMORY_SHARE
 from .args import (add_generation_config_arg, add_model_args, add_sampling_args, add_speculate_args, at_least,
                    draft_from_args, generation_defaults_from_args, load_from_args, sampling_params)
 
@@ -101,7 +101,7 @@ def cmd_serve(args) -> int:
           default_max_tokens=args.default_max_tokens, draft=draft, read_timeout=args.read_timeout or None,
           max_connections=args.max_connections, adapters=adapters, prefix_cache_mb=args.prefix_cache_mb,
           generation_defaults=generation_defaults_from_args(args), kv_cache_gb=args.kv_cache_gb,
-          max_prefill_tokens=args.max_prefill_tokens)
+          max_prefill_tokens=args.max_prefill_tokens, idle_prefill=args.idle_prefill)
     return 0
 
 
@@ -177,6 +177,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--prefix-cache-mb", type=at_least(0, float), default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
                    help="keep the keys and values of prompt prefixes, up to MB megabytes, for later prompts that "
                         f"start the same way (default {DEFAULT_PREFIX_CACHE_MB}; 0: off)")
+    p.add_argument("--idle-prefill", type=at_least(0), default=DEFAULT_IDLE_PREFILL, metavar="N",
+                   help="while no request is waiting or running, prefill the follow-up of the N most recently "
+                        "finished answers (the conversation so far) into the prefix cache, so that a chat's next "
+                        f"turn computes only its new text (default {DEFAULT_IDLE_PREFILL}; 0: off)")
     add_generation_config_arg(p)
     add_speculate_args(p)
     p.set_defaults(func=cmd_serve)

@@ -14,7 +14,7 @@ from .app import DrainingServer, create_app
 from .limits import Limits
 from .prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from .protocol import DEFAULT_MAX_TOKENS, DEFAULT_READ_TIMEOUT_S
-from .scheduler import DEFAULT_MAX_PREFILL_TOKENS, Engine, Event, QueueFull, Unavailable
+from .scheduler import DEFAULT_IDLE_PREFILL, DEFAULT_MAX_PREFILL_TOKENS, Engine, Event, QueueFull, Unavailable
 
 __all__ = ["Engine", "Event", "QueueFull", "Unavailable", "create_app", "serve"]
 
@@ -25,7 +25,7 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
           default_max_tokens: int | None = None, draft=None, read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
           max_connections: int | None = None, adapters=(), prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
           generation_defaults: dict | None = None, kv_cache_gb: float | None = None,
-          max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
+          max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, idle_prefill: int = DEFAULT_IDLE_PREFILL) -> None:
     """Serve ``model`` until SIGTERM or SIGINT (Ctrl-C), then shut down gracefully: new requests get
     503, those already accepted finish for up to ``shutdown_timeout`` seconds (what is left then ends
     with an error event), and the function returns. A second signal stops at once.
@@ -36,12 +36,12 @@ def serve(model, tokenizer, model_id: str = "jneox", host: str = "127.0.0.1", po
     ``adapters``: LoRA adapters that requests name in ``model`` (see :class:`Engine`).
     ``prefix_cache_mb``: the prefix cache's budget (0: off; see :class:`Engine`). ``generation_defaults``
     (:func:`jneox.loading.generation_defaults`): sampling defaults for requests; its ``max_new_tokens``
-    is the default ``max_tokens`` unless ``default_max_tokens`` is given. ``kv_cache_gb`` and
-    ``max_prefill_tokens``: see :class:`Engine`.
+    is the default ``max_tokens`` unless ``default_max_tokens`` is given. ``kv_cache_gb``,
+    ``max_prefill_tokens`` and ``idle_prefill``: see :class:`Engine`.
     The other options: see :func:`create_app`."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, draft=draft, adapters=adapters,
                     prefix_cache_mb=prefix_cache_mb, model_name=model_id, kv_cache_gb=kv_cache_gb,
-                    max_prefill_tokens=max_prefill_tokens)
+                    max_prefill_tokens=max_prefill_tokens, idle_prefill=idle_prefill)
     app = create_app(engine, model_id, api_key, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                      request_timeout=request_timeout,
                      default_max_tokens=(default_max_tokens or (generation_defaults or {}).get("max_new_tokens")

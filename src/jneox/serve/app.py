@@ -271,7 +271,7 @@ def create_app(engine: Engine, model_id: str = "jneox", api_key: str | None = No
         try:
             return engine.submit(req.prompt_ids, req.params, listener, logprobs=req.logprobs,
                                  prompt_logprobs=req.echo, generate=req.generate, speculate=req.speculate,
-                                 adapter=adapter, constraint=req.constraint)
+                                 adapter=adapter, constraint=req.constraint, follow_up=req.follow_up)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry in a moment", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None

@@ -41,7 +41,8 @@ rows; its rows keep their bits because every operation computes them as the whol
 Adapters keep whole chunks (their low-rank products go through PyTorch's matrix multiply, which is not
 known to compute rows on their own). Only keys and values computed by a prefill are stored: a decode
 step computes a token's row by another kernel path (other bits), so a chat's previous answer is
-computed again as part of the next prompt.
+computed again by a prefill: by the engine while it has nothing else to do (its idle prefill of
+finished answers), else as part of the next prompt.
 """
 from __future__ import annotations
 
@@ -106,11 +107,19 @@ class PrefixCache:
         for key in reversed(keys):  # the first block most recent: evicted last
             self.blocks.move_to_end(key)
 
+    def cached_run(self, keys: list[bytes]) -> int:
+        """How many of ``keys``' leading blocks are cached (not counted as a lookup, nothing touched)."""
+        n = 0
+        while n < len(keys) and keys[n] in self.blocks:
+            n += 1
+        return n
+
     def lookup(self, keys: list[bytes], max_blocks: int, query_tokens: int,
-               usable: Callable[[int], int] | None = None) -> list[Block]:
+               usable: Callable[[int], int] | None = None, count: bool = True) -> list[Block]:
         """The leading run of ``keys[:max_blocks]`` that is cached (their blocks, in order), cut to its
         first ``usable(len(run))`` blocks when given (where a prompt may resume), counting
-        ``query_tokens`` prompt tokens asked for."""
+        ``query_tokens`` prompt tokens asked for unless not ``count`` (the engine's own idle prefill,
+        which is no prompt's)."""
         found = []
         for key in keys[:max_blocks]:
             block = self.blocks.get(key)
@@ -120,8 +129,9 @@ class PrefixCache:
         if usable is not None:
             found = found[: usable(len(found))]
         self._touch(keys[: len(found)])
-        self.queries += query_tokens
-        self.hits += len(found) * self.block_tokens
+        if count:
+            self.queries += query_tokens
+            self.hits += len(found) * self.block_tokens
         return found
 
     def restore(self, blocks: list[Block], caches: list[KVCache], slot: int) -> int:

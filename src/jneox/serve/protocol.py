@@ -11,8 +11,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
-from ..chat import SYSTEM, TURN_STOP, USER, Utterance, format_prompt
+from ..chat import SYSTEM, TURN_STOP, USER, Utterance, follow_up, format_prompt
 from ..sampling import SamplingParams
 from .constraints import (Constraint, ConstraintError, choice_grammar, grammar_tokenizer, json_object_grammar,
                           json_schema_grammar, lark_grammar, regex_grammar)
@@ -162,6 +163,9 @@ class GenerationRequest:
     generate: bool = True  # False: max_tokens 0 with echo, the prompt is only scored
     speculate: bool = True  # jneox's own field: false decodes without the server's --speculate
     constraint: Constraint | None = None  # structured output: the grammar the answer follows
+    # the token ids the next prompt of the conversation starts with, from the answer's text (the engine's
+    # idle prefill; None: the prompt's ids and the answer's)
+    follow_up: Callable[[str], list[int]] | None = None
 
 
 def sampling(body: dict, prompt_len: int, window: int, extra_stop: tuple[str, ...] = (),
@@ -389,7 +393,8 @@ def parse_chat(body: dict, tokenizer, window: int, default_max_tokens: int = DEF
                       default_max_tokens=default_max_tokens)
     return GenerationRequest(ids, params, *_stream_options(body), logprobs=logprobs,
                              speculate=_bool(body, "speculate", True),
-                             constraint=constraint(structured_grammar(body), tokenizer))
+                             constraint=constraint(structured_grammar(body), tokenizer),
+                             follow_up=lambda answer: tokenizer.encode(follow_up(prompt, answer)))
 
 
 def token_ids(v, tokenizer, param: str) -> list[int]:
@@ -442,12 +447,20 @@ def parse_completion(body: dict, tokenizer, window: int,
         raise bad(f"{name} must be >= 1 (0, to score the prompt only, needs echo: true and logprobs)", name,
                   "invalid_value")
     grammar = structured_grammar(body)
+    p = body.get("prompt")
+    texts = [p] if isinstance(p, str) else [x if isinstance(x, str) else None for x in p]
     reqs = []
-    for i, ids in enumerate(prompts):
+    for i, (ids, text) in enumerate(zip(prompts, texts)):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         reqs.append(GenerationRequest(ids, sampling(body, len(ids), window, prompt_param=param,
                                                               default_max_tokens=default_max_tokens), *stream,
                                       logprobs=logprobs, echo=echo, generate=not score_only,
                                       speculate=_bool(body, "speculate", True),
-                                      constraint=constraint(grammar, tokenizer) if not score_only else None))
+                                      constraint=constraint(grammar, tokenizer) if not score_only else None,
+                                      follow_up=None if text is None else _continued(tokenizer, text)))
     return reqs
+
+
+def _continued(tokenizer, prompt: str) -> Callable[[str], list[int]]:
+    """A text prompt's follow-up: the prompt and its answer, as a client that sends them on tokenizes them."""
+    return lambda answer: tokenizer.encode(prompt + answer)

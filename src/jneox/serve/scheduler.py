@@ -13,6 +13,18 @@ bits are the same; else ``MAX_KERNEL_ROWS``), or from where the prefix cache lef
 the chunk); a long prompt spreads over several steps while the running rows keep decoding, and a
 request joins the decode steps the step its last chunk is in. Nobody waits for the batch.
 
+Idle prefill: a finished answer was made by decode steps, whose keys and values have other bits than
+a prefill's, so the prefix cache never takes them, and a chat's next turn would prefill the previous
+answer again, on the user's time. Instead, each request that ends normally leaves a job: the token ids
+its conversation's next prompt starts with (its prompt and answer; for a chat, the conversation
+rendered with the answer, as the next turn's prompt will render it). Only while no request is waiting
+or running, the engine prefills the newest job, one chunk a step, by the prefill path a request takes
+(:meth:`Engine._prefill_step`, in slot 0, from where the prefix cache leaves off), storing its whole
+blocks after each chunk: they have a cold prefill's bits by construction. A request that arrives stops
+it at the chunk's end (what is computed is already in the cache, for that request to take) and the
+job goes back to the queue. The newest ``idle_prefill`` jobs are kept; a job whose whole blocks are all
+cached (its follow-up came, or it ran) is dropped unrun.
+
 Batching changes nothing but speed: every per-row operation on the CPU path (packed linear kernels
 for up to ``MAX_KERNEL_ROWS`` rows, layer norm, fused single-token attention up to the row's own
 position) computes a row the same way whatever the other rows hold, so a request gives the same
@@ -83,6 +95,11 @@ DEFAULT_MAX_PREFILL_TOKENS = PREFILL_CHUNK
 # the share of the memory available once the model is loaded that the running requests' KV cache may
 # take by default (the rest: the server's own buffers, and whatever else the machine runs)
 KV_MEMORY_SHARE = 0.8
+# finished answers whose next prompt the engine prefills into the prefix cache while it is idle: the newest
+# this many (a user answers the latest turns first; each job is one conversation's worth of blocks)
+DEFAULT_IDLE_PREFILL = 8
+# idle prefill takes this slot's rows (every slot is free while it runs)
+IDLE_SLOT = 0
 
 
 class QueueFull(RuntimeError):
@@ -131,6 +148,16 @@ class Event:
 
 
 @dataclass(eq=False)
+class IdleJob:
+    """A finished answer's follow-up to prefill while the engine is idle: ``make()`` gives its token ids
+    (called on the engine thread, once, when the job first runs; then kept in ``ids``)."""
+
+    make: Callable[[], list[int]]
+    adapter: Adapter | None = None
+    ids: list[int] | None = None
+
+
+@dataclass(eq=False)
 class Request:
     """One request's state inside the engine (what ``submit`` returns, to pass to ``cancel``)."""
 
@@ -154,6 +181,10 @@ class Request:
     adapter: Adapter | None = None  # the LoRA adapter its rows add (None: the base model)
     constraint: Constraint | None = None  # structured output: the grammar its tokens follow
     cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (None: not looked up)
+    # the token ids its conversation's next prompt starts with, from its answer's text (None: prompt + answer ids)
+    follow_up: Callable[[str], list[int]] | None = None
+    answer: list[str] = field(default_factory=list)  # the answer's text pieces sent so far
+    idle: bool = False  # the engine's own idle prefill of a finished answer (no client)
     prefilling: bool = False  # in a slot, its prompt not all in the cache yet (seq.pos: the next prompt position)
     scored: list[TokenLogprob] | None = None  # echo: the prompt's logprobs so far
     keys: list[bytes] = field(default_factory=list)  # its prompt blocks' prefix cache keys
@@ -218,15 +249,18 @@ class Engine:
     ``model_name``. ``kv_cache_gb`` (None: KV_MEMORY_SHARE of the memory available) bounds the KV cache
     that running requests reserve (each its prompt plus ``max_tokens``, at most the window): a request
     that would pass it waits in the queue. ``max_prefill_tokens``: prompt tokens per engine step.
+    ``idle_prefill`` (0: off; needs the prefix cache): the finished answers whose follow-up prompts the
+    engine prefills into the prefix cache while it has no request (see the module docstring), newest first.
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 32,
                  draft: Guesser | None = None, adapters: Sequence[Adapter] = (),
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, model_name: str = "jneox",
-                 kv_cache_gb: float | None = None, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
-        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
-            raise ValueError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
-                             f"{max_prefill_tokens} and {max_queue}")
+                 kv_cache_gb: float | None = None, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+                 idle_prefill: int = DEFAULT_IDLE_PREFILL):
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1 or idle_prefill < 0:
+            raise ValueError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue and idle_prefill >= 0, got "
+                             f"{max_batch}, {max_prefill_tokens}, {max_queue} and {idle_prefill}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.draft = draft
@@ -272,7 +306,10 @@ class Engine:
                          # speculative decoding: guesses checked, and those the model agreed with
                          "draft_proposed": 0, "draft_accepted": 0,
                          # prefix cache: prompt tokens looked up, and found (not prefilled again)
-                         "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
+                         "prefix_query_tokens": 0, "prefix_hit_tokens": 0,
+                         # idle prefill of finished answers: jobs started, tokens and seconds (not in prefill_*)
+                         "idle_prefill_jobs": 0, "idle_prefill_tokens": 0, "idle_prefill_s": 0.0,
+                         "idle_prefill_cpu_s": 0.0}
         if prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
         # blocks are prefill chunks, or finer where every linear computes a prompt's rows on its own (the bits
@@ -282,6 +319,11 @@ class Engine:
         self.prefix_cache = (PrefixCache(self.caches, FINE_BLOCK_TOKENS if fine else self.prefill_chunk,
                                          int(prefix_cache_mb * 2**20), model.config.hidden_size)
                              if prefix_cache_mb > 0 and self.prefill_chunk < self.window else None)
+        # finished answers to prefill while idle (newest last; the oldest fall out), and the one in slot IDLE_SLOT
+        self.idle_jobs: collections.deque[IdleJob] = collections.deque(
+            maxlen=idle_prefill if self.prefix_cache is not None else 0)
+        self.idle_seq: Request | None = None
+        self.idle_job: IdleJob | None = None
         self.metrics = Metrics(model_name)
         self.metrics.gauges(running=self.running_count, waiting=lambda: len(self.waiting), kv_usage=self._kv_usage,
                             prefix_usage=lambda: self.prefix_cache.usage if self.prefix_cache else 0.0)
@@ -331,7 +373,7 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
                logprobs: int | None = None, prompt_logprobs: bool = False, generate: bool = True,
                speculate: bool = True, adapter: Adapter | None = None,
-               constraint: Constraint | None = None) -> Request:
+               constraint: Constraint | None = None, follow_up: Callable[[str], list[int]] | None = None) -> Request:
         """Queue a request; raises ValueError for a prompt that does not fit, QueueFull when full and
         Unavailable when the engine takes no more requests.
 
@@ -340,7 +382,9 @@ class Engine:
         ``generate=False`` scores the prompt and generates nothing (needs ``prompt_logprobs``);
         ``speculate=False`` decodes this request without the engine's draft; ``adapter``: one of the
         engine's ``adapters`` (None: the base model); ``constraint`` makes its tokens follow a grammar (a row
-        of its own: it never speculates, as guesses skip the mask)."""
+        of its own: it never speculates, as guesses skip the mask); ``follow_up`` maps the answer's text to
+        the token ids the conversation's next prompt starts with, for the idle prefill (None: the prompt's
+        ids and the answer's; called on the engine thread while it is idle)."""
         if generate:
             check_prompt_fits(self.model, len(prompt_ids))
         elif not prompt_logprobs or logprobs is None:
@@ -349,7 +393,8 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; 1 to {self.window} can be scored")
         seq = Request(list(prompt_ids), params, on_event, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs and logprobs is not None, generate=generate,
-                      speculate=speculate and constraint is None, adapter=adapter, constraint=constraint)
+                      speculate=speculate and constraint is None, adapter=adapter, constraint=constraint,
+                      follow_up=follow_up)
         with self.cond:
             if self.failed:
                 raise Unavailable(ENGINE_FAILED)
@@ -382,7 +427,9 @@ class Engine:
     def stats(self) -> dict:
         with self.cond:
             return {"running": self.running_count(), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "decode_steps": self.steps, **self.counters}
+                    "max_queue": self.max_queue, "decode_steps": self.steps,
+                    # idle prefill jobs not done yet (queued or running)
+                    "idle_prefill_pending": len(self.idle_jobs) + (self.idle_job is not None), **self.counters}
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -409,22 +456,45 @@ class Engine:
 
     def _serve_forever(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self.cond:
-                    self._drop_cancelled()
-                    while not self.stopping and not self.waiting and self.running_count() == 0:
-                        self.cond.wait()
-                    if self.stopping:
-                        break
-                    admitted = self._admit()
-                for seq in admitted:
-                    self._guarded(lambda: self._start(seq), [seq])
-                prompts = [s for s in self.slots if s is not None and s.prefilling and not s.cancelled]
-                if prompts:
-                    self._guarded(lambda: self._prefill_step(prompts), prompts)
-                running = [s for s in self.slots if s is not None and not s.cancelled and not s.prefilling]
-                if running:
-                    self._guarded(lambda: self._decode_step(running), running)
+            while self.step():
+                pass
+
+    def step(self, wait: bool = True) -> bool:
+        """One round of the engine thread's loop: admit, prefill, decode; or, with no request waiting or
+        running, one chunk of idle prefill. ``wait``: block until there is something to do (the thread's
+        way; a test drives an engine that was not started with ``wait=False``, under
+        ``torch.inference_mode``). False once the engine is stopping."""
+        with self.cond:
+            self._drop_cancelled()
+            while wait and not self.stopping and not self._busy() and not self._idle_work():
+                self.cond.wait()
+            if self.stopping:
+                return False
+            busy = self._busy()
+        if not busy:
+            if self._idle_work():
+                self._idle_step()
+            return True
+        if self.idle_seq is not None:  # a request came: the idle prefill gives way at this chunk's end
+            self._pause_idle()
+        with self.cond:
+            admitted = self._admit()
+        for seq in admitted:
+            self._guarded(lambda: self._start(seq), [seq])
+        prompts = [s for s in self.slots if s is not None and s.prefilling and not s.cancelled]
+        if prompts:
+            self._guarded(lambda: self._prefill_step(prompts), prompts)
+        running = [s for s in self.slots if s is not None and not s.cancelled and not s.prefilling]
+        if running:
+            self._guarded(lambda: self._decode_step(running), running)
+        return True
+
+    def _busy(self) -> bool:
+        """Whether a request is waiting or running (with the lock held)."""
+        return bool(self.waiting) or self.running_count() > 0
+
+    def _idle_work(self) -> bool:
+        return not self.draining and (self.idle_seq is not None or bool(self.idle_jobs))
 
     def _reserved(self, seq: Request) -> int:
         """The KV cache positions a request may come to hold: its prompt and max_tokens, at most the window."""
@@ -516,14 +586,15 @@ class Engine:
         seq.pos = seq.cached_tokens or 0
         seq.prefilling = True
 
-    def _prefill_step(self, prompts: list[Request]) -> None:
+    def _prefill_step(self, prompts: list[Request], max_tokens: int | None = None, counters: str = "prefill") -> None:
         """The next chunks of the prompts in their slots, oldest request first, up to ``max_prefill_tokens``
         (at least one chunk): each chunk is the piece of a lone prefill (``prefill_chunk`` tokens from the
         prompt's start or where the prefix cache left off). Chunks of requests without echo or an adapter go
         through the model together (:meth:`_prefill_together`), the others one pass each, as ``generate``
-        does; a request whose last chunk is in samples its first token."""
+        does; a request whose last chunk is in samples its first token. ``max_tokens`` (default
+        ``max_prefill_tokens``) and the ``counters`` it adds to (``prefill_*``): for the idle prefill."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        plan, budget = [], self.max_prefill_tokens
+        plan, budget = [], max_tokens or self.max_prefill_tokens
         for seq in sorted(prompts, key=lambda s: s.id):
             a, n = seq.pos, len(seq.prompt_ids)
             while a < n:
@@ -545,9 +616,9 @@ class Engine:
             if b == len(seq.prompt_ids):
                 done[seq] = None if logits is None else logits[:, -1]
         self.prefill_steps += 1
-        self.counters["prefill_tokens"] += sum(b - a for _, a, b in plan)
-        self.counters["prefill_s"] += time.perf_counter() - t0
-        self.counters["prefill_cpu_s"] += time.thread_time() - c0
+        self.counters[counters + "_tokens"] += sum(b - a for _, a, b in plan)
+        self.counters[counters + "_s"] += time.perf_counter() - t0
+        self.counters[counters + "_cpu_s"] += time.thread_time() - c0
         for seq, logits in done.items():
             self._prompt_done(seq, logits)
 
@@ -622,6 +693,8 @@ class Engine:
         """A request's whole prompt is in its slot; ``logits`` (1, V) its last position's: its first token
         (None for a prompt scored in full, whose logits come from its hidden states here)."""
         seq.prefilling = False
+        if seq.idle:  # its blocks are stored by _idle_step
+            return
         hidden, seq.hidden = torch.cat(seq.hidden, dim=1), []
         if seq.scored is not None:  # echo: every position's logits, by one head call per chunk of a full prefill
             n, chunk = len(seq.prompt_ids), self.prefill_chunk
@@ -659,18 +732,29 @@ class Engine:
         pc = self.prefix_cache
         if pc is None:
             return []
-        # an adapter changes every layer's keys and values: its blocks are its own
-        salt = b"" if seq.adapter is None else b"adapter:" + seq.adapter.name.encode()
-        keys = block_keys(seq.prompt_ids, pc.block_tokens, salt)
+        keys = self._block_keys(seq.prompt_ids, seq.adapter)
+        self._restore_prefix(seq, keys)
         n = len(seq.prompt_ids)
-        blocks = pc.lookup(keys, (n - 1) // pc.block_tokens, n, lambda found: self._resumable(found, n, seq.adapter))
-        seq.cached_tokens = pc.restore(blocks, self._rows(seq.slot, seq.slot + 1), 0)
-        seq.hidden = [pc.hidden(blocks)] if blocks else []
         self.counters["prefix_query_tokens"] += n
         self.counters["prefix_hit_tokens"] += seq.cached_tokens
         self.metrics.prefix_queries.inc(n)
         self.metrics.prefix_hits.inc(seq.cached_tokens)
         return keys
+
+    def _block_keys(self, ids: list[int], adapter: Adapter | None) -> list[bytes]:
+        # an adapter changes every layer's keys and values: its blocks are its own
+        salt = b"" if adapter is None else b"adapter:" + adapter.name.encode()
+        return block_keys(ids, self.prefix_cache.block_tokens, salt)
+
+    def _restore_prefix(self, seq: Request, keys: list[bytes]) -> None:
+        """Copy the leading cached blocks of ``seq``'s prompt (``keys``) where it may resume into its slot:
+        ``seq.cached_tokens`` positions, their hidden states the first piece of ``seq.hidden``. An idle
+        prefill's lookup counts as no prompt's."""
+        pc, n = self.prefix_cache, len(seq.prompt_ids)
+        blocks = pc.lookup(keys, (n - 1) // pc.block_tokens, n, lambda found: self._resumable(found, n, seq.adapter),
+                           count=not seq.idle)
+        seq.cached_tokens = pc.restore(blocks, self._rows(seq.slot, seq.slot + 1), 0)
+        seq.hidden = [pc.hidden(blocks)] if blocks else []
 
     def _resumable(self, found: int, n: int, adapter: Adapter | None) -> int:
         """How many of the ``found`` leading cached blocks a prompt of ``n`` tokens resumes after (the bits
@@ -689,6 +773,67 @@ class Engine:
         states (``hidden``, (1, prompt tokens, hidden_size))."""
         if self.prefix_cache is not None and keys:
             self.prefix_cache.store(keys, self._rows(seq.slot, seq.slot + 1), 0, hidden[0])
+
+    # ---- idle prefill (the module docstring) ------------------------------------------------------
+    def _queue_idle(self, seq: Request) -> None:
+        """A request that ended normally leaves its follow-up to prefill while idle."""
+        if self.idle_jobs.maxlen == 0 or seq.completion_tokens == 0:
+            return
+        if seq.follow_up is not None:
+            answer, follow_up = "".join(seq.answer), seq.follow_up
+            make = lambda: follow_up(answer)  # noqa: E731
+        else:
+            ids = seq.prompt_ids + seq.text.token_ids
+            make = lambda: ids  # noqa: E731
+        self.idle_jobs.append(IdleJob(make, seq.adapter))
+
+    def _idle_step(self) -> None:
+        """One step of idle prefill: start the newest job (one job looked at a step: a stale one is dropped),
+        or compute the next chunk of the running one and store its whole blocks so far. A failure drops the
+        job (logged); requests are not touched."""
+        try:
+            if self.idle_seq is None:
+                # marked as the running job before it leaves the queue: stats() never misses it
+                self.idle_job = self.idle_jobs[-1]
+                self._start_idle(self.idle_jobs.pop())
+                return
+            seq = self.idle_seq
+            self._prefill_step([seq], max_tokens=1, counters="idle_prefill")  # one chunk
+            pc, hidden = self.prefix_cache, torch.cat(seq.hidden, dim=1)
+            seq.hidden = [hidden]
+            pc.store(seq.keys[: seq.pos // pc.block_tokens], self._rows(IDLE_SLOT, IDLE_SLOT + 1), 0, hidden[0])
+            if seq.pos == len(seq.prompt_ids):
+                self._end_idle()
+        except Exception:
+            traceback.print_exc()
+            self._end_idle()
+
+    def _start_idle(self, job: IdleJob) -> None:
+        """Put ``job`` in slot IDLE_SLOT from where the prefix cache leaves off, unless all its whole blocks
+        are cached already (a stale job: dropped) or it would pass the KV cache budget."""
+        if job.ids is None:
+            job.ids = list(job.make())[: self.window]
+        keys = self._block_keys(job.ids, job.adapter)
+        if self.prefix_cache.cached_run(keys) == len(keys) or len(job.ids) > self.kv_positions:
+            self.idle_job = None
+            return
+        seq = Request(job.ids, SamplingParams(), lambda event: None, adapter=job.adapter, idle=True,
+                      slot=IDLE_SLOT, keys=keys)
+        self.idle_seq = seq
+        self._restore_prefix(seq, keys)
+        seq.pos, seq.prefilling = seq.cached_tokens, True
+        self.counters["idle_prefill_jobs"] += 1
+
+    def _pause_idle(self) -> None:
+        """A request came: the running job's blocks so far are stored already; it goes back to the queue
+        (newest), to go on from the cache when the engine is idle again."""
+        self.idle_jobs.append(self.idle_job)
+        self._end_idle()
+
+    def _end_idle(self) -> None:
+        if self.idle_seq is not None:
+            self._release(IDLE_SLOT)
+        self.idle_seq = self.idle_job = None
 
     def _observe_token(self, seq: Request) -> None:
         """Token and latency metrics for the request's newest token."""
@@ -810,10 +955,12 @@ class Engine:
         if not seq.text.done and seq.sampler.full:
             piece += seq.text.finish("length")
         if piece:
+            seq.answer.append(piece)
             self._send(seq, Event(text=piece, logprobs=self._released(seq)))
         if seq.text.done:  # the slot is free before the client hears that the answer is complete
             self._free(seq)
             self._observe_end(seq, seq.text.finish_reason)
+            self._queue_idle(seq)
             self._send(seq, Event(finish_reason=seq.text.finish_reason, prompt_tokens=len(seq.prompt_ids),
                                   completion_tokens=seq.completion_tokens, logprobs=self._released(seq),
                                   cached_tokens=seq.cached_tokens))

@@ -185,6 +185,7 @@ def parse_tool_chat(body: dict, tokenizer, window: int, default_max_tokens: int)
     req = parse_chat({**body, "messages": messages}, tokenizer, window, default_max_tokens)
     if choice == "none":
         return req, None
+    req.follow_up = None  # a call's turn is rendered from its tool_calls, not from the answer's text
     if structured_grammar(body) is not None:
         raise bad("response_format (or structured_outputs) cannot be combined with tool calls; set tool_choice "
                   "'none'", "tool_choice", "invalid_value")
