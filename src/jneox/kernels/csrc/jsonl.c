@@ -64,6 +64,16 @@ static inline const uint8_t *jsonl_string(const uint8_t *p, const uint8_t *end, 
         /* runs of three-byte characters (most CJK text) a word at a time: the lead byte 1110xxxx, two
          * continuation bytes, and the top ten bits of the code point past the overlong forms (< 0x20)
          * and not a surrogate (0x360..0x37F); anything else goes the general way below */
+        while (end - p >= 8) { /* two at a time */
+            uint64_t w;
+            memcpy(&w, p, 8);
+            const uint32_t top0 = (uint32_t)(((w & 0x0F) << 6) | ((w >> 8) & 0x3F));
+            const uint32_t top1 = (uint32_t)((((w >> 24) & 0x0F) << 6) | ((w >> 32) & 0x3F));
+            if ((w & 0xC0C0F0C0C0F0ull) != 0x8080E08080E0ull || top0 < 0x20 || (top0 & 0x3E0) == 0x360 ||
+                top1 < 0x20 || (top1 & 0x3E0) == 0x360)
+                break;
+            p += 6;
+        }
         while (end - p >= 4) {
             uint32_t w;
             memcpy(&w, p, 4);
