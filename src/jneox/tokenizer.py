@@ -75,7 +75,19 @@ class Tokenizer:
         """:meth:`encode` of each text as an int32 array, then ``</s>`` when ``eos``, in one call into
         sentencepiece on one thread (callers that want more run more processes). The arrays come from
         sentencepiece's buffer encode where it has one: no Python int per token."""
-        texts = [self._with_nl(t) for t in texts]
+        return self._encode_prepared([self._with_nl(t) for t in texts], eos)
+
+    @property
+    def writes_nl(self) -> bool:
+        """Whether encoding writes newlines as ``<NL>`` (the model has that symbol)."""
+        return self.nl_id is not None
+
+    def encode_utf8_batch(self, texts: list[bytes], eos: bool = False) -> list[np.ndarray]:
+        """:meth:`encode_batch` of texts given as the UTF-8 bytes sentencepiece reads: newlines already
+        written as ``<NL>`` (where :attr:`writes_nl`), as :mod:`jneox.kernels`' JSONL scanner writes them."""
+        return self._encode_prepared(texts, eos)
+
+    def _encode_prepared(self, texts: list, eos: bool) -> list[np.ndarray]:
         try:
             return self.sp.encode(texts, out_type="numpy", num_threads=1, add_eos=eos)
         except ValueError:  # a sentencepiece without out_type="numpy"

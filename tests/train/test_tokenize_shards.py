@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from jneox import kernels
 from jneox.cli import main as cli_main
 from jneox.errors import UsageError
 from jneox.loading import load_model
@@ -75,6 +76,26 @@ def test_the_bytes_do_not_depend_on_orjson(tmp_path, corpus, spiece_model, monke
     monkeypatch.setattr(data_module, "orjson", None)  # every line through json, one at a time
     tokenize_files(corpus, spiece_model, tmp_path / "json", chunk_bytes=700, progress=False)
     assert bytes_of(tmp_path / "fast") == bytes_of(tmp_path / "json")
+
+
+def test_the_bytes_do_not_depend_on_the_jsonl_scanner(tmp_path, corpus, ja_text, spiece_model, monkeypatch):
+    if kernels.library() is None:
+        pytest.skip("the C kernels are off or cannot be built here: no scanner to compare")
+    lines = [line for line in ja_text.splitlines() if line.strip()]
+    tricky = ["a\r\nb\rc\r\r\n", "\U0001f600 \x00\t\"\\ é", "<NL>\n", ""]
+    rows = [{"id": i, "text": t, "meta": {"n": [i, -1.5e3, None, True], "s": "\n"}}
+            for i, t in enumerate(lines + tricky)]
+    jsonl = tmp_path / "tricky.jsonl"
+    jsonl.write_bytes(b"".join(json.dumps(r, ensure_ascii=i % 2 == 0).encode() + (b"\r\n" if i % 5 == 0 else b"\n")
+                               for i, r in enumerate(rows)))
+    taken = []
+    scan = tokenize_module.jsonl_utf8_texts
+    monkeypatch.setattr(tokenize_module, "jsonl_utf8_texts", lambda *a: taken.append(scan(*a)) or taken[-1])
+    for name in ("scanned", "python"):
+        tokenize_files([jsonl, *corpus], spiece_model, tmp_path / name, chunk_bytes=400, progress=False)
+        monkeypatch.setenv("JNEOX_KERNELS", "0")  # the scanner off: orjson and json line by line
+    assert sum(t is not None for t in taken) > 5 and None in taken  # both paths ran, on one corpus
+    assert bytes_of(tmp_path / "scanned") == bytes_of(tmp_path / "python")
 
 
 def test_a_killed_tokenize_resumes_to_the_same_bytes(tmp_path, corpus, spiece_model, monkeypatch):

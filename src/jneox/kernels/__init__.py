@@ -30,7 +30,7 @@ from ..errors import UsageError
 from .build import build, cache_dir, cpu_has, simd_forcible  # noqa: F401  (the package's API)
 from .paths import FORMATS, SIMD_LEVELS, Format  # noqa: F401
 
-P, I = ctypes.c_void_p, ctypes.c_int
+P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 # rows the kernels take as one decode batch, each row's bits the same alone or among others: decode
 # steps, the server's batches, speculative checks (quantize.py sends longer inputs to the prompt paths;
 # model.py's fused attention takes up to this many new tokens per row)
@@ -53,6 +53,7 @@ SIGNATURES = {
     "jneox_amx": ([], ctypes.c_int),
     "jneox_prompt_amx": ([I, P, P, P, P, P, I, I, I, I, P, I], None),
     "jneox_prompt_amx_scratch": ([I, I, I, I], ctypes.c_long),
+    "jneox_jsonl_texts": ([P, L, P, L, I, P, L, P], L),
 }
 
 
@@ -128,7 +129,7 @@ _SCRATCH = threading.local()
 
 def scratch(nbytes: int) -> int:
     """The address of a scratch buffer of at least ``nbytes`` for the int8/int4 kernels' activations rounded
-    to int8 and the AMX kernel's tiles. One buffer per thread, shared by every layer (each kernel call is
+    to int8, the AMX kernel's tiles and the JSONL scanner's texts. One buffer per thread, shared by every layer (each kernel call is
     done with it when it returns): one per layer would hold 144 of them in a 3.6B model."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < nbytes:
@@ -229,3 +230,21 @@ def decode_attention(lib, qkv, cos, sin, k_cache, v_cache, pos, heads: int, head
                                k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(), B, T, heads, S, head_dim,
                                out.data_ptr(), buf.data_ptr(), torch.get_num_threads())
     return out
+
+
+def jsonl_texts(lib, data: bytes, field: str, newlines: bool) -> list[bytes] | None:
+    """The ``field`` string of every line of ``data`` (whole JSONL lines) as the UTF-8 bytes the tokenizer
+    encodes (``jneox_jsonl_texts``): newlines as ``<NL>`` when ``newlines`` (a "\\r\\n" as one), else a
+    text with a newline is not taken. None where the scanner does not take the chunk: a line blank or not
+    plainly a JSON object with that string field (csrc/jsonl.c lists what it takes); read it in Python."""
+    try:
+        key = field.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    cap = 2 * len(data) + 1  # an escape writes at most twice its length ("\\n" -> "<NL>"), plus the '\n' after each text
+    out, written = scratch(cap), ctypes.c_long()
+    if lib.jneox_jsonl_texts(data, len(data), key, len(key), int(newlines), out, cap, ctypes.byref(written)) < 0:
+        return None
+    texts = ctypes.string_at(out, written.value).split(b"\n")
+    texts.pop()  # after the '\n' ending the last text
+    return texts

@@ -34,6 +34,7 @@ try:
 except ImportError:
     orjson = None
 
+from .. import kernels
 from ..chat import NL, SYSTEM, USER, ConversationError, Utterance, escape, to_utterances
 from ..errors import JneoxError, UsageError
 
@@ -185,6 +186,17 @@ def jsonl_texts(data: bytes, text_field: str) -> list[str] | None:
     except (orjson.JSONDecodeError, KeyError, TypeError):  # TypeError: a line that is not an object
         return None
     return texts if all(type(t) is str for t in texts) else None
+
+
+def jsonl_utf8_texts(data: bytes, text_field: str, newlines: bool) -> list[bytes] | None:
+    """The ``text_field`` string of every line of ``data`` (whole JSONL lines) as the UTF-8 bytes the
+    tokenizer encodes, newlines already written as ``<NL>`` when ``newlines``
+    (:meth:`Tokenizer.encode_utf8_batch`), in one compiled pass (:func:`jneox.kernels.jsonl_texts`). None
+    where the kernels are off (``JNEOX_KERNELS=0``, no compiler) or where the scanner does not take the
+    chunk: it takes only lines that :func:`parse_jsonl_line` certainly reads to the same text, and leaves
+    the others (and anything unusual) to :func:`jsonl_texts` and the line-by-line path."""
+    lib = kernels.library()
+    return None if lib is None else kernels.jsonl_texts(lib, data, text_field, newlines)
 
 
 def text_document(path, data: bytes) -> str:

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import kernels
 from ..errors import UsageError
 from ..tokenizer import Tokenizer
-from .data import DataError, DataStats, is_jsonl, jsonl_texts, parse_jsonl_line, text_document
+from .data import (DataError, DataStats, is_jsonl, jsonl_texts, jsonl_utf8_texts, parse_jsonl_line,
+                   text_document)
 from .indexed import BIN, IDX, token_dtype, write_index
 
 CHUNK_BYTES = 8 << 20  # of input text per chunk: the unit of parallel work and of resuming
@@ -201,8 +203,15 @@ def _init_worker(model_file: str) -> None:
     _tokenizer = Tokenizer(model_file)
 
 
-def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tuple[int, str]]]:
-    """(documents, lines, non-blank lines, problems) of a chunk; lines count from 1 within it."""
+def _read(chunk: Chunk) -> bytes:
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.start)
+        return f.read(chunk.stop - chunk.start)
+
+
+def _texts(chunk: Chunk, text_field: str, data: bytes | None = None) -> tuple[list[str], int, int, list[tuple[int, str]]]:
+    """(documents, lines, non-blank lines, problems) of a chunk (of ``data``, its bytes, if read already);
+    lines count from 1 within it."""
     problems: list[tuple[int, str]] = []
     texts: list[str] = []
     if chunk.kind == "hf":
@@ -218,9 +227,8 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
             else:
                 problems.append((i, f"field {text_field!r} must be a string, got {type(t).__name__}"))
         return texts, len(column), len(column), problems
-    with open(chunk.path, "rb") as f:
-        f.seek(chunk.start)
-        data = f.read(chunk.stop - chunk.start)
+    if data is None:
+        data = _read(chunk)
     if chunk.kind == "text":
         try:
             texts.append(text_document(chunk.path, data))
@@ -249,12 +257,20 @@ def _texts(chunk: Chunk, text_field: str) -> tuple[list[str], int, int, list[tup
 def encode_chunk(chunk: Chunk, text_field: str, dtype: str, streamed: tuple | None = None) -> ChunkResult:
     """Tokenize one chunk in this worker: every document's ids, then ``</s>``, packed by numpy. A
     streamed chunk comes with its (texts, problems), read by the main process."""
-    if streamed is None:
-        texts, n_lines, nonblank, problems = _texts(chunk, text_field)
+    data = _read(chunk) if streamed is None and chunk.kind != "hf" else None
+    # JSONL as the UTF-8 bytes sentencepiece reads, in one compiled pass, where the scanner takes the chunk
+    utf8 = jsonl_utf8_texts(data, text_field, _tokenizer.writes_nl) if chunk.kind == "jsonl" else None
+    if utf8 is not None:
+        docs = _tokenizer.encode_utf8_batch(utf8, eos=True)
+        n_lines = nonblank = len(utf8)
+        problems = []
     else:
-        (texts, problems), n_lines = streamed, chunk.stop - chunk.start
-        nonblank = n_lines
-    docs = _tokenizer.encode_batch(texts, eos=True)
+        if streamed is None:
+            texts, n_lines, nonblank, problems = _texts(chunk, text_field, data)
+        else:
+            (texts, problems), n_lines = streamed, chunk.stop - chunk.start
+            nonblank = n_lines
+        docs = _tokenizer.encode_batch(texts, eos=True)
     lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
     # straight into the little-endian token dtype: the ids are below the vocabulary size it was chosen for
     out = np.dtype(dtype).newbyteorder("<")
@@ -371,6 +387,7 @@ def _write_chunks(todo, state: dict, files: dict, model_file: Path,
                   dtype: np.dtype, text_field: str, skip_bad_lines: bool, workers: int, stats: DataStats,
                   progress: bool, total_bytes: int | None, done_bytes: int) -> None:
     pool = None
+    kernels.library()  # the JSONL scanner: built (on a first run) and loaded here once, before the workers fork
     if workers > 1:  # before the progress bar, whose monitor thread a fork must not copy
         pool = multiprocessing.get_context(_start_method()).Pool(workers, initializer=_init_worker,
                                                                    initargs=(str(model_file),))

@@ -67,6 +67,7 @@
 #include "prompt.c"
 #include "amx.c"
 #include "attention.c"
+#include "jsonl.c"
 
 int jneox_kernels_simd(void) {
 #if defined(AMX)

@@ -72,6 +72,13 @@ void jneox_decode_attention(const float *qkv, const float *cos, const float *sin
  * sum: timed, the memory's read bandwidth, the bound of decode */
 uint64_t jneox_read_bytes(const void *buf, long bytes, int threads);
 
+/* JSONL to the tokenizer's input (jsonl.c): the string field `field` (field_len UTF-8 bytes) of every line of
+ * data[0..n) (whole lines), with newlines written as "<NL>" (nl 1) or refused (nl 0), each text followed by
+ * '\n' in out; returns the number of lines, with *written the bytes of out used, or -1 where the chunk is
+ * not plainly such lines (see jsonl.c): the caller reads it another way. cap >= 2 * n + 1 always suffices. */
+long jneox_jsonl_texts(const void *data, long n, const void *field, long field_len, int nl, void *out, long cap,
+                       long *written);
+
 /* what this build runs: jneox.kernels.paths lists the levels (jneox_kernels_simd) and the int8
  * arithmetic (jneox_kernels_int8_dot: 3 dpbusd, 2 AVX2 maddubs/madd, 1 NEON, 0 scalar C) */
 int jneox_kernels_simd(void);
