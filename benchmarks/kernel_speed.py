@@ -10,7 +10,8 @@ things a decode kernel can be capped by:
   and over: the arithmetic's ceiling (what the kernel would reach with free memory reads).
 
 When ``memory`` is well below the probe and ``L2`` is not far above ``memory``, the arithmetic caps the
-kernel; when ``L2`` is far above, the memory stream (latency, prefetch) does.
+kernel; when ``L2`` is far above, the memory stream (latency, prefetch) does. Wall-time columns need a
+quiet machine; the per-core columns (process CPU time per thread) hold up better on a shared one.
 
     python benchmarks/kernel_speed.py                          # int4, bf16, int8; 1 and 2 threads
     python benchmarks/kernel_speed.py --formats int4 --shapes 2560x10240
@@ -53,8 +54,10 @@ def copies(layer: PackedLinear, total_bytes: float) -> list[tuple[torch.Tensor, 
     return out
 
 
-def gbps(lib, fmt: str, mats, k: int, n: int, threads: int, seconds: float) -> float:
-    """Weight bytes per second over ``mats`` (called in turn), best of a few passes of about ``seconds``."""
+def gbps(lib, fmt: str, mats, k: int, n: int, threads: int, seconds: float) -> tuple[float, float]:
+    """Weight bytes per second over ``mats`` (called in turn), best of ten passes of about a tenth of
+    ``seconds`` each: by wall time, and by the process's CPU time per thread (what a core does while it
+    runs, whatever else shares the machine)."""
     x = torch.randn(1, k)
     y = torch.empty(1, n)
     nbytes = n * k * BYTES_PER_WEIGHT[fmt]
@@ -67,14 +70,15 @@ def gbps(lib, fmt: str, mats, k: int, n: int, threads: int, seconds: float) -> f
         kernels.linear(lib, fmt, x, w, s, None, y, 64, threads)
         calls += 1
     per_pass = max(len(mats), calls)  # a pass of about a tenth of ``seconds``
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(10):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for i in range(per_pass):
             w, s = mats[i % len(mats)]
             kernels.linear(lib, fmt, x, w, s, None, y, 64, threads)
         best = min(best, (time.perf_counter() - t) / per_pass)
-    return nbytes / best / 1e9
+        best_cpu = min(best_cpu, (time.process_time() - c) / threads / per_pass)
+    return nbytes / best / 1e9, nbytes / best_cpu / 1e9
 
 
 def main() -> int:
@@ -98,8 +102,8 @@ def main() -> int:
     del buf
     print(f"kernels: simd level {kernels.simd_level(lib)}, int8 dot {kernels.int8_dot(lib)}; read probe: "
           + ", ".join(f"{t} thread(s) {probe[t]:.1f} GB/s" for t in threads))
-    print(f"{'format':<10} {'K x N':>12} {'thr':>3} {'memory GB/s':>12} {'% probe':>8} {'L2 GB/s':>9} "
-          f"{'L2 N':>6} {'mem/L2':>7}")
+    print(f"{'format':<10} {'K x N':>12} {'thr':>3} {'memory GB/s':>12} {'% probe':>8} {'L2 GB/s':>8} "
+          f"{'L2 N':>5} {'per core (CPU time): memory':>28} {'L2':>6}")
     for fmt in args.formats.split(","):
         for shape in args.shapes.split(","):
             k, n = (int(v) for v in shape.split("x"))
@@ -107,10 +111,10 @@ def main() -> int:
             for t in threads:
                 l2_n = max(4, int(args.l2_kib * 1024 * t / (k * BYTES_PER_WEIGHT[fmt])) // 16 * 16)
                 small = copies(packed(fmt, k, l2_n), 0)
-                mem = gbps(lib, fmt, big, k, n, t, args.seconds)
-                l2 = gbps(lib, fmt, small, k, l2_n, t, args.seconds)
-                print(f"{fmt:<10} {shape:>12} {t:>3} {mem:>12.1f} {100 * mem / probe[t]:>7.0f}% {l2:>9.1f} "
-                      f"{l2_n:>6} {mem / l2:>7.2f}", flush=True)
+                mem, mem_cpu = gbps(lib, fmt, big, k, n, t, args.seconds)
+                l2, l2_cpu = gbps(lib, fmt, small, k, l2_n, t, args.seconds)
+                print(f"{fmt:<10} {shape:>12} {t:>3} {mem:>12.1f} {100 * mem / probe[t]:>7.0f}% {l2:>8.1f} "
+                      f"{l2_n:>5} {mem_cpu:>28.1f} {l2_cpu:>6.1f}", flush=True)
             del big
     return 0
 
