@@ -60,7 +60,8 @@ PATHS = (
                "avx2, with int8 dot products by vpdpbusd (AVX-VNNI); the avx2 level builds without it"),
     KernelPath("avx512", 3, "x86_64", ("avx512f",), ("-mno-avx512bf16", *_NO_AMX), FORMATS, True,
                "+ 8 rows per pass for batches of 3+ rows (int8: vpdpbusd where avx512_vnni + avx512vl); int4 "
-               "(groups of 64) two output rows per register (avx512bw; vpdpbusd where avx512_vnni); prompts in "
+               "(groups of 64) two output rows per register (avx512bw; vpdpbusd where avx512_vnni, high nibbles by "
+               "vgf2p8affineqb where gfni); prompts in "
                "chunks of 128 rows, bf16 as fp32 FMA blocks on the weight widened per block (jneox_prompt_fma)"),
     KernelPath("avx512bf16", 4, "x86_64", ("avx512f", "avx512_bf16"), _NO_AMX, ("bfloat16", "int8"), True,
                "+ bf16/int8 prompts with bf16 dot products (vdpbf16ps)"),

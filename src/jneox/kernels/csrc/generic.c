@@ -50,6 +50,22 @@ ALWAYS_INLINE void int8_tile_generic(const int8_t *xq, const uint8_t *xu, const 
         for (int r = 0; r < RT; r++) dot[4 * m + r] = (t[m][2 * r] + t[m][2 * r + 1]) * scale[r];
 }
 
+/* rounds G activations to int8 (q) with one scale, max|x| / 127 (*scale), and returns the sum of the int8
+ * values: round to nearest even of x * (127 / max|x|), the float multiply and rounding every path shares */
+static inline int32_t quantize_group_generic(const float *xg, int G, int8_t *q, float *scale) {
+    float amax = 0.f;
+    for (int j = 0; j < G; j++) amax = amax > fabsf(xg[j]) ? amax : fabsf(xg[j]);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t qsum = 0;
+    for (int j = 0; j < G; j++) {
+        int v = (int)lrintf(xg[j] * inv);
+        q[j] = (int8_t)v;
+        qsum += v;
+    }
+    *scale = amax / 127.f;
+    return qsum;
+}
+
 /* int4 on fp32 activations: dot(q - 8, x) over a group = dot(q, x) - 8 * sum(x), so the offset is applied
  * once per group through the group's x-sum (xsum, computed once per call), not once per weight. */
 ALWAYS_INLINE void int4_tile_generic(const float *x, const float *xsum, int NM, const uint8_t *w, const uint16_t *s,

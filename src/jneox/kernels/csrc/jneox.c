@@ -24,6 +24,11 @@
 #define int4_tile int4_tile_avx2
 #define dot_f32 dot_f32_avx2
 #define axpy_f32 axpy_f32_avx2
+#if defined(__AVX512F__)
+#define quantize_group quantize_group_avx512
+#else
+#define quantize_group quantize_group_avx2
+#endif
 #define INT8_ROWS X86_INT8_ROWS
 #elif defined(NEON)
 #define f32_tile f32_tile_neon
@@ -32,6 +37,7 @@
 #define int4_tile int4_tile_neon
 #define dot_f32 dot_f32_neon
 #define axpy_f32 axpy_f32_neon
+#define quantize_group quantize_group_generic
 #define INT8_ROWS NEON_INT8_ROWS
 #else
 #define f32_tile f32_tile_generic
@@ -40,6 +46,7 @@
 #define int4_tile int4_tile_generic
 #define dot_f32 dot_f32_generic
 #define axpy_f32 axpy_f32_generic
+#define quantize_group quantize_group_generic
 #define INT8_ROWS GENERIC_ROWS
 #endif
 /* int4 in groups of 64 on int8 activations: from AVX2 up (elsewhere int4_tile on fp32 activations) */

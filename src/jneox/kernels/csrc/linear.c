@@ -18,10 +18,11 @@ void jneox_linear_bf16(const float *x, const uint16_t *W, const float *bias, flo
 #undef ROWS_CALL
 }
 
-/* Rounds each row of x to int8 per group of G (one fp32 scale each: xs = max|x| / 127), into scratch:
- * xsum (the fp32 group sums), xs, xqsum (the int8 group sums, exact in fp32: at most 127 * G) as [M][K/G],
+/* Per group of G of each row of x, into scratch: where sums, xsum (the fp32 sum, in order: int4_tile's
+ * offset correction); where ints, the group rounded to int8 (quantize_group): xs (its fp32 scale,
+ * max|x| / 127) and xqsum (its int8 sum, exact in fp32: at most 127 * G). xsum, xs and xqsum as [M][K/G],
  * then xq [M][K]. */
-static int8_t *quantize_x(const float *x, int M, int K, int G, void *scratch, int threads) {
+static int8_t *quantize_x(const float *x, int M, int K, int G, int sums, int ints, void *scratch, int threads) {
     const int groups = K / G;
     float *xsum = (float *)scratch, *xs = xsum + M * groups;
     float *xqsum = xs + M * groups;
@@ -30,21 +31,12 @@ static int8_t *quantize_x(const float *x, int M, int K, int G, void *scratch, in
     for (int mg = 0; mg < M * groups; mg++) {
         const int m = mg / groups, g = mg % groups;
         const float *xg = x + (size_t)m * K + (size_t)g * G;
-        float sum = 0.f, amax = 0.f;
-        for (int j = 0; j < G; j++) {
-            sum += xg[j];
-            amax = amax > fabsf(xg[j]) ? amax : fabsf(xg[j]);
+        if (sums) {
+            float sum = 0.f;
+            for (int j = 0; j < G; j++) sum += xg[j];
+            xsum[mg] = sum;
         }
-        xsum[mg] = sum;
-        float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t qsum = 0;
-        for (int j = 0; j < G; j++) {
-            int v = (int)lrintf(xg[j] * inv);
-            xq[(size_t)m * K + (size_t)g * G + j] = (int8_t)v;
-            qsum += v;
-        }
-        xs[mg] = sc;
-        xqsum[mg] = (float)qsum;
+        if (ints) xqsum[mg] = (float)quantize_group(xg, G, xq + (size_t)m * K + (size_t)g * G, xs + mg);
     }
     return xq;
 }
@@ -53,7 +45,7 @@ static int8_t *quantize_x(const float *x, int M, int K, int G, void *scratch, in
 void jneox_linear_int8(const float *x, const int8_t *W, const float *scale, const float *bias, float *y, int M, int N,
                        int K, void *scratch, int threads) {
     const int G = int8_block(K), blocks = K / G;
-    const int8_t *xq = quantize_x(x, M, K, G, scratch, threads);
+    const int8_t *xq = quantize_x(x, M, K, G, 0, 1, scratch, threads);
     const float *xs = (const float *)scratch + M * blocks;
     uint8_t *xu = (uint8_t *)xq + (size_t)M * K;
 #ifdef DPBUSD
@@ -70,20 +62,19 @@ void jneox_linear_int8(const float *x, const int8_t *W, const float *scale, cons
 void jneox_linear_int4(const float *x, const uint8_t *W, const uint16_t *scale, const float *bias, float *y, int M,
                        int N, int K, int G, void *scratch, int threads) {
     const int groups = K / G;
-    const int8_t *xq = quantize_x(x, M, K, G, scratch, threads);
-    const float *xsum = (const float *)scratch, *xs = xsum + M * groups;
-    const float *xqsum = xs + M * groups;
 #ifdef INT4_INT8_DOT
     if (G == 64) {
+        const int8_t *xq = quantize_x(x, M, K, G, 0, 1, scratch, threads);
+        const float *xs = (const float *)scratch + M * groups, *xqsum = xs + M * groups;
 #define CALL(NM) int4x8_tile(xq + (size_t)m * K, xs + m * groups, xqsum + m * groups, NM, W + (size_t)t * RT * K / 2, \
                              scale + (size_t)t * RT * groups, NEXT_TILE(W, RT * K / 2), K, dot)
         FOR_TILES_AND_ROW_PAIRS(CALL)
 #undef CALL
         return;
     }
-#else
-    (void)xq, (void)xs, (void)xqsum;
 #endif
+    quantize_x(x, M, K, G, 1, 0, scratch, threads);
+    const float *xsum = (const float *)scratch;
 #define CALL(NM) int4_tile(x + (size_t)m * K, xsum + m * groups, NM, W + (size_t)t * RT * K / 2, \
                            scale + (size_t)t * RT * groups, K, G, dot)
     FOR_TILES_AND_ROW_PAIRS(CALL)
