@@ -35,8 +35,6 @@
 #else
 #define AMX_INT8 0
 #endif
-
-
 #define AMX_KBLOCK_BYTES (1 << 20) /* a K block's slice of the B tiles (the prompt's activations): stays in L2 */
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
@@ -311,7 +309,7 @@ void jneox_prompt_amx(enum jneox_format fmt, const float *x, const void *W, cons
 #endif
         const int lo = (int)((long)nblocks * tid / nth), hi = (int)((long)nblocks * (tid + 1) / nth);
         float c[256] __attribute__((aligned(64)));
-        int32_t ci[2][4][256] __attribute__((aligned(64))); /* int8: two steps' block sums */
+        int32_t ci[2][4][256] __attribute__((aligned(64))); /* int8: two pairs' block sums (one converted while the other is made) */
         (void)ci;
         /* two re-laid out n-blocks: the next one is made between the tile multiplies of this one, so the
          * vector units re-lay out while the tile unit multiplies */
