@@ -30,14 +30,16 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     ``torch.zeros`` writes every byte, so a server's cache for 16 full windows of the 3.6B model
     (27 GB in fp32) would be resident from the start. Anonymous ``mmap`` memory reads as zeros and
     gets pages on first write only: the cache costs what the running requests use (0.8 MB per token
-    for 3.6B in fp32), and the mapping is released with the tensor.
+    for 3.6B in fp32), and the mapping is released with the tensor. The mapping is a private one: a
+    read of a page never written (a prompt's attention reads its chunk's whole span) maps the kernel's
+    shared zero page, where a shared mapping's would allocate and clear a page of its own.
     """
     if torch.device(device if device is not None else "cpu").type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
 
 
 class KVCache(nn.Module):

@@ -543,16 +543,16 @@ class Engine:
         takes pages only where the next request writes), so the cache holds what the running requests
         reserve, not the most each slot ever held; a no-op off the CPU or without madvise."""
         madvise = getattr(libc(), "madvise", None)
-        # the cache's anonymous mappings are shared ones (Python's mmap default), whose pages only
-        # MADV_REMOVE frees (MADV_DONTNEED would only unmap them, and they would read back unchanged)
-        if madvise is None or self.device.type != "cpu" or not hasattr(mmap, "MADV_REMOVE"):
+        # the cache's anonymous mappings are private ones (jneox.model._zeros): MADV_DONTNEED frees their
+        # pages, which read back as zeros
+        if madvise is None or self.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED"):
             return
         for cache in self.caches:
             for t in (cache.k[slot], cache.v[slot]):  # one contiguous block each
                 first = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # the whole pages inside it
                 last = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
                 if last > first:
-                    madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_REMOVE)
+                    madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
     def _send(self, seq: Request, event: Event) -> None:
         if seq.cancelled:

@@ -191,6 +191,32 @@ static inline void amx_out(enum jneox_format fmt, const float *c, const float *s
         _mm512_mask_storeu_ps(y + (size_t)(m0 + m) * N + n0, live, _mm512_fmadd_ps(r[m], sc, b));
 }
 
+#if AMX_INT8
+#define AMX_INT8_PAIRS 4 /* pairs of B tiles (32 prompt rows each) per A tile load: their fp32 sums, 16 KB, stay in L1 */
+
+/* the block sums ci (tiles i: A tile i / 2, B tile i % 2) of step s, m-pair mp of n-block nb, each output's
+ * times its prompt row's block scale (int4: times the weight row's group scale first, as the decode kernel
+ * multiplies the two), into the fp32 sums in ct (the first block: stored, then added) */
+static inline void amx_sums8(enum jneox_format fmt, int32_t ci[4][256], float *ct, const float *xs, const uint16_t *cur,
+                             int kblock, int nb, int mt, int Mp, int k0, int s, int mp) {
+    const int m0 = 32 * mp, first = k0 == 0 && s == 0;
+    float *c0 = ct + ((size_t)(2 * nb) * mt + m0 / 16) * 256, *c1 = c0 + (size_t)mt * 256;
+    float *acc[4] = {c0, c0 + 256, c1, c1 + 256};
+    const float *xsb = xs + ((size_t)k0 / 64 + s) * Mp + m0;
+    /* int4: the weight rows' group scales, made with the tiles */
+    const float *ws = fmt == JNEOX_INT4 ? (const float *)((const char *)cur + (size_t)32 * kblock) + s * 32 : NULL;
+    for (int i = 0; i < 4; i++) {
+        const __m512 sx = _mm512_loadu_ps(xsb + 16 * (i % 2));
+        for (int j = 0; j < 16; j++) {
+            const __m512 sc = ws ? _mm512_mul_ps(_mm512_set1_ps(ws[16 * (i / 2) + j]), sx) : sx;
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(ci[i] + 16 * j));
+            float *at = acc[i] + 16 * j;
+            _mm512_store_ps(at, first ? _mm512_mul_ps(v, sc) : _mm512_fmadd_ps(v, sc, _mm512_load_ps(at)));
+        }
+    }
+}
+#endif
+
 /* the K block: its B tiles (AMX_KBLOCK_BYTES) stay in L2 */
 static inline int amx_kblock(int Mp, int K) {
     int kblock = AMX_KBLOCK_BYTES / (Mp * 2) / 32 * 32;
@@ -283,7 +309,7 @@ void jneox_prompt_amx(enum jneox_format fmt, const float *x, const void *W, cons
 #endif
         const int lo = (int)((long)nblocks * tid / nth), hi = (int)((long)nblocks * (tid + 1) / nth);
         float c[256] __attribute__((aligned(64)));
-        int32_t ci[4][256] __attribute__((aligned(64))); /* int8: one block's sums */
+        int32_t ci[2][4][256] __attribute__((aligned(64))); /* int8: two pairs' block sums (one converted while the other is made) */
         (void)ci;
         /* two re-laid out n-blocks: the next one is made between the tile multiplies of this one, so the
          * vector units re-lay out while the tile unit multiplies */
@@ -300,46 +326,43 @@ void jneox_prompt_amx(enum jneox_format fmt, const float *x, const void *W, cons
                 const int todo = nb + 1 < hi ? units : 0, q_all = (Mp / 32) * steps;
                 int u = 0, q = 0;
 #if AMX_INT8
-                for (int m0 = 0; i8 && m0 < Mp; m0 += 32) {
-                    float *c0 = ct + ((size_t)(2 * nb) * mt + m0 / 16) * 256, *c1 = c0 + (size_t)mt * 256;
-                    float *acc[4] = {c0, c0 + 256, c1, c1 + 256}; /* tile i: A tile i / 2, B tile i % 2 */
-                    const uint32_t *b = xt + ((size_t)k0 / 64 * mt + m0 / 16) * 256;
-                    const float *xsb = xs + (size_t)k0 / 64 * Mp + m0;
-                    for (int s = 0; s < steps; s++, b += (size_t)mt * 256, xsb += Mp) {
-                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                /* int8 tiles: per step, the A tiles loaded once for a group of AMX_INT8_PAIRS pairs of B tiles
+                 * (whose fp32 sums stay in L1), and each pair's block sums converted and added while the tile
+                 * unit multiplies the next pair (ci: two buffers); every output still takes its blocks in k order */
+                for (int g0 = 0; i8 && g0 < Mp / 32; g0 += AMX_INT8_PAIRS) {
+                    const int g1 = g0 + AMX_INT8_PAIRS < Mp / 32 ? g0 + AMX_INT8_PAIRS : Mp / 32;
+                    int pending = -1, pend_s = 0, buf = 0;
+                    for (int s = 0; s < steps; s++) {
                         _tile_loadd(4, (const char *)cur + (size_t)s * 2048, 64);
                         _tile_loadd(5, (const char *)cur + (size_t)s * 2048 + 1024, 64);
-                        _tile_loadd(6, b, 64);
-                        _tile_loadd(7, b + 256, 64);
-                        _tile_dpbssd(0, 4, 6);
-                        _tile_dpbssd(1, 4, 7);
-                        _tile_dpbssd(2, 5, 6);
-                        _tile_dpbssd(3, 5, 7);
-                        _tile_stored(0, ci[0], 64); _tile_stored(1, ci[1], 64);
-                        _tile_stored(2, ci[2], 64); _tile_stored(3, ci[3], 64);
-                        const int first = k0 == 0 && s == 0;
-                        /* int4: the weight rows' group scales, made with the tiles */
-                        const float *ws = fmt == JNEOX_INT4 ? (const float *)((const char *)cur + (size_t)32 * kblock) + s * 32 : NULL;
-                        for (int i = 0; i < 4; i++) { /* each output's block sum times its prompt row's block scale
-                                                       * (int4: times the weight row's group scale first, as the
-                                                       * decode kernel multiplies the two) */
-                            const __m512 sx = _mm512_loadu_ps(xsb + 16 * (i % 2));
-                            for (int j = 0; j < 16; j++) {
-                                const __m512 sc = ws ? _mm512_mul_ps(_mm512_set1_ps(ws[16 * (i / 2) + j]), sx) : sx;
-                                const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(ci[i] + 16 * j));
-                                float *at = acc[i] + 16 * j;
-                                _mm512_store_ps(at, first ? _mm512_mul_ps(v, sc) : _mm512_fmadd_ps(v, sc, _mm512_load_ps(at)));
-                            }
+                        for (int mp = g0; mp < g1; mp++) {
+                            const uint32_t *b = xt + (((size_t)k0 / 64 + s) * mt + 2 * mp) * 256;
+                            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                            _tile_loadd(6, b, 64);
+                            _tile_loadd(7, b + 256, 64);
+                            _tile_dpbssd(0, 4, 6);
+                            _tile_dpbssd(1, 4, 7);
+                            _tile_dpbssd(2, 5, 6);
+                            _tile_dpbssd(3, 5, 7);
+                            if (pending >= 0)
+                                amx_sums8(fmt, ci[buf ^ 1], ct, xs, cur, kblock, nb, mt, Mp, k0, pend_s, pending);
+                            _tile_stored(0, ci[buf][0], 64); _tile_stored(1, ci[buf][1], 64);
+                            _tile_stored(2, ci[buf][2], 64); _tile_stored(3, ci[buf][3], 64);
+                            pending = mp, pend_s = s, buf ^= 1;
+                            for (q++; u < (long)todo * q / q_all; u++) amx_pack_i8(fmt, W, scale, K, N, nb + 1, k0, u, nxt, kblock);
                         }
-                        for (q++; u < (long)todo * q / q_all; u++) amx_pack_i8(fmt, W, scale, K, N, nb + 1, k0, u, nxt, kblock);
                     }
-                    if (!last) continue;
-                    const float *sc = (const float *)scale;
-                    amx_out(fmt, acc[0], sc, bias, y, M, N, nb * 32, m0);
-                    amx_out(fmt, acc[1], sc, bias, y, M, N, nb * 32, m0 + 16);
-                    if (nb * 32 + 16 < N) {
-                        amx_out(fmt, acc[2], sc, bias, y, M, N, nb * 32 + 16, m0);
-                        amx_out(fmt, acc[3], sc, bias, y, M, N, nb * 32 + 16, m0 + 16);
+                    if (pending >= 0) amx_sums8(fmt, ci[buf ^ 1], ct, xs, cur, kblock, nb, mt, Mp, k0, pend_s, pending);
+                    for (int mp = g0; last && mp < g1; mp++) {
+                        const int m0 = 32 * mp;
+                        const float *c0 = ct + ((size_t)(2 * nb) * mt + m0 / 16) * 256, *c1 = c0 + (size_t)mt * 256;
+                        const float *sc = (const float *)scale;
+                        amx_out(fmt, c0, sc, bias, y, M, N, nb * 32, m0);
+                        amx_out(fmt, c0 + 256, sc, bias, y, M, N, nb * 32, m0 + 16);
+                        if (nb * 32 + 16 < N) {
+                            amx_out(fmt, c1, sc, bias, y, M, N, nb * 32 + 16, m0);
+                            amx_out(fmt, c1 + 256, sc, bias, y, M, N, nb * 32 + 16, m0 + 16);
+                        }
                     }
                 }
 #endif
