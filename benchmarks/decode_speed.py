@@ -92,6 +92,18 @@ def make_tokenizer(out: Path, vocab_size: int) -> Path:
     return path
 
 
+# where the random checkpoints live (--work of every benchmark that takes --layers)
+BENCH_DIR = Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench"))
+
+
+def bench_checkpoint(work: Path, layers: int) -> Path:
+    """The random ``layers``-layer checkpoint of the 3.6B shape in ``work``, made on first use: the one that
+    every benchmark with ``--layers`` shares."""
+    work = work.expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    return make_checkpoint(work / f"gpt-neox-3.6b-L{layers}", layers)
+
+
 def make_checkpoint(folder: Path, layers: int) -> Path:
     from jneox.checkpoint import save
     from jneox.config import ModelConfig
@@ -227,7 +239,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,4,16", help="batch sizes for jneox bf16/int8 aggregate decode")
     p.add_argument("--batch-steps", type=int, default=16, help="decode steps per batch-size measurement")
     p.add_argument("--rows", default=",".join(ROWS))
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--work", type=Path, default=BENCH_DIR)
     p.add_argument("--tf4", type=Path, help="folder with transformers<5 for CTranslate2's converter")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -252,7 +264,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     bandwidth = measure_bandwidth()
     print(f"read bandwidth: {bandwidth:.1f} GB/s (4 GiB, vector loads, {torch.get_num_threads()} threads)", flush=True)
-    args.ckpt = make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    args.ckpt = bench_checkpoint(work, args.layers)
     config = load_config(args.ckpt)
     rows = [r for r in args.rows.split(",") if r]
     results, notes = [], []

@@ -79,9 +79,9 @@ def main() -> None:
     if args.model:
         model = args.model
     else:
-        from decode_speed import make_checkpoint
+        from decode_speed import bench_checkpoint  # here: the client side of this script never needs torch
 
-        model = str(make_checkpoint(args.work.expanduser() / f"gpt-neox-3.6b-L{args.layers}", args.layers))
+        model = str(bench_checkpoint(args.work, args.layers))
     opts = ["--model", model, "--dtype", args.dtype, "--model-name", "bench", "--log-level", "warning",
             "--max-batch", str(args.max_batch)]
     opts += ["--threads", str(args.threads)] if args.threads else []
@@ -98,7 +98,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    (t_on, on, acc_on, b_on, a_on), (t_off, off, acc_off, _, a_off) = rows[args.prefix_cache_mb], rows[0]
+    (t_on, on, acc_on, b_on, a_on), (t_off, off, acc_off, _, _) = rows[args.prefix_cache_mb], rows[0]
     queried = a_on["prefix_query_tokens"] - b_on["prefix_query_tokens"]
     hit = a_on["prefix_hit_tokens"] - b_on["prefix_hit_tokens"]
     what = args.model or f"random weights, 3.6B shape with {args.layers} layers"

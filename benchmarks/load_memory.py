@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode_speed import BENCH_DIR, bench_checkpoint
 from procstat import status_mb
 
 DEFAULT_FORMATS = "int8:3,int4:2,bfloat16:2"
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--formats", default=DEFAULT_FORMATS, help="FORMAT:RUNS,... (weight formats of load_model)")
     p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--work", type=Path, default=BENCH_DIR)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path, help="also write the runs here")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -49,10 +50,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.ckpt, args.child, args.new_tokens)))
         return
-    from decode_speed import make_checkpoint
-
-    work = args.work.expanduser()
-    ckpt = make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    ckpt = bench_checkpoint(args.work, args.layers)
     runs: dict[str, list[dict]] = {}
     for item in args.formats.split(","):
         fmt, _, n = item.partition(":")

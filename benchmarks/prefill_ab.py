@@ -17,14 +17,13 @@ conversion are the ones ``decode_speed.py`` makes (same folder, same prompt).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from decode_speed import (convert_ct2, cpu_description, ct2_prompt, jneox_prompt, make_checkpoint, prompt_ids,
-                          transformers_prompt)
+from decode_speed import (BENCH_DIR, bench_checkpoint, convert_ct2, cpu_description, ct2_prompt, jneox_prompt,
+                          prompt_ids, transformers_prompt)
 
 
 def jneox_runner(ckpt: Path, fmt: str, P: int):
@@ -66,7 +65,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=9, help="prompts each runtime times, taking turns")
     p.add_argument("--threads", type=int)
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--work", type=Path, default=BENCH_DIR)
     p.add_argument("--tf4", type=Path, help="folder with transformers<5 for CTranslate2's converter")
     args = p.parse_args()
     if args.threads:
@@ -75,8 +74,7 @@ def main() -> None:
     if len(rows) != 2:
         raise SystemExit(f"--pair takes two RUNTIME:FORMAT rows, got {args.pair!r}")
     work = args.work.expanduser()
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    ckpt = bench_checkpoint(work, args.layers)
     runners = {}
     # the warm-ups too: with autograd on, jneox's packed layers multiply a widened fp32 weight, and the KV
     # cache the warm-up writes keeps that graph (14 GB for 36 bf16 layers), which pushed transformers'

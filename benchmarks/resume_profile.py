@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+from decode_speed import BENCH_DIR, bench_checkpoint
 
 import jneox
 from jneox.model import Attention
@@ -69,14 +68,11 @@ def main() -> None:
     p.add_argument("--seen", type=int, default=912, help="prompt tokens a previous turn prefilled (default 912)")
     p.add_argument("--new", type=int, default=111, help="tokens after them (default 111)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--work", type=Path, default=BENCH_DIR)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from decode_speed import make_checkpoint
-
-    ckpt = make_checkpoint(args.work.expanduser() / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    ckpt = bench_checkpoint(args.work, args.layers)
     model, tokenizer = jneox.load(ckpt, weights=args.dtype)
     head = model.lm_head
     timers = Timers()

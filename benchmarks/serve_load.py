@@ -267,11 +267,9 @@ def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     if args.model:
         model = args.model
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from decode_speed import make_checkpoint
+        from decode_speed import bench_checkpoint  # here: the client side of this script never needs torch
 
-        work = args.work.expanduser()
-        model = str(make_checkpoint(work / f"gpt-neox-3.6b-L{args.layers}", args.layers))  # shared with decode_speed.py
+        model = str(bench_checkpoint(args.work, args.layers))
     opts = ["--model", model, "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue",
             str(args.max_queue), "--model-name", "bench", "--log-level", "warning"]
     if args.threads:

@@ -15,12 +15,11 @@ one row per weight shape (its own time, without the PyTorch operations inside it
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+from decode_speed import BENCH_DIR, bench_checkpoint
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import jneox
@@ -105,14 +104,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also print where a prefill step's time goes, per operation")
     p.add_argument("--profile-tokens", type=int, default=128, help="the lone prompt's tokens for --profile")
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--work", type=Path, default=BENCH_DIR)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from decode_speed import make_checkpoint
-
-    folder = make_checkpoint(args.work.expanduser() / f"gpt-neox-3.6b-L{args.layers}", args.layers)
+    folder = bench_checkpoint(args.work, args.layers)
     model, tokenizer = jneox.load(folder, weights=args.dtype)
     engine = Engine(model, tokenizer, max_batch=args.prompts, prefix_cache_mb=0,
                     max_prefill_tokens=args.prompts * args.prompt_tokens)

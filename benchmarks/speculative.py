@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "recipes" / "demo"))
-from decode_speed import cpu_description, make_checkpoint  # noqa: E402
+from decode_speed import BENCH_DIR, bench_checkpoint, cpu_description  # noqa: E402
 from make_copy_data import DEFAULT_CONVERSATIONS, conversation_files, copy_conversations, split  # noqa: E402
 
 from jneox.chat import format_prompt  # noqa: E402
@@ -179,7 +179,7 @@ def acceptance(args) -> list[dict]:
 
 @torch.inference_mode()
 def pass_cost(args, ks: list[int]) -> list[dict]:
-    ckpt = make_checkpoint(args.work / f"gpt-neox-3.6b-L{args.layers}", args.layers)  # shared with decode_speed.py
+    ckpt = bench_checkpoint(args.work, args.layers)
     rows = []
     for fmt in args.formats.split(","):
         model = load_model(ckpt, weights=fmt)
@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time generation and passes by the wall clock, or by this process's CPU time, which other processes on a "
                         "shared machine inflate less (use with 1 thread: waiting threads spin) (default: wall)")
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("JNEOX_BENCH_DIR", "~/.cache/jneox/bench")))
+    p.add_argument("--work", type=Path, default=BENCH_DIR)
     args = p.parse_args()
     args.work = args.work.expanduser()
     args.lookup_ks = [int(k) for k in args.lookup_ks.split(",") if k]
