@@ -4,6 +4,7 @@ same output bits as without the cache (tokens and logprobs), batched or not, in 
 to its budget by evicting the least recently used blocks."""
 from __future__ import annotations
 
+import contextlib
 import queue
 
 import httpx
@@ -61,15 +62,26 @@ def _run(engine: Engine, prompts: list[list[int]], together: bool) -> list[tuple
     return out if not together else [result(box) for box in boxes]
 
 
+@contextlib.contextmanager
+def _off_and_on(model, tokenizer, **options):
+    """Two started engines on ``model``, the prefix cache off and on (a visible skip where the device has
+    none), stopped afterwards."""
+    off = Engine(model, tokenizer, prefix_cache_mb=0, **options).start()
+    on = Engine(model, tokenizer, prefix_cache_mb=64, **options).start()
+    try:
+        if on.prefix_cache is None:
+            pytest.skip(f"no prefix cache on this device (prefill chunk {on.prefill_chunk} = window)")
+        yield off, on
+    finally:
+        off.stop()
+        on.stop()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_the_same_bits_with_the_cache_on_and_off(packed_checkpoint, fmt):
     model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
-    off = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=0).start()
-    on = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=64).start()
-    try:
+    with _off_and_on(model, tokenizer, max_batch=4) as (off, on):
         chunk = on.prefill_chunk
-        if on.prefix_cache is None:
-            pytest.skip(f"no prefix cache on this device (prefill chunk {chunk} = window)")
         prompts = _prompts(chunk)
         first, second = _expected_cached(chunk, on.prefix_cache.block_tokens)
         want = _run(off, prompts, together=False)
@@ -83,9 +95,6 @@ def test_the_same_bits_with_the_cache_on_and_off(packed_checkpoint, fmt):
         assert [p for p, _ in again] == [p for p, _ in want]
         assert [c for _, c in again] == second
         assert on.stats()["prefix_hit_tokens"] == sum(cached) + sum(c for _, c in again)
-    finally:
-        off.stop()
-        on.stop()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -95,11 +104,7 @@ def test_a_chat_resumes_inside_the_chunk_its_last_turn_ended_in(packed_checkpoin
     chunk (with blocks of 32 tokens; whole-chunk blocks resume at the chunk's start). The first turn is
     shorter than a chunk."""
     model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
-    off = Engine(model, tokenizer, prefix_cache_mb=0).start()
-    on = Engine(model, tokenizer, prefix_cache_mb=64).start()
-    try:
-        if on.prefix_cache is None:
-            pytest.skip("no prefix cache on this device")
+    with _off_and_on(model, tokenizer) as (off, on):
         chunk = on.prefill_chunk
         chat = random_ids(3 * chunk + 36, 15)
         turns = [chat[:70], chat[:180], chat[: 2 * chunk + 44], chat]
@@ -107,9 +112,6 @@ def test_a_chat_resumes_inside_the_chunk_its_last_turn_ended_in(packed_checkpoin
         assert [p for p, _ in got] == [p for p, _ in want]
         fine = on.prefix_cache.block_tokens < chunk
         assert [c for _, c in got] == ([0, 64, 160, 288] if fine else [0, 0, chunk, 2 * chunk])
-    finally:
-        off.stop()
-        on.stop()
 
 
 def _score(engine: Engine, prompts: list[list[int]], generate: int = 0) -> list[tuple]:
@@ -138,11 +140,7 @@ def test_echo_scoring_takes_cached_blocks_with_the_same_bits(packed_checkpoint, 
     a full prefill: the same logprobs to the bit, cached or not, from blocks stored by other echo prompts
     and by plain prompts, with tokens generated after the prompt too."""
     model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
-    off = Engine(model, tokenizer, prefix_cache_mb=0).start()
-    on = Engine(model, tokenizer, prefix_cache_mb=64).start()
-    try:
-        if on.prefix_cache is None:
-            pytest.skip("no prefix cache on this device")
+    with _off_and_on(model, tokenizer) as (off, on):
         chunk = on.prefill_chunk
         context = random_ids(2 * chunk + 50, 13)
         choices = [context + random_ids(n, 20 + n) for n in (3, 9, 1, 40)]
@@ -155,9 +153,6 @@ def test_echo_scoring_takes_cached_blocks_with_the_same_bits(packed_checkpoint, 
         cached = [c for *_, c in got]
         assert cached[0] == 0 and all(c > 0 for c in cached[1:])
         assert cached[1] == (2 * chunk if on.prefix_cache.block_tokens == chunk else 2 * chunk + 32)
-    finally:
-        off.stop()
-        on.stop()
 
 
 def test_cached_tokens_in_usage(packed_checkpoint):

@@ -71,15 +71,20 @@ def _segments_seen(engine: Engine) -> list[int]:
     return seen
 
 
+def _alone(model, tokenizer, requests) -> list:
+    """What each request gives submitted alone, one after another: the bits to match."""
+    engine = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0).start()
+    try:
+        return _run(engine, requests, together=False)
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_prompts_together_give_each_request_its_lone_bits(packed_checkpoint, fmt):
     model, tokenizer = jneox.load(packed_checkpoint, weights=fmt)
     requests = _requests()
-    alone = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0).start()
-    try:
-        want = _run(alone, requests, together=False)
-    finally:
-        alone.stop()
+    want = _alone(model, tokenizer, requests)
     wide = 4 * scheduler.PREFILL_CHUNK  # room for many of these prompts in one step
     for budget in (wide, scheduler.DEFAULT_MAX_PREFILL_TOKENS, MAX_KERNEL_ROWS + 1, 1):
         engine = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0, max_prefill_tokens=budget).start()
@@ -112,11 +117,7 @@ def test_chunk_by_chunk_where_rows_are_not_independent(packed_checkpoint, monkey
     call of its own (short ones still share the decode kernel's calls): the same bits."""
     model, tokenizer = jneox.load(packed_checkpoint, weights="int8")
     requests = _requests()
-    alone = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0).start()
-    try:
-        want = _run(alone, requests, together=False)
-    finally:
-        alone.stop()
+    want = _alone(model, tokenizer, requests)
     monkeypatch.setattr(scheduler, "prompt_rows_independent", lambda model: False)
     engine = Engine(model, tokenizer, max_batch=16, prefix_cache_mb=0).start()
     assert not engine.batch_long_prompts
